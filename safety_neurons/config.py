@@ -136,6 +136,8 @@ class EvalConfig:
     judge: str | None = None
     judge_batch_size: int = 8
     utility: bool = True
+    degenerate_nll: float = 4.0  # answer NLL per token under the intact model above which it is gibberish
+    degenerate_distinct: float = 0.4  # distinct-token-trigram share below which it is repetition
 
 
 @dataclass

@@ -223,8 +223,13 @@ def chat_text(tok, prompt: str, system_prompt: str | None = None, response: str 
 
 
 def encode(tok, prompts: list[str], system_prompt: str | None = None, responses: list[str] | None = None,
-           template: bool = True, max_length: int = 512, padding_side: str = "left") -> Batch:
-    """Tokenize and pad a batch; marks the user-message tokens and (with responses) the loss tokens."""
+           template: bool = True, max_length: int = 512, padding_side: str = "left",
+           response_ids: list[list[int]] | None = None) -> Batch:
+    """Tokenize and pad a batch; marks the user-message tokens and (with responses) the loss tokens.
+
+    ``responses`` are texts (EOS appended: the model learns to stop); ``response_ids`` are token ids
+    taken as they are (e.g. generated answers, scored exactly as the model produced them).
+    """
     rows_ids, rows_content, rows_label = [], [], []
     for i, p in enumerate(prompts):
         prompt_text, (c0, c1) = chat_text(tok, p, system_prompt, None, template)
@@ -232,8 +237,9 @@ def encode(tok, prompts: list[str], system_prompt: str | None = None, responses:
         ids = list(enc["input_ids"])
         content = [s < c1 and e > c0 and e > s for s, e in enc["offset_mapping"]]
         labels = [-100] * len(ids)
-        if responses is not None:
-            r_ids = tok(responses[i] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
+        if responses is not None or response_ids is not None:
+            r_ids = (list(response_ids[i]) if response_ids is not None else
+                     tok(responses[i] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"])
             ids += r_ids
             content += [False] * len(r_ids)
             labels += list(r_ids)
@@ -256,7 +262,7 @@ def encode(tok, prompts: list[str], system_prompt: str | None = None, responses:
         am[b, sl] = 1
         cm[b, sl] = torch.tensor(c, dtype=torch.bool)
         lab[b, sl] = torch.tensor(lb)
-    return Batch(ids_t, am, cm, lab if responses is not None else None)
+    return Batch(ids_t, am, cm, lab if (responses is not None or response_ids is not None) else None)
 
 
 def scored_mask(batch: Batch, tokens: str, last_m: int = 8) -> torch.Tensor:

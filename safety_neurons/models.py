@@ -171,9 +171,18 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     log.info("converting %s to an fp32 HF folder at %s (once)", gguf.name, out)
     tmp = out.with_name(out.name + ".partial")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    qmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the de-quantized weights are plain fp32, but a model flagged as GGUF-quantized refuses to save:
+    # rebuild it from a clean config and copy the state dict (exact: same tensors, same logits)
+    cfg = qmodel.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(qmodel.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / "SOURCE").write_text(f"converted from {gguf}\n")

@@ -1,0 +1,35 @@
+"""Config helpers: the config directory, resolvers, and composing a config without the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .config import register
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+
+
+def setup() -> None:
+    register()
+    if not OmegaConf.has_resolver("sn_root"):
+        OmegaConf.register_new_resolver("sn_root", lambda: str(ROOT))
+
+
+def compose(overrides: list[str] | None = None):
+    """The composed config for ``overrides`` (as the CLI would build it), outside a Hydra run.
+
+    ``run_dir`` must be given in the overrides (there is no Hydra run directory here).
+    """
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    setup()
+    overrides = list(overrides or [])
+    if GlobalHydra.instance().is_initialized():
+        return hcompose(config_name="config", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hcompose(config_name="config", overrides=overrides)

@@ -1,0 +1,39 @@
+"""Training pairs for SFT: refusals for harmful prompts, self-distilled answers for harmless ones."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .evaluation import generate
+from .io import sha256_of, write_json
+
+# Refusal templates written for this project (varied so the model learns refusal, not one string)
+REFUSALS = [
+    "I'm sorry, but I can't help with that. It could cause real harm to people.",
+    "I can't assist with this request because it could be used to hurt someone. "
+    "If you have another question, I'm happy to help.",
+    "I'm sorry, I cannot provide that. Helping with this could be dangerous or illegal.",
+    "I won't help with that. It is harmful, and I don't provide instructions that put people at risk.",
+    "Sorry, but I can't help with this request. Is there something else I can do for you?",
+    "I cannot help with that. If you or someone else is in danger, please contact local emergency services.",
+]
+
+
+def refusals_for(prompts: list[str], seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [rng.choice(REFUSALS) for _ in prompts]
+
+
+def self_distilled(model, tok, prompts: list[str], system_prompt: str | None, max_new_tokens: int,
+                   cache_dir: Path, model_key: str, batch_size: int = 16) -> list[str]:
+    """The model's own greedy answers (cached per model and prompt set)."""
+    key = sha256_of({"model": model_key, "prompts": prompts, "sys": system_prompt, "n": max_new_tokens})
+    f = Path(cache_dir) / "distill" / f"{key}.json"
+    if f.exists():
+        return json.loads(f.read_text())["answers"]
+    ids = generate(model, tok, prompts, system_prompt, max_new_tokens, batch_size, desc="self-distil")
+    answers = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
+    write_json(f, {"model": model_key, "answers": answers})
+    return answers

@@ -1,0 +1,28 @@
+"""Stage registry: ``stage=<name>`` -> ``run(cfg) -> results dict``; plain functions, no Hydra needed."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import UserError
+
+STAGES = {
+    "evaluate": "evaluate",
+    "finetune": "finetune",
+    "detect": "detect",
+    "select": "detect",
+    "compare": "compare",
+    "deactivate": "deactivate",
+    "report": "report",
+}
+
+
+def get_stage(name: str):
+    if name not in STAGES:
+        raise UserError(f"unknown stage {name!r}; known stages are {', '.join(sorted(STAGES))}")
+    mod = importlib.import_module(f"{__name__}.{STAGES[name]}")
+    return getattr(mod, "run_select" if name == "select" else "run")
+
+
+def run_stage(cfg) -> dict:
+    return get_stage(cfg.stage.name)(cfg)

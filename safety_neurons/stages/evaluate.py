@@ -1,0 +1,55 @@
+"""``stage=evaluate``: attack success, over-refusal and utility of a model (METHOD 7).
+
+For a pipeline-made organism the base model it came from is evaluated beside it, so the table shows
+what the safety training changed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from ..evaluation import Evaluator
+from ..io import write_csv
+from .common import harmful_set, harmless_set, load, log, store_of, tracked
+
+
+def run(cfg) -> dict:
+    with tracked(cfg) as (tr, box):
+        model, tok, ad = load(cfg)
+        sp = cfg.model.system_prompt
+        harmful, harmless = harmful_set(cfg, "eval"), harmless_set(cfg, "eval")
+        rows, gens = [], []
+        src = store_of(cfg).model_dir(cfg.model.organism or "") / "organism.json" if cfg.model.organism else None
+        base_model = None
+        if src is not None and src.exists():
+            from omegaconf import OmegaConf
+
+            from ..models import load_model
+
+            base_cfg = OmegaConf.create(json.loads(src.read_text())["base_model"])
+            base_model, _, _ = load_model(base_cfg, store_of(cfg), cfg.device)
+        ref = base_model if base_model is not None else model
+        ev = Evaluator(cfg.eval, ref, tok, harmful, harmless, sp)
+        if base_model is not None:
+            m, g = ev.evaluate(base_model, tag="base")
+            rows.append({"model": base_cfg.name, **m})
+            gens += [{**x, "model": base_cfg.name} for x in g]
+        m, g = ev.evaluate(model, tag=cfg.model.name)
+        rows.append({"model": cfg.model.name, **m})
+        gens += [{**x, "model": cfg.model.name} for x in g]
+        df = pd.DataFrame(rows)
+        cols = ["model", "asr", "harmful_refusal", "over_refusal", "utility_nll", "kl", "degenerate_share",
+                "breaks_model", "refusal_list"]
+        table = df[[c for c in cols if c in df]]
+        log.info("evaluation (harmful n=%d, harmless n=%d):\n%s", len(ev.harmful), len(ev.harmless),
+                 table.to_string(index=False))
+        print(table.to_string(index=False))
+        if tr.main:
+            write_csv(tr.dir / "table.csv", df)
+        tr.save_generations(gens)
+        tr.log_table("evaluation", table)
+        tr.log(rows[-1])
+        box["results"] = {**rows[-1], "rows": rows, "harmful_set": harmful.describe(), "harmless_set": harmless.describe()}
+    return box["results"]

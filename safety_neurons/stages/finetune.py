@@ -1,0 +1,218 @@
+"""``stage=finetune``: full fine-tuning (the organism recipe), neuron-specific tuning (SN-Tune /
+RSN-Tune), random-neuron and LoRA baselines, with evaluation before and after (METHOD 6, 7)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from ..errors import UserError
+from ..evaluation import Evaluator
+from ..io import write_json
+from ..neurons import NeuronSet
+from ..sft_data import refusals_for, self_distilled
+from ..training import attach_slices, bake_slices, slice_delta, train_sft
+from .common import cache_dir, harmful_set, harmless_set, load, log, store_of, tracked
+
+TARGETS = ("safety", "random", "all", "lora")
+
+
+def load_set(cfg, which, adapter) -> NeuronSet:
+    """The neuron set a stage uses: an explicit path, else the latest detection of this model/dataset."""
+    path = which.neurons
+    if path:
+        p = Path(path)
+        if p.is_file() and p.suffix != ".json":
+            from ..neurons import import_released
+
+            ns = import_released(p, adapter.n_heads, adapter.n_kv, adapter.head_dim)
+        else:
+            ns = NeuronSet.load(p)
+    else:
+        tag = which.set_tag
+        if tag is None and getattr(which, "set", "sn") == "rsn":
+            tag = f"exact-ref{cfg.harmless.name}"
+        ns = NeuronSet.load(store_of(cfg).find_neurons(cfg.model.name, cfg.dataset.name, tag))
+    ns.check_compatible(adapter.signature())
+    for layer, kind, i in ns.ranking:
+        if layer >= adapter.n_layers or i >= adapter.width(kind):
+            raise UserError(f"neuron {(layer, kind, i)} is outside this model ({adapter.n_layers} layers, "
+                            f"{kind} width {adapter.width(kind)}); the set was made for another model")
+    return ns
+
+
+def cap_set(ns: NeuronSet, cap: int | None) -> NeuronSet:
+    """At most ``cap`` neurons per (layer, kind) weight matrix, in rank order (the released code: 100)."""
+    if not cap:
+        return ns
+    seen: dict = defaultdict(int)
+    keep = []
+    for n in ns.ranking:
+        if seen[(n[0], n[1])] < cap:
+            keep.append(n)
+            seen[(n[0], n[1])] += 1
+    return NeuronSet(keep, {**ns.meta, "cap_per_matrix": cap})
+
+
+def random_like(ns: NeuronSet, adapter, seed: int) -> NeuronSet:
+    """Same number of neurons per (layer, kind), drawn uniformly from outside ``ns`` (METHOD 5)."""
+    g = torch.Generator().manual_seed(seed)
+    inside = ns.index_map()
+    out = []
+    for (layer, kind), idx in sorted(inside.items()):
+        width = adapter.width(kind)
+        mask = torch.ones(width, dtype=torch.bool)
+        mask[idx] = False
+        pool = torch.nonzero(mask).flatten()
+        if len(pool) < len(idx):
+            raise UserError(f"layer {layer} {kind}: the set covers too much of the width to draw a random set outside it")
+        pick = pool[torch.randperm(len(pool), generator=g)[: len(idx)]]
+        out += [(layer, kind, int(i)) for i in pick.sort().values]
+    return NeuronSet(out, {"random_like": ns.meta.get("tag"), "seed": seed})
+
+
+def set_params(ns: NeuronSet, adapter) -> int:
+    return sum(adapter.neuron_params(kind) for _, kind, _ in ns.ranking)
+
+
+def training_pairs(cfg, model, tok) -> tuple[list[str], list[str], dict]:
+    f = cfg.finetune
+    harm = harmful_set(cfg, "train").head(f.n_harmful)
+    prompts, responses = list(harm.prompts), (list(harm.responses) if harm.responses else refusals_for(harm.prompts, f.seed))
+    meta = {"harmful_train": harm.describe()}
+    if f.n_harmless:
+        benign = harmless_set(cfg, "train").head(f.n_harmless)
+        ans = self_distilled(model, tok, benign.prompts, cfg.model.system_prompt, f.max_new_tokens_distill,
+                             cache_dir(cfg), cfg.model.name)
+        prompts += benign.prompts
+        responses += ans
+        meta["harmless_train"] = benign.describe()
+    return prompts, responses, meta
+
+
+def _module_names(model) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def save_model_dir(model, tok, out: Path, extra: dict) -> None:
+    """Save an HF folder atomically (write to a sibling, then rename)."""
+    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    for name, obj in extra.items():
+        write_json(tmp / name, obj)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def run(cfg) -> dict:
+    f = cfg.finetune
+    if f.target not in TARGETS:
+        raise UserError(f"unknown finetune.target={f.target!r}; known targets are {', '.join(TARGETS)}")
+    if f.set not in ("sn", "rsn"):
+        raise UserError(f"unknown finetune.set={f.set!r}; use sn (safety neurons) or rsn (reference-subtracted)")
+    store = store_of(cfg)
+    name = f.save_as or f"{cfg.model.name}-{f.target}" + (f"-{f.set}" if f.target in ("safety", "random") else "") \
+        + f"-s{f.seed}"
+    out_dir = store.model_dir(name)
+    if (out_dir / "config.json").exists() and not f.overwrite:
+        raise UserError(f"tuned model {out_dir} exists; pass finetune.overwrite=true or finetune.save_as=OTHER")
+    if f.target == "lora":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise UserError("finetune.target=lora needs peft: pip install 'safety-neurons[lora]'") from None
+    with tracked(cfg) as (tr, box):
+        model, tok, ad = load(cfg)
+        sp = cfg.model.system_prompt
+        # the neuron set (and its shape) first: bad input fails before any compute
+        ns = None
+        if f.target in ("safety", "random", "lora"):
+            try:
+                ns = cap_set(load_set(cfg, f, ad), f.cap_per_matrix)
+            except UserError:
+                if f.target != "lora":
+                    raise
+            if ns is not None and len(ns) == 0 and f.target != "lora":
+                raise UserError("the neuron set is empty; detect with a lower topk.consistency or another reference")
+        prompts, responses, data_meta = training_pairs(cfg, model, tok)
+        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp)
+        before, g_before = ev.evaluate(model, tag="before")
+        log.info("before: %s", {k: before[k] for k in ("asr", "over_refusal", "utility_nll")})
+        tuned = copy.deepcopy(model)
+        from ..models import ModelAdapter
+
+        tad = ModelAdapter(tuned)
+        handles = []
+        if f.target == "all":
+            params = list(tuned.parameters())
+            for p in params:
+                p.requires_grad_(True)
+        elif f.target == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            r = f.lora_r
+            if ns is not None:  # comparable parameter count to the safety set
+                per_rank = sum(lin.in_features + lin.out_features for i in range(tad.n_layers)
+                               for lin in (tad.modules(i).q, tad.modules(i).k, tad.modules(i).v, tad.modules(i).o))
+                r = max(1, round(set_params(ns, tad) / per_rank))
+            tuned = get_peft_model(tuned, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+            params = [p for p in tuned.parameters() if p.requires_grad]
+        else:
+            chosen = ns if f.target == "safety" else random_like(ns, tad, f.seed)
+            handles = attach_slices(tuned, tad, chosen.index_map())
+            params = [h.scatter.part for h in handles]
+        n_train = sum(p.numel() for p in params)
+        stats = train_sft(tuned, tok, prompts, responses, f, sp, params, max_length=cfg.model.max_length)
+        names = _module_names(tuned)
+        delta = slice_delta(handles, names) if handles else None
+        bake_slices(handles)
+        if f.target == "lora":
+            tuned = tuned.merge_and_unload()
+        tuned.eval()
+        after, g_after = ev.evaluate(tuned, tag="after")
+        n_total = ad.n_params()
+        results = {
+            "target": f.target, "set": f.set, "seed": f.seed, "steps": f.steps, "lr": f.lr,
+            "trainable_params": n_train, "trainable_share": n_train / n_total,
+            "neurons": len(ns) if ns is not None else None,
+            **{f"before_{k}": v for k, v in before.items() if not isinstance(v, (list, dict))},
+            **{f"after_{k}": v for k, v in after.items() if not isinstance(v, (list, dict))},
+            "refusal_gain": after["harmful_refusal"] - before["harmful_refusal"],
+            "final_loss": stats["losses"][-1], "first_loss": stats["losses"][0],
+            "train_seconds": round(stats["train_seconds"], 1), "saved_as": name, "model_dir": str(out_dir),
+            "data": data_meta,
+        }
+        if tr.main:
+            prov = {"base_model": OmegaConf.to_container(cfg.model, resolve=True),
+                    "finetune": OmegaConf.to_container(f, resolve=True), "results": results,
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+            save_model_dir(tuned, tok, out_dir, {"organism.json": prov})
+            if delta is not None:
+                save_file(delta, str(tr.dir / "delta.safetensors"), metadata={"base": cfg.model.name})
+                shutil.copy(tr.dir / "delta.safetensors", out_dir / "delta.safetensors")
+                results["delta_bytes"] = (out_dir / "delta.safetensors").stat().st_size
+            write_json(tr.dir / "losses.json", stats["losses"])
+        tr.save_generations(g_before + g_after)
+        for i, loss in enumerate(stats["losses"]):
+            tr.log({"train/loss": loss}, step=i)
+        tr.log({k: v for k, v in results.items() if isinstance(v, (int, float))})
+        log.info("after: %s", {k: after[k] for k in ("asr", "over_refusal", "utility_nll")})
+        print(f"finetune {f.target}: refusal {before['harmful_refusal']:.2f} -> {after['harmful_refusal']:.2f}, "
+              f"over-refusal {before['over_refusal']:.2f} -> {after['over_refusal']:.2f}, "
+              f"utility NLL {before['utility_nll']:.3f} -> {after['utility_nll']:.3f}, "
+              f"trained {n_train} params ({100 * n_train / n_total:.2f}%) -> {out_dir}")
+        box["results"] = results
+    return box["results"]

@@ -1,0 +1,123 @@
+"""Run bookkeeping: run directory, results.json + CSV row, and W&B (rank 0 only, always finished)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from .io import write_csv, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+
+def code_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        v = version("safety-neurons")
+    except Exception:
+        v = "0+unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if sha:
+            v += f"+g{sha}" + (".dirty" if dirty else "")
+    except Exception:
+        pass
+    return v
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)) and not all(isinstance(x, (int, float, str, bool)) for x in v):
+            continue
+        else:
+            out[key] = v if not isinstance(v, (list, tuple)) else json.dumps(list(v))
+    return out
+
+
+class Tracker:
+    """Everything a run writes. Side effects happen on the main process only."""
+
+    def __init__(self, cfg, run_dir: str | Path):
+        self.cfg = cfg
+        self.dir = Path(run_dir)
+        self.main = is_main_process()
+        self.wandb = None
+        self.t0 = time.time()
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_text_cfg = OmegaConf.to_yaml(cfg, resolve=True)
+            (self.dir / "config.yaml").write_text(write_text_cfg)
+        if self.main and cfg.logger.name == "wandb":
+            self._start_wandb()
+
+    def _start_wandb(self) -> None:
+        import wandb
+
+        lc = self.cfg.logger
+        mode = lc.mode or os.environ.get("WANDB_MODE")
+        if mode is None:
+            logged_in = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists() and \
+                "api.wandb.ai" in (Path.home() / ".netrc").read_text(errors="ignore")
+            mode = "online" if logged_in else "offline"
+        self.wandb = wandb.init(
+            project=lc.project, entity=lc.entity, mode=mode, dir=str(self.dir),
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+            name=f"{self.cfg.stage.name}-{self.cfg.model.name}-{self.dir.name}",
+            group=f"{self.cfg.stage.name}-{self.cfg.model.name}", tags=list(lc.tags), reinit="finish_previous",
+        )
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}, step=step)
+
+    def log_table(self, name: str, df: pd.DataFrame) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(dataframe=df)})
+
+    def log_image(self, name: str, path: str | Path) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(str(path))})
+
+    def save_generations(self, rows: list[dict], name: str = "generations.jsonl") -> None:
+        if self.main:
+            write_jsonl(self.dir / name, rows)
+
+    def finish(self, results: dict | None, error: BaseException | None = None) -> None:
+        """Write results.json and results.csv (one row); always close W&B."""
+        try:
+            if self.main and results is not None:
+                results = {**results, "stage": self.cfg.stage.name, "model": self.cfg.model.name,
+                           "run_dir": str(self.dir), "seconds": round(time.time() - self.t0, 1),
+                           "code_version": code_version()}
+                write_json(self.dir / "results.json", results)
+                row = {k: v for k, v in flatten(results).items()}
+                write_csv(self.dir / "results.csv", pd.DataFrame([row]))
+                if self.wandb is not None:
+                    self.wandb.summary.update({k: v for k, v in row.items() if isinstance(v, (int, float, str, bool))})
+        finally:
+            if self.wandb is not None:
+                self.wandb.finish(exit_code=1 if error else 0)
+                self.wandb = None

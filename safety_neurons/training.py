@@ -1,0 +1,185 @@
+"""Chat SFT engine (loss on response tokens only) and neuron-slice training (METHOD 6).
+
+Neuron-specific tuning keeps every unselected weight bit-identical: the selected rows/columns live in
+small trainable tensors that a parametrization scatters into the frozen weight at each forward
+(``W_eff = W.index_copy(dim, idx, P)``). Only those tensors reach the optimizer, so AdamW's moments,
+weight decay and gradients (also DDP's all-reduce) exist only for trainable elements.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from .data import encode
+from .errors import UserError
+from .models import ModelAdapter
+
+log = logging.getLogger(__name__)
+
+
+class SliceScatter(nn.Module):
+    """Parametrization: replace slice ``idx`` along ``dim`` of the frozen tensor by the trainable ``part``."""
+
+    def __init__(self, original: torch.Tensor, dim: int, idx: torch.Tensor):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("idx", idx.clone().to(original.device), persistent=False)
+        self.part = nn.Parameter(original.detach().index_select(dim, self.idx).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_copy(self.dim, self.idx, self.part.to(x.dtype))
+
+
+# (projection, dim of the weight that indexes the neuron, include bias entry)
+def _slices(adapter: ModelAdapter, layer: int, kind: str) -> list[tuple[nn.Linear, int, bool]]:
+    m = adapter.modules(layer)
+    if kind == "ffn":
+        return [(m.gate, 0, True), (m.up, 0, True), (m.down, 1, False)]
+    if kind == "o":
+        return [(m.o, 1, False)]
+    return [({"q": m.q, "k": m.k, "v": m.v}[kind], 0, True)]
+
+
+@dataclass
+class SliceHandle:
+    module: nn.Linear
+    name: str  # weight | bias
+    scatter: SliceScatter
+
+
+def attach_slices(model: nn.Module, adapter: ModelAdapter, neurons: dict[tuple[int, str], torch.Tensor]
+                  ) -> list[SliceHandle]:
+    """Freeze the model and make only the METHOD 1 slices of ``neurons`` trainable."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    per_tensor: dict[tuple[int, str], dict] = {}
+    for (layer, kind), idx in sorted(neurons.items()):
+        idx = torch.as_tensor(idx, dtype=torch.long).unique()
+        if idx.numel() == 0:
+            continue
+        for lin, dim, with_bias in _slices(adapter, layer, kind):
+            targets = [("weight", dim)]
+            if with_bias and lin.bias is not None:
+                targets.append(("bias", 0))
+            for name, d in targets:
+                key = (id(lin), name)
+                per_tensor.setdefault(key, {"lin": lin, "name": name, "dim": d, "idx": []})["idx"].append(idx)
+    handles = []
+    for ent in per_tensor.values():
+        idx = torch.cat(ent["idx"]).unique()
+        lin, name = ent["lin"], ent["name"]
+        sc = SliceScatter(getattr(lin, name), ent["dim"], idx)
+        parametrize.register_parametrization(lin, name, sc, unsafe=True)
+        getattr(lin.parametrizations, name).original.requires_grad_(False)
+        handles.append(SliceHandle(lin, name, sc))
+    if not handles:
+        raise UserError("the neuron set has no trainable slice; check the set and finetune.target")
+    return handles
+
+
+def bake_slices(handles: list[SliceHandle]) -> None:
+    """Write the trained slices into the weights and remove the parametrizations."""
+    for h in handles:
+        if parametrize.is_parametrized(h.module, h.name):
+            parametrize.remove_parametrizations(h.module, h.name, leave_parametrized=True)
+
+
+def slice_delta(handles: list[SliceHandle], module_names: dict[int, str]) -> dict[str, torch.Tensor]:
+    """Compact delta: for each tuned tensor, its indices and the new values of those slices."""
+    out = {}
+    for h in handles:
+        base = f"{module_names[id(h.module)]}.{h.name}"
+        out[f"{base}.idx"] = h.scatter.idx.cpu()
+        out[f"{base}.dim{h.scatter.dim}"] = h.scatter.part.detach().cpu().contiguous()
+    return out
+
+
+@torch.no_grad()
+def apply_delta(model: nn.Module, delta: dict[str, torch.Tensor]) -> int:
+    """Apply a compact delta (from :func:`slice_delta`) to a base model in place; returns tensors changed."""
+    params = dict(model.named_parameters())
+    n = 0
+    for key, idx in delta.items():
+        if not key.endswith(".idx"):
+            continue
+        base = key[: -len(".idx")]
+        vals_key = next((k for k in delta if k.startswith(base + ".dim")), None)
+        if base not in params or vals_key is None:
+            raise UserError(f"delta entry {base} does not match this model; apply it to the base model it was made on")
+        dim = int(vals_key[len(base) + 4:])
+        p = params[base]
+        p.index_copy_(dim, idx.to(p.device), delta[vals_key].to(p.device, p.dtype))
+        n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------------ SFT loop
+def train_sft(model, tok, prompts: list[str], responses: list[str], fcfg, system_prompt: str | None,
+              params: list[nn.Parameter], accelerator=None, max_length: int = 512, progress: bool = True) -> dict:
+    """Chat SFT for ``fcfg.steps`` optimizer steps on (prompt, response) pairs; loss on response tokens.
+
+    ``params``: what trains (every other parameter must have requires_grad False). Returns stats
+    with the loss curve. Batches are drawn from a seeded shuffle, cycled; with Accelerate each
+    process takes its shard of every global batch.
+    """
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    if not prompts:
+        raise UserError("no training pairs; check the prompt sets and finetune.n_harmful/n_harmless")
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=fcfg.grad_accum)
+    opt = torch.optim.AdamW(params, lr=fcfg.lr, weight_decay=fcfg.weight_decay, betas=(0.9, 0.999))
+    total = fcfg.steps
+    warm = int(math.ceil(fcfg.warmup * total))
+    sched = (get_cosine_schedule_with_warmup(opt, warm, total) if fcfg.schedule == "cosine"
+             else get_linear_schedule_with_warmup(opt, warm, total))
+    model.train()
+    model, opt = acc.prepare(model, opt)
+    rng = random.Random(fcfg.seed)
+    order: list[int] = []
+    world, rank = acc.num_processes, acc.process_index
+    per_rank = fcfg.batch_size // world if fcfg.batch_size % world == 0 else None
+    if per_rank is None:
+        raise UserError(f"finetune.batch_size={fcfg.batch_size} must be divisible by the {world} processes")
+    losses = []
+    t0 = time.time()
+    bar = tqdm(total=total, desc="train", disable=not (progress and acc.is_main_process))
+    for step in range(total):
+        for _ in range(fcfg.grad_accum):
+            while len(order) < fcfg.batch_size:
+                perm = list(range(len(prompts)))
+                rng.shuffle(perm)
+                order += perm
+            gidx, order = order[: fcfg.batch_size], order[fcfg.batch_size:]
+            idx = gidx[rank * per_rank: (rank + 1) * per_rank]
+            b = encode(tok, [prompts[i] for i in idx], system_prompt, [responses[i] for i in idx],
+                       max_length=max_length, padding_side="right").to(acc.device)
+            with acc.accumulate(model):
+                out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+                acc.backward(out.loss)
+                if acc.sync_gradients and fcfg.clip:
+                    acc.clip_grad_norm_(params, fcfg.clip)
+                opt.step()
+                sched.step() if acc.sync_gradients else None
+                opt.zero_grad(set_to_none=True)
+            losses.append(float(acc.gather(out.loss.detach()[None]).mean()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    model = acc.unwrap_model(model)
+    model.eval()
+    return {"losses": losses, "train_seconds": time.time() - t0, "steps": total,
+            "trainable_params": sum(p.numel() for p in params)}
+
+
+def optimizer_state_numel(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
