@@ -33,3 +33,19 @@ def compose(overrides: list[str] | None = None):
         return hcompose(config_name="config", overrides=overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hcompose(config_name="config", overrides=overrides)
+
+
+def dataset_config(name: str):
+    """The ``dataset`` group option ``name`` as a typed DatasetConfig (for reference corpora)."""
+    from omegaconf import OmegaConf
+
+    from .config import DatasetConfig
+    from .errors import UserError
+
+    f = CONF_DIR / "dataset" / f"{name}.yaml"
+    if not f.exists():
+        known = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))
+        raise UserError(f"unknown dataset {name!r}; known datasets are {', '.join(known)}")
+    raw = OmegaConf.load(f)
+    raw.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(DatasetConfig), raw)

@@ -88,18 +88,32 @@ class DetectConfig:
     scores: str | None = None  # re-select from an existing scores.safetensors without recomputing
     save_as: str | None = None  # store tag; default: <mode>[-ref<reference>]
     overwrite: bool = False
+    save_prompt_scores: bool = True  # per-prompt scores (float16), so select can use another k
+
+
+@dataclass
+class CompareConfig:
+    sets: list[str] = field(default_factory=list)  # store tags of this model/dataset, or paths
+    labels: list[str] | None = None
 
 
 @dataclass
 class DeactivateConfig:
     neurons: str | None = None  # path to neurons.json / released files dir; None: latest detection
     set_tag: str | None = None  # store tag of the set (exact, exact-refharmless, original, ...)
-    n: list[int] = field(default_factory=lambda: [0, 10, 100, 1000])
+    n: Any = field(default_factory=lambda: [0, 10, 100, 1000])  # a count, or a list (fast path: one process)
     per_layer: bool = False
     baseline: str = "safety"  # safety | random
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     ablation: str = "zero"  # zero | mean
-    fast: bool = True  # evaluate all counts in one process without reloading
+    means_from: str = "harmless"  # prompt set whose mean activations mean ablation uses
+    region: str | None = None  # label of the split flags in result rows (e.g. "under-attn")
+
+
+@dataclass
+class ReportConfig:
+    dir: str | None = None  # a sweep or run directory; default: the latest sweep of this stage and model
+    of: str = "deactivate"  # deactivate | finetune
 
 
 @dataclass
@@ -162,6 +176,8 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     experiment: Any = None
     seed: int = 0
     store_dir: str = MISSING

@@ -153,7 +153,7 @@ def train_sft(model, tok, prompts: list[str], responses: list[str], fcfg, system
     losses = []
     t0 = time.time()
     bar = tqdm(total=total, desc="train", disable=not (progress and acc.is_main_process))
-    for step in range(total):
+    for _step in range(total):
         for _ in range(fcfg.grad_accum):
             while len(order) < fcfg.batch_size:
                 perm = list(range(len(prompts)))

@@ -5,13 +5,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data import PromptSet, load_prompts
+from ..errors import UserError
 from ..io import Store
 from ..models import load_model
+from ..neurons import NeuronSet
 from ..tracking import Tracker
 
 log = logging.getLogger("safety_neurons")
@@ -57,3 +61,59 @@ def tracked(cfg):
         raise
     else:
         tr.finish(box["results"])
+
+
+def load_set(cfg, which, adapter) -> NeuronSet:
+    """The neuron set a stage uses: an explicit path, else the latest detection of this model/dataset."""
+    path = which.neurons
+    if path:
+        p = Path(path)
+        if p.is_file() and p.suffix != ".json":
+            from ..neurons import import_released
+
+            ns = import_released(p, adapter.n_heads, adapter.n_kv, adapter.head_dim)
+        else:
+            ns = NeuronSet.load(p)
+    else:
+        tag = which.set_tag
+        if tag is None and getattr(which, "set", "sn") == "rsn":
+            tag = f"exact-ref{cfg.harmless.name}"
+        ns = NeuronSet.load(store_of(cfg).find_neurons(cfg.model.name, cfg.dataset.name, tag))
+    ns.check_compatible(adapter.signature())
+    for layer, kind, i in ns.ranking:
+        if layer >= adapter.n_layers or i >= adapter.width(kind):
+            raise UserError(f"neuron {(layer, kind, i)} is outside this model ({adapter.n_layers} layers, "
+                            f"{kind} width {adapter.width(kind)}); the set was made for another model")
+    return ns
+
+
+def cap_set(ns: NeuronSet, cap: int | None) -> NeuronSet:
+    """At most ``cap`` neurons per (layer, kind) weight matrix, in rank order (the released code: 100)."""
+    if not cap:
+        return ns
+    seen: dict = defaultdict(int)
+    keep = []
+    for n in ns.ranking:
+        if seen[(n[0], n[1])] < cap:
+            keep.append(n)
+            seen[(n[0], n[1])] += 1
+    return NeuronSet(keep, {**ns.meta, "cap_per_matrix": cap})
+
+
+def random_like(ns: NeuronSet, adapter, seed: int, exclude: NeuronSet | None = None) -> NeuronSet:
+    """Same number of neurons per (layer, kind) as ``ns``, drawn uniformly from outside ``exclude``
+    (default ``ns`` itself), seeded (METHOD 5)."""
+    g = torch.Generator().manual_seed(seed)
+    inside = ns.index_map()
+    outside = (exclude or ns).index_map()
+    out = []
+    for (layer, kind), idx in sorted(inside.items()):
+        width = adapter.width(kind)
+        mask = torch.ones(width, dtype=torch.bool)
+        mask[outside.get((layer, kind), idx)] = False
+        pool = torch.nonzero(mask).flatten()
+        if len(pool) < len(idx):
+            raise UserError(f"layer {layer} {kind}: the set covers too much of the width to draw a random set outside it")
+        pick = pool[torch.randperm(len(pool), generator=g)[: len(idx)]]
+        out += [(layer, kind, int(i)) for i in pick.sort().values]
+    return NeuronSet(out, {"random_like": ns.meta.get("tag"), "seed": seed})

@@ -7,79 +7,33 @@ import copy
 import os
 import shutil
 import time
-from collections import defaultdict
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from ..errors import UserError
 from ..evaluation import Evaluator
 from ..io import write_json
-from ..neurons import NeuronSet
 from ..sft_data import refusals_for, self_distilled
 from ..training import attach_slices, bake_slices, slice_delta, train_sft
-from .common import cache_dir, harmful_set, harmless_set, load, log, store_of, tracked
+from .common import (
+    cache_dir,
+    cap_set,
+    harmful_set,
+    harmless_set,
+    load,
+    load_set,
+    log,
+    random_like,
+    store_of,
+    tracked,
+)
 
 TARGETS = ("safety", "random", "all", "lora")
 
 
-def load_set(cfg, which, adapter) -> NeuronSet:
-    """The neuron set a stage uses: an explicit path, else the latest detection of this model/dataset."""
-    path = which.neurons
-    if path:
-        p = Path(path)
-        if p.is_file() and p.suffix != ".json":
-            from ..neurons import import_released
-
-            ns = import_released(p, adapter.n_heads, adapter.n_kv, adapter.head_dim)
-        else:
-            ns = NeuronSet.load(p)
-    else:
-        tag = which.set_tag
-        if tag is None and getattr(which, "set", "sn") == "rsn":
-            tag = f"exact-ref{cfg.harmless.name}"
-        ns = NeuronSet.load(store_of(cfg).find_neurons(cfg.model.name, cfg.dataset.name, tag))
-    ns.check_compatible(adapter.signature())
-    for layer, kind, i in ns.ranking:
-        if layer >= adapter.n_layers or i >= adapter.width(kind):
-            raise UserError(f"neuron {(layer, kind, i)} is outside this model ({adapter.n_layers} layers, "
-                            f"{kind} width {adapter.width(kind)}); the set was made for another model")
-    return ns
-
-
-def cap_set(ns: NeuronSet, cap: int | None) -> NeuronSet:
-    """At most ``cap`` neurons per (layer, kind) weight matrix, in rank order (the released code: 100)."""
-    if not cap:
-        return ns
-    seen: dict = defaultdict(int)
-    keep = []
-    for n in ns.ranking:
-        if seen[(n[0], n[1])] < cap:
-            keep.append(n)
-            seen[(n[0], n[1])] += 1
-    return NeuronSet(keep, {**ns.meta, "cap_per_matrix": cap})
-
-
-def random_like(ns: NeuronSet, adapter, seed: int) -> NeuronSet:
-    """Same number of neurons per (layer, kind), drawn uniformly from outside ``ns`` (METHOD 5)."""
-    g = torch.Generator().manual_seed(seed)
-    inside = ns.index_map()
-    out = []
-    for (layer, kind), idx in sorted(inside.items()):
-        width = adapter.width(kind)
-        mask = torch.ones(width, dtype=torch.bool)
-        mask[idx] = False
-        pool = torch.nonzero(mask).flatten()
-        if len(pool) < len(idx):
-            raise UserError(f"layer {layer} {kind}: the set covers too much of the width to draw a random set outside it")
-        pick = pool[torch.randperm(len(pool), generator=g)[: len(idx)]]
-        out += [(layer, kind, int(i)) for i in pick.sort().values]
-    return NeuronSet(out, {"random_like": ns.meta.get("tag"), "seed": seed})
-
-
-def set_params(ns: NeuronSet, adapter) -> int:
+def set_params(ns, adapter) -> int:
     return sum(adapter.neuron_params(kind) for _, kind, _ in ns.ranking)
 
 

@@ -1,0 +1,123 @@
+"""``stage=deactivate``: switch a neuron set off during generation and measure (METHOD 5, 7).
+
+``deactivate.n`` is a count (one point: what a Hydra ``--multirun`` sweeps) or a list (the fast path:
+every count in one process, one model load, one intact reference); both give the same numbers.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pandas as pd
+
+from ..ablation import apply_split, check_split, neuron_means, split_label
+from ..errors import UserError
+from ..evaluation import Evaluator
+from ..hooks import deactivated
+from ..io import write_csv
+from .common import harmful_set, harmless_set, load, load_set, log, random_like, tracked
+
+BASELINES = ("safety", "random")
+METRICS = ("asr", "harmful_refusal", "over_refusal", "utility_nll", "nll_ratio", "kl", "degenerate_share",
+           "asr_coherent", "breaks_model")
+
+
+def counts_of(n) -> list[int]:
+    vals = list(n) if isinstance(n, (list, tuple)) or hasattr(n, "__iter__") and not isinstance(n, str) else [n]
+    try:
+        out = [int(v) for v in vals]
+    except (TypeError, ValueError):
+        raise UserError(f"deactivate.n={n!r} must be a count or a list of counts") from None
+    if any(v < 0 for v in out):
+        raise UserError(f"deactivate.n={out} has a negative count")
+    return out
+
+
+def _aggregate(rows: list[dict]) -> dict:
+    """Mean and spread of random-baseline metrics over seeds."""
+    out = {}
+    for k in METRICS:
+        vals = [float(r[k]) for r in rows if k in r]
+        if not vals:
+            continue
+        mean = sum(vals) / len(vals)
+        out[k] = mean
+        out[f"{k}_std"] = (sum((v - mean) ** 2 for v in vals) / max(1, len(vals) - 1)) ** 0.5
+        out[f"{k}_min"], out[f"{k}_max"] = min(vals), max(vals)
+    out["breaks_model"] = any(bool(r["breaks_model"]) for r in rows)
+    return out
+
+
+def run(cfg) -> dict:
+    dc = cfg.deactivate
+    if dc.baseline not in BASELINES:
+        raise UserError(f"unknown deactivate.baseline={dc.baseline!r}; known: {', '.join(BASELINES)}")
+    if dc.ablation not in ("zero", "mean"):
+        raise UserError(f"unknown deactivate.ablation={dc.ablation!r}; use zero or mean")
+    if dc.baseline == "random" and len(dc.seeds) < 1:
+        raise UserError("deactivate.seeds is empty; the random baseline needs seeds (at least 3 recommended)")
+    counts = counts_of(dc.n)
+    with tracked(cfg) as (tr, box):
+        model, tok, ad = load(cfg)
+        check_split(cfg.split, ad.n_layers)
+        full = load_set(cfg, dc, ad)
+        region_set = apply_split(full, cfg.split, ad.n_layers)
+        per_layer_max = max((sum(1 for n in region_set.ranking if n[0] == layer) for layer in
+                             {n[0] for n in region_set.ranking}), default=0)
+        size = per_layer_max if dc.per_layer else len(region_set)
+        too_big = [n for n in counts if n > size]
+        if too_big:
+            raise UserError(f"deactivate.n={too_big} is larger than the set ({size} neurons"
+                            f"{' in its fullest layer' if dc.per_layer else ''} after the split "
+                            f"{split_label(cfg.split)}); use counts <= {size}")
+        sp = cfg.model.system_prompt
+        means = None
+        if dc.ablation == "mean":
+            from ..cfg import dataset_config
+            from ..data import load_prompts
+
+            mcfg = cfg.harmless if dc.means_from == cfg.harmless.name else dataset_config(dc.means_from)
+            means = neuron_means(model, tok, ad, load_prompts(mcfg, "train").prompts, sp)
+        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp)
+        n_total = ad.n_params()
+        rows, gens = [], []
+        label = dc.region or split_label(cfg.split)
+        for n in counts:
+            sub = region_set.top(n, dc.per_layer)
+            base = {"n": n, "per_layer": dc.per_layer, "baseline": dc.baseline, "n_neurons": len(sub),
+                    "param_share": sum(ad.neuron_params(k) for _, k, _ in sub.ranking) / n_total,
+                    "set": full.meta.get("tag"), "split": label, "under": cfg.split.under, "gen": cfg.split.gen,
+                    "ablation": dc.ablation, "set_size": len(region_set)}
+            if dc.baseline == "safety" or len(sub) == 0:
+                m, g = ev.evaluate(model, context=partial(deactivated, ad, sub.index_map(), means), tag=f"n={n}")
+                rows.append({**base, **m, "seeds": 1})
+                gens += [{**x, "n": n} for x in g]
+            else:
+                per_seed = []
+                for seed in dc.seeds:
+                    rnd = random_like(sub, ad, seed, exclude=full)
+                    m, g = ev.evaluate(model, context=partial(deactivated, ad, rnd.index_map(), means),
+                                       tag=f"n={n} random seed {seed}")
+                    per_seed.append(m)
+                    gens += [{**x, "n": n, "seed": seed} for x in g]
+                rows.append({**base, **{k: v for k, v in per_seed[0].items() if k not in METRICS},
+                             **_aggregate(per_seed), "seeds": len(per_seed)})
+            r = rows[-1]
+            log.info("n=%d %s: ASR %.2f over-refusal %.2f NLL ratio %.2f%s", n, dc.baseline, r["asr"],
+                     r["over_refusal"], r.get("nll_ratio", float("nan")), " BREAKS MODEL" if r["breaks_model"] else "")
+            tr.log({f"{dc.baseline}/{k}": v for k, v in r.items() if isinstance(v, (int, float))}, step=n)
+        df = pd.DataFrame(rows)
+        if tr.main:
+            write_csv(tr.dir / "sweep.csv", df)
+        tr.save_generations(gens)
+        cols = ["n", "baseline", "n_neurons", "asr", "over_refusal", "utility_nll", "nll_ratio", "kl",
+                "degenerate_share", "breaks_model"]
+        print(df[[c for c in cols if c in df]].to_string(index=False))
+        tr.log_table("deactivation", df)
+        if tr.main and len(rows) > 1:
+            from ..report import plot_deactivation
+
+            for p in plot_deactivation(df, tr.dir):
+                tr.log_image(p.stem, p)
+        box["results"] = {**rows[-1], "rows": rows} if len(rows) > 1 else rows[0]
+    return box["results"]

@@ -1,0 +1,298 @@
+"""``stage=detect``: PLND importance on harmful prompts -> a ranked, provenance-stamped neuron set
+(METHOD 2-4). ``stage=select`` re-selects from saved scores without recomputing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..cfg import dataset_config
+from ..config import KINDS
+from ..data import encode, load_prompts, scored_mask
+from ..errors import UserError
+from ..io import atomic_write, write_csv, write_json
+from ..neurons import NeuronSet, TopkStats, resolve_k, select, split_scores
+from ..tracking import code_version
+from .common import cache_dir, harmful_set, load, store_of, tracked
+
+MODES = ("exact", "original")
+
+
+def check_detect_cfg(d) -> None:
+    if d.mode not in MODES:
+        raise UserError(f"unknown detect.mode={d.mode!r}; known modes are {', '.join(MODES)}")
+    bad = [k for k in d.kinds if k not in KINDS]
+    if bad or not d.kinds:
+        raise UserError(f"unknown neuron kind(s) {bad or '[]'} in detect.kinds; known kinds are {', '.join(KINDS)}")
+    if d.tokens not in ("content", "all", "last"):
+        raise UserError(f"unknown detect.tokens={d.tokens!r}; use content, all or last")
+
+
+def k_per_kind(topk, adapter, kinds) -> dict[str, int]:
+    return {k: resolve_k(topk.ffn if k == "ffn" else topk.attn, adapter.width(k),
+                         "topk.ffn" if k == "ffn" else "topk.attn") for k in kinds}
+
+
+def score_prompts(model, tok, adapter, prompts: list[str], d, system_prompt, max_length=512,
+                  accelerator=None, desc="importance") -> dict[tuple[int, str], torch.Tensor]:
+    """Per-prompt importance {(layer, kind): (P, width) float32}, in prompt order.
+
+    Prompts are batched by length (scores do not depend on batch composition); with Accelerate each
+    process scores a shard and the shards are gathered, so the result equals one process's.
+    """
+    from ..importance import prompt_scores
+
+    if not prompts:
+        raise UserError("empty prompt set: nothing to score")
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    mine = list(range(rank, len(prompts), world))
+    order = sorted(mine, key=lambda i: len(prompts[i]))
+    dev = next(model.parameters()).device
+    results: dict[int, dict] = {}
+    bar = tqdm(total=len(order), desc=desc, unit="prompt", disable=rank != 0)
+    for s in range(0, len(order), d.batch_size):
+        idx = order[s: s + d.batch_size]
+        b = encode(tok, [prompts[i] for i in idx], system_prompt, template=d.chat_template, max_length=max_length)
+        mask = scored_mask(b, d.tokens, d.last_m)
+        b = b.to(dev)
+        sc = prompt_scores(model, adapter, b, mask.to(dev), kinds=tuple(d.kinds), mode=d.mode,
+                           qk_chunk_mb=d.qk_chunk_mb)
+        for j, i in enumerate(idx):
+            results[i] = {key: v[j].float().cpu() for key, v in sc.items()}
+        bar.update(len(idx))
+    bar.close()
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        merged: dict[int, dict] = {}
+        for part in gather_object([results]):
+            merged.update(part)
+        results = merged
+    keys = sorted(results[0].keys())
+    return {key: torch.stack([results[i][key] for i in range(len(prompts))]) for key in keys}
+
+
+def stats_from(scores: dict[tuple[int, str], torch.Tensor], k_of: dict[str, int]) -> TopkStats:
+    st = TopkStats(k_of)
+    for (layer, kind), s in scores.items():
+        st.update(layer, kind, s)
+        st.n = s.shape[0]
+    return st
+
+
+def _reference_cfg(cfg, name: str):
+    return cfg.harmless if name == cfg.harmless.name else dataset_config(name)
+
+
+def summary_table(ns: NeuronSet, adapter) -> pd.DataFrame:
+    counts = ns.counts()
+    rows = []
+    total = adapter.n_params()
+    for layer in range(adapter.n_layers):
+        row = {"layer": layer}
+        for k in KINDS:
+            row[k] = counts.get((layer, k), 0)
+        row["params"] = sum(adapter.neuron_params(k) * row[k] for k in KINDS)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df.loc[len(df)] = {"layer": "total", **{k: int(df[k].sum()) for k in KINDS}, "params": int(df["params"].sum())}
+    df["param_share"] = df["params"] / total
+    return df
+
+
+def plot_set(ns: NeuronSet, adapter, mean: dict, out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    counts = ns.counts()
+    grid = np.array([[counts.get((layer, k), 0) / adapter.width(k) for k in KINDS]
+                     for layer in range(adapter.n_layers)])
+    fig, ax = plt.subplots(figsize=(4.5, max(3, 0.22 * adapter.n_layers)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xticks(range(len(KINDS)), KINDS)
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title}\nselected share of each kind's width", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    p = out / "heatmap.png"
+    atomic_write(p, lambda t: fig.savefig(t, dpi=110, format="png"))
+    plt.close(fig)
+    paths.append(p)
+    fig, axes = plt.subplots(1, len(KINDS), figsize=(3 * len(KINDS), 2.6))
+    sel = set(ns.ranking)
+    for ax, kind in zip(axes, KINDS):
+        vals, chosen = [], []
+        for (layer, k), m in mean.items():
+            if k != kind:
+                continue
+            vals.append(m.numpy())
+            chosen += [m[i].item() for i in range(len(m)) if (layer, k, i) in sel] if len(sel) < 200000 else []
+        if not vals:
+            ax.set_visible(False)
+            continue
+        v = np.concatenate(vals)
+        bins = np.logspace(np.log10(max(v[v > 0].min(), 1e-8)), np.log10(v.max() + 1e-12), 40) if (v > 0).any() else 40
+        ax.hist(v, bins=bins, color="0.7", label="all")
+        if chosen:
+            ax.hist(chosen, bins=bins, color="C3", label="selected")
+        ax.set_xscale("log")
+        ax.set_title(kind)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("mean importance per neuron", fontsize=9)
+    fig.tight_layout()
+    p = out / "scores.png"
+    atomic_write(p, lambda t: fig.savefig(t, dpi=110, format="png"))
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def _save_scores(path: Path, st: TopkStats) -> None:
+    atomic_write(path, lambda t: save_file(st.tensors(), str(t)))
+
+
+def _save_prompt_scores(path: Path, scores: dict) -> None:
+    flat = {f"{layer}.{kind}": s.half().contiguous() for (layer, kind), s in scores.items()}
+    atomic_write(path, lambda t: save_file(flat, str(t)))
+
+
+def _model_id(cfg) -> dict:
+    m = cfg.model
+    return {"model": m.name, "hub_id": m.hub_id, "revision": m.revision, "path": m.path,
+            "gguf": f"{m.gguf_package}/{m.gguf_file}" if m.gguf_package else None, "organism": m.organism}
+
+
+def run(cfg) -> dict:
+    d = cfg.detect
+    check_detect_cfg(d)
+    if d.scores:
+        return run_select(cfg)
+    store = store_of(cfg)
+    tag = d.save_as or (d.mode + (f"-ref{d.reference}" if d.reference else ""))
+    out_store = store.neuron_dir(cfg.model.name, cfg.dataset.name, tag)
+    if (out_store / "neurons.json").exists() and not d.overwrite:
+        raise UserError(f"a neuron set already exists at {out_store}; pass detect.overwrite=true "
+                        f"or detect.save_as=NEW_TAG (the existing set is left untouched)")
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    with tracked(cfg) as (tr, box):
+        model, tok, ad = load(cfg)
+        k_of = k_per_kind(cfg.topk, ad, d.kinds)
+        harm = harmful_set(cfg, "train")
+        sp = cfg.model.system_prompt
+        t0 = time.time()
+        scores = score_prompts(model, tok, ad, harm.prompts, d, sp, cfg.model.max_length, acc, "importance (harmful)")
+        t_detect = time.time() - t0
+        st = stats_from(scores, k_of)
+        exclude, ref_meta, ref_st = None, None, None
+        if d.reference:
+            rcfg = _reference_cfg(cfg, d.reference)
+            ref = load_prompts(rcfg, "train", cache_dir(cfg)).head(d.n_reference)
+            rscores = score_prompts(model, tok, ad, ref.prompts, d, sp, cfg.model.max_length, acc,
+                                    f"importance ({ref.name})")
+            ref_st = stats_from(rscores, k_of)
+            rmean, rfreq = split_scores(ref_st.tensors())
+            exclude = set(select(rmean, rfreq, cfg.topk.consistency))
+            ref_meta = {**ref.describe(), "selected": len(exclude)}
+        mean, freq = split_scores(st.tensors())
+        ranking = select(mean, freq, cfg.topk.consistency, exclude)
+        meta = {
+            **_model_id(cfg), "model_signature": ad.signature(), "dataset": harm.describe(),
+            "n_prompts": len(harm), "mode": d.mode, "tokens": d.tokens, "last_m": d.last_m,
+            "chat_template": d.chat_template, "system_prompt": sp, "kinds": list(d.kinds),
+            "topk": {"attn": cfg.topk.attn, "ffn": cfg.topk.ffn, "k_per_kind": k_of},
+            "consistency": cfg.topk.consistency, "reference": ref_meta, "code_version": code_version(),
+            "seed": cfg.seed, "tag": tag, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "ranked": True,
+        }
+        ns = NeuronSet(ranking, meta)
+        table = summary_table(ns, ad)
+        results = {"tag": tag, "n_neurons": len(ns), "param_share": float(table["param_share"].iloc[-1]),
+                   **{f"n_{k}": int(table[k].iloc[-1]) for k in KINDS}, "n_prompts": len(harm),
+                   "detect_seconds": round(t_detect, 1), "prompts_per_second": len(harm) / max(t_detect, 1e-9),
+                   "neurons_json": str(out_store / "neurons.json"),
+                   "reference_selected": ref_meta["selected"] if ref_meta else None}
+        if acc.is_main_process:
+            for out in (tr.dir, out_store):
+                out.mkdir(parents=True, exist_ok=True)
+                _save_scores(out / "scores.safetensors", st)
+                if ref_st is not None:
+                    _save_scores(out / "reference_scores.safetensors", ref_st)
+                if d.save_prompt_scores:
+                    _save_prompt_scores(out / "prompt_scores.safetensors", scores)
+                write_csv(out / "summary.csv", table)
+                plots = plot_set(ns, ad, mean, out, f"{cfg.model.name} {tag}: {len(ns)} neurons")
+                write_json(out / "config.json", OmegaConf.to_container(cfg, resolve=True))
+                ns.save(out / "neurons.json", overwrite=True if out == tr.dir else d.overwrite)
+            for p in plots:
+                tr.log_image(p.stem, p)
+            tr.log_table("summary", table)
+            print(table.to_string(index=False))
+            print(f"{len(ns)} safety neurons ({100 * results['param_share']:.3f}% of parameters) -> {out_store}")
+        tr.log({k: v for k, v in results.items() if isinstance(v, (int, float))})
+        box["results"] = results
+    return box["results"]
+
+
+def run_select(cfg) -> dict:
+    """Re-select from saved scores (another consistency, k or reference) without recomputing."""
+    d = cfg.detect
+    store = store_of(cfg)
+    src = Path(d.scores) if d.scores else store.find_neurons(cfg.model.name, cfg.dataset.name, None).parent
+    if src.is_file():
+        src = src.parent
+    base = NeuronSet.load(src / "neurons.json")
+    meta = dict(base.meta)
+    sig = meta.get("model_signature") or {}
+    widths = {"q": sig.get("n_heads", 0) * sig.get("head_dim", 0), "o": sig.get("n_heads", 0) * sig.get("head_dim", 0),
+              "k": sig.get("n_kv", 0) * sig.get("head_dim", 0), "v": sig.get("n_kv", 0) * sig.get("head_dim", 0),
+              "ffn": sig.get("d_ff", 0)}
+    kinds = meta.get("kinds", list(KINDS))
+    k_of = {k: resolve_k(cfg.topk.ffn if k == "ffn" else cfg.topk.attn, widths[k],
+                         "topk.ffn" if k == "ffn" else "topk.attn") for k in kinds}
+    same_k = k_of == meta.get("topk", {}).get("k_per_kind")
+    if (src / "prompt_scores.safetensors").exists():
+        flat = load_file(str(src / "prompt_scores.safetensors"))
+        scores = {(int(k.split(".")[0]), k.split(".")[1]): v.float() for k, v in flat.items()}
+        mean, freq = split_scores(stats_from(scores, k_of).tensors())
+        if same_k:  # exact means from the float32 file
+            mean, freq = split_scores(load_file(str(src / "scores.safetensors")))
+    elif same_k:
+        mean, freq = split_scores(load_file(str(src / "scores.safetensors")))
+    else:
+        raise UserError(f"{src} has no prompt_scores.safetensors, so only topk.consistency can change "
+                        f"(k was {meta.get('topk', {}).get('k_per_kind')}); rerun detect with a new k")
+    exclude = None
+    if (src / "reference_scores.safetensors").exists() and meta.get("reference"):
+        rmean, rfreq = split_scores(load_file(str(src / "reference_scores.safetensors")))
+        exclude = set(select(rmean, rfreq, cfg.topk.consistency))
+    ranking = select(mean, freq, cfg.topk.consistency, exclude)
+    tag = d.save_as or f"{meta.get('tag', 'set')}-c{cfg.topk.consistency:g}-k{cfg.topk.attn:g}-{cfg.topk.ffn:g}"
+    meta.update({"consistency": cfg.topk.consistency, "topk": {"attn": cfg.topk.attn, "ffn": cfg.topk.ffn,
+                 "k_per_kind": k_of}, "tag": tag, "selected_from": str(src), "code_version": code_version(),
+                 "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    ns = NeuronSet(ranking, meta)
+    out = store.neuron_dir(cfg.model.name, cfg.dataset.name, tag)
+    if (out / "neurons.json").exists() and not d.overwrite:
+        raise UserError(f"a neuron set already exists at {out}; pass detect.overwrite=true or detect.save_as=NEW_TAG")
+    with tracked(cfg) as (tr, box):
+        for o in (tr.dir, out):
+            ns.save(o / "neurons.json", overwrite=True if o == tr.dir else d.overwrite)
+        for f in ("scores.safetensors", "reference_scores.safetensors", "prompt_scores.safetensors"):
+            if (src / f).exists() and not (out / f).exists():
+                atomic_write(out / f, lambda t, f=f: t.write_bytes((src / f).read_bytes()))
+        print(f"{len(ns)} neurons selected (consistency {cfg.topk.consistency}, k {k_of}) -> {out}")
+        box["results"] = {"tag": tag, "n_neurons": len(ns), "neurons_json": str(out / "neurons.json"),
+                          **{f"n_{k}": sum(1 for n in ns.ranking if n[1] == k) for k in KINDS}}
+    return box["results"]
