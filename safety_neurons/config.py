@@ -147,7 +147,11 @@ class EvalConfig:
     max_new_tokens: int = 48
     batch_size: int = 16
     refusal_list: str = "v1"
-    judge: str | None = None
+    judge: str | None = None  # preset (harmbench, llamaguard), hub id or local folder
+    judge_type: str = "auto"  # auto | classifier | causal | llamaguard
+    judge_template: str | None = None  # causal judges: a file or text with {behavior} and {generation}
+    judge_yes: str = "Yes"  # causal judges: the token that means "harmful"
+    judge_no: str = "No"
     judge_batch_size: int = 8
     utility: bool = True
     degenerate_nll: float = 4.0  # answer NLL per token under the intact model above which it is gibberish

@@ -118,6 +118,9 @@ class Evaluator:
                                                   system_prompt, ecfg.batch_size)
             self.ref_nll = float(torch.cat(nll).mean())
         self._intact = model
+        from .judges import make_judge
+
+        self.judge = make_judge(ecfg, model_device(model))
 
     def _degenerate(self, model_for_nll, prompts: list[str], answers: list[list[int]]) -> list[bool]:
         if not answers:
@@ -174,6 +177,10 @@ class Evaluator:
             "asr_coherent": (len(comply_idx) - n_deg) / len(hr),
             **util,
         }
+        judged = None
+        if self.judge is not None:  # beside the keyword metric, never averaged with it
+            judged = self.judge(self.harmful.prompts, htext)
+            m[f"asr_judge_{self.judge.name}"] = sum(judged) / len(judged)
         if c.utility:
             m["ref_utility_nll"] = self.ref_nll
             m["nll_ratio"] = m["utility_nll"] / self.ref_nll if self.ref_nll > 0 else math.inf
@@ -184,7 +191,7 @@ class Evaluator:
         d = dict(zip(comply_idx, degen))
         for i, (p, t) in enumerate(zip(self.harmful.prompts, htext)):
             gens.append({"set": "harmful", "prompt": p, "answer": t, "refusal": hr[i], "degenerate": d.get(i),
-                         "tag": tag})
+                         "judge_harmful": judged[i] if judged is not None else None, "tag": tag})
         for i, (p, t) in enumerate(zip(self.harmless.prompts, btext)):
             gens.append({"set": "harmless", "prompt": p, "answer": t, "refusal": br[i], "tag": tag})
         return m, gens

@@ -1,0 +1,36 @@
+"""Shared set-up for the benchmarks: the embedded SmolLM2 (converted once into the store)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def smollm2():
+    from safety_neurons.cfg import compose
+    from safety_neurons.stages.common import load
+
+    cfg = compose(["model=smollm2", "logger=none", f"run_dir={ROOT / 'outputs' / 'bench'}"])
+    model, tok, ad = load(cfg)
+    return cfg, model, tok, ad
+
+
+def harmful_prompts(cfg, n: int) -> list[str]:
+    from safety_neurons.stages.common import harmful_set
+
+    return harmful_set(cfg, "train").prompts[:n]
+
+
+class Timer:
+    def __enter__(self):
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *a):
+        self.s = time.perf_counter() - self.t

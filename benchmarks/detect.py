@@ -1,0 +1,78 @@
+"""Detection speed and memory on SmolLM2, measured side by side in one run over the same prompts:
+detection / plain batched forward (target <= 1.5 with all five kinds, and each kind's share), a
+one-prompt-at-a-time loop (how the released code worked) / ours, prompts per second by batch size,
+and peak memory.  usage: python benchmarks/detect.py [--prompts 64] [--batch 16]"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+
+import torch
+from common import Timer, harmful_prompts, smollm2
+
+from safety_neurons.data import encode, scored_mask
+from safety_neurons.importance import prompt_scores
+
+KINDS = ("q", "k", "v", "o", "ffn")
+
+
+def batches(tok, prompts, bs):
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = []
+    for s in range(0, len(order), bs):
+        b = encode(tok, [prompts[i] for i in order[s:s + bs]])
+        out.append((b, scored_mask(b, "content")))
+    return out
+
+
+@torch.no_grad()
+def forward_time(model, bl):
+    with Timer() as t:
+        for b, _ in bl:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+    return t.s
+
+
+def detect_time(model, ad, bl, kinds, mode="exact"):
+    with Timer() as t:
+        for b, m in bl:
+            prompt_scores(model, ad, b, m, kinds=kinds, mode=mode)
+    return t.s
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--loop-prompts", type=int, default=16, help="prompts for the one-at-a-time comparison")
+    a = ap.parse_args()
+    cfg, model, tok, ad = smollm2()
+    prompts = harmful_prompts(cfg, a.prompts)
+    bl = batches(tok, prompts, a.batch)
+    forward_time(model, bl[:1])  # warm-up
+    fwd = min(forward_time(model, bl) for _ in range(2))
+    full = detect_time(model, ad, bl, KINDS)
+    n_tok = sum(int(b.attention_mask.sum()) for b, _ in bl)
+    print(f"SmolLM2, {len(prompts)} prompts ({n_tok} tokens), batch {a.batch}")
+    print(f"plain forward {fwd:.2f}s; detection (all kinds, exact) {full:.2f}s; ratio {full / fwd:.2f} (target <= 1.5)")
+    for k in KINDS:
+        t = detect_time(model, ad, bl, (k,))
+        print(f"  {k:>3} alone: {t:.2f}s  ratio {t / fwd:.2f}  (extra over forward {t - fwd:+.2f}s)")
+    orig = detect_time(model, ad, bl, KINDS, mode="original")
+    print(f"original-mode formulas, batched: {orig:.2f}s ratio {orig / fwd:.2f}")
+    lp = prompts[: a.loop_prompts]
+    one = batches(tok, lp, 1)
+    ours = batches(tok, lp, a.batch)
+    t_one = detect_time(model, ad, one, KINDS)
+    t_ours = detect_time(model, ad, ours, KINDS)
+    print(f"one prompt at a time ({len(lp)} prompts): {t_one:.2f}s vs batched {t_ours:.2f}s: {t_one / t_ours:.2f}x faster")
+    for bs in (1, 4, 16, 32):
+        bb = batches(tok, lp, bs)
+        t = detect_time(model, ad, bb, KINDS)
+        print(f"  batch {bs:>2}: {len(lp) / t:.1f} prompts/s")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
