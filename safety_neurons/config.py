@@ -88,6 +88,7 @@ class DetectConfig:
     scores: str | None = None  # re-select from an existing scores.safetensors without recomputing
     save_as: str | None = None  # store tag; default: <mode>[-ref<reference>]
     overwrite: bool = False
+    reuse: bool = False  # an existing set under the same tag is reused instead of an error (pipelines)
     save_prompt_scores: bool = True  # per-prompt scores (float16), so select can use another k
 
 

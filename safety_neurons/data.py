@@ -88,6 +88,9 @@ def _column(rows: list[dict], col: str, path) -> list[str]:
         raise UserError(f"prompt file {path} is empty")
     if col not in rows[0]:
         raise UserError(f"{path} has no column {col!r} (columns: {sorted(rows[0])}); set dataset.prompt_column=")
+    missing = [i for i, r in enumerate(rows) if col not in r]
+    if missing:  # jsonl/json rows need not share keys: name the row instead of a KeyError traceback
+        raise UserError(f"{path}: row {missing[0]} has no column {col!r} ({len(missing)} rows lack it)")
     return [str(r[col]) if r[col] is not None else "" for r in rows]
 
 

@@ -442,29 +442,42 @@ def prompt_scores(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tens
 # ----------------------------------------------------------------------------------- brute force
 @torch.no_grad()
 def brute_force_importance(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tensor, layer: int,
-                           kind: str, index: int) -> torch.Tensor:
-    """(B,) float64: mean over scored tokens of ``||out_t - out_t(neuron off)||_2`` (METHOD 2), by rerunning.
+                           kind: str, index) -> torch.Tensor:
+    """Mean over scored tokens of ``||out_t - out_t(neuron off)||_2`` (METHOD 2), by rerunning; float64.
 
-    ``out`` is the output of ``o_proj`` (q, k, v, o) or ``down_proj`` (ffn) of ``layer``; the neuron is
-    switched off with :func:`safety_neurons.hooks.deactivated`. Slow and obviously correct: for tests.
+    ``out`` is the output of ``o_proj`` (q, k, v, o: the attention module's output) or ``down_proj``
+    (ffn: the MLP's output) of ``layer``. One forward pass captures the sublayer's inputs; then the
+    sublayer (the model's own attention or MLP module) is rerun as is and with the neuron switched off by
+    :func:`safety_neurons.hooks.deactivated`. ``index`` an int: returns (B,); a list: (B, len(index)).
+    Slow and obviously correct: for tests.
     """
-    m = adapter.modules(layer)
-    target = m.down if kind == "ffn" else m.o
     dev = model_device(model)
     batch = batch.to(dev)
     scored = scored.to(dev).bool() & batch.attention_mask.bool()
-    outs = []
+    blk = adapter.layers[layer]
+    sub = blk.mlp if kind == "ffn" else blk.self_attn
+    got = {}
 
-    def grab(mod, args, out):
-        outs.append(out.detach().double())
+    def grab(mod, args, kwargs):
+        got["args"], got["kwargs"] = args, kwargs
+        raise _Stop
 
-    for off in (False, True):
-        with hooks([(target, "fwd", grab)]):
-            if off:
-                with deactivated(adapter, {(layer, kind): torch.tensor([index])}):
-                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            else:
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    diff = (outs[0] - outs[1]).norm(dim=-1)  # (B, T)
+    try:
+        with hooks([(sub, "pre_kw", grab)]):
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    except _Stop:
+        pass
+
+    def run():
+        out = sub(*got["args"], **got["kwargs"])
+        return (out[0] if isinstance(out, tuple) else out).double()
+
+    base = run()
     s = scored.double()
-    return ((diff * s).sum(1) / s.sum(1)).cpu()
+    res = []
+    for i in ([index] if isinstance(index, int) else list(index)):
+        with deactivated(adapter, {(layer, kind): torch.tensor([int(i)])}):
+            diff = (run() - base).norm(dim=-1)  # (B, T)
+        res.append((diff * s).sum(1) / s.sum(1))
+    out = torch.stack(res, 1).cpu()
+    return out[:, 0] if isinstance(index, int) else out

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
@@ -150,28 +151,41 @@ def train_sft(model, tok, prompts: list[str], responses: list[str], fcfg, system
     per_rank = fcfg.batch_size // world if fcfg.batch_size % world == 0 else None
     if per_rank is None:
         raise UserError(f"finetune.batch_size={fcfg.batch_size} must be divisible by the {world} processes")
+    # loss tokens per pair: the loss is the token mean over the whole optimizer step (all processes, all
+    # accumulation micro-batches), so a 2-process run equals one process with the same global batch
+    # (a per-process mean, averaged by DDP, would weight a process's tokens by its shard's length)
+    n_tok = [int((encode(tok, [p], system_prompt, [r], max_length=max_length).labels != -100).sum())
+             for p, r in zip(prompts, responses)]
     losses = []
     t0 = time.time()
     bar = tqdm(total=total, desc="train", disable=not (progress and acc.is_main_process))
     for _step in range(total):
+        micro = []
         for _ in range(fcfg.grad_accum):
             while len(order) < fcfg.batch_size:
                 perm = list(range(len(prompts)))
                 rng.shuffle(perm)
                 order += perm
-            gidx, order = order[: fcfg.batch_size], order[fcfg.batch_size:]
+            micro.append(order[: fcfg.batch_size])
+            order = order[fcfg.batch_size:]
+        n_step = max(1, sum(n_tok[i] for gidx in micro for i in gidx))
+        for gidx in micro:
             idx = gidx[rank * per_rank: (rank + 1) * per_rank]
             b = encode(tok, [prompts[i] for i in idx], system_prompt, [responses[i] for i in idx],
                        max_length=max_length, padding_side="right").to(acc.device)
             with acc.accumulate(model):
-                out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
-                acc.backward(out.loss)
+                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+                loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b.labels[:, 1:].flatten(),
+                                           ignore_index=-100, reduction="sum")
+                # DDP averages gradients over processes and backward() divides by the accumulation steps
+                acc.backward(loss_sum * (world * acc.gradient_accumulation_steps / n_step))
                 if acc.sync_gradients and fcfg.clip:
                     acc.clip_grad_norm_(params, fcfg.clip)
                 opt.step()
                 sched.step() if acc.sync_gradients else None
                 opt.zero_grad(set_to_none=True)
-            losses.append(float(acc.gather(out.loss.detach()[None]).mean()))
+            tot = acc.gather(torch.stack([loss_sum.detach(), (b.labels[:, 1:] != -100).sum().to(loss_sum)])[None])
+            losses.append(float(tot[:, 0].sum() / tot[:, 1].sum()))  # token mean of the global micro-batch
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()

@@ -7,11 +7,16 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's spinning threads make a
+# 2-layer forward 40x slower; subprocesses (CLI, accelerate launch) inherit this too
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

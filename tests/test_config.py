@@ -172,6 +172,11 @@ def test_get_stage_known_returns_callables():
     assert get_stage("select") is detect.run_select
 
 
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_registered_stage_resolves(name):
+    assert callable(get_stage(name))
+
+
 def test_dataset_config_helper():
     d = dataset_config("advbench")
     assert (d.name, d.kind, d.prompt_column, d.eval_fraction) == ("advbench", "advbench", "goal", 0.2)

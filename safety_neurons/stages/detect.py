@@ -182,8 +182,12 @@ def run(cfg) -> dict:
     tag = d.save_as or (d.mode + (f"-ref{d.reference}" if d.reference else ""))
     out_store = store.neuron_dir(cfg.model.name, cfg.dataset.name, tag)
     if (out_store / "neurons.json").exists() and not d.overwrite:
-        raise UserError(f"a neuron set already exists at {out_store}; pass detect.overwrite=true "
-                        f"or detect.save_as=NEW_TAG (the existing set is left untouched)")
+        if d.reuse:
+            ns = NeuronSet.load(out_store / "neurons.json")
+            print(f"reusing the existing set {out_store} ({len(ns)} neurons; detect.overwrite=true recomputes)")
+            return {"tag": tag, "n_neurons": len(ns), "neurons_json": str(out_store / "neurons.json"), "reused": True}
+        raise UserError(f"a neuron set already exists at {out_store}; pass detect.overwrite=true, "
+                        f"detect.reuse=true or detect.save_as=NEW_TAG (the existing set is left untouched)")
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=not torch.cuda.is_available())

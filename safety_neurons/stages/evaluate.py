@@ -51,5 +51,6 @@ def run(cfg) -> dict:
         tr.save_generations(gens)
         tr.log_table("evaluation", table)
         tr.log(rows[-1])
-        box["results"] = {**rows[-1], "rows": rows, "harmful_set": harmful.describe(), "harmless_set": harmless.describe()}
+        box["results"] = {**rows[-1], "rows": rows, "harmful_set": ev.harmful.describe(),
+                          "harmless_set": ev.harmless.describe()}  # the evaluated (capped) sets
     return box["results"]

@@ -1,0 +1,106 @@
+"""End-to-end stages on a tiny llama saved to a local folder: evaluate and full fine-tuning."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from safety_neurons.cfg import compose
+from safety_neurons.errors import UserError
+from safety_neurons.stages import get_stage
+from tests.test_data import write_harmbench
+from tests.tiny import tiny_model, tiny_tokenizer
+
+HARMLESS = ["How do I bake bread?", "Explain the water cycle.", "Write a poem about the sea.",
+            "Name three colours.", "What is two plus two?", "Suggest a name for a cat.", "Describe a tree.",
+            "How do clouds form?"]
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    model_dir = root / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    hb = write_harmbench(root / "hb", n_test=4, n_val=4)
+    harmless = root / "harmless.jsonl"
+    harmless.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMLESS))
+    return {"model": model_dir, "hb": hb, "harmless": harmless, "store": root / "store"}
+
+
+def overrides(fx, run_dir, *extra):
+    return [f"run_dir={run_dir}", f"store_dir={fx['store']}", "model=local", f"model.path={fx['model']}",
+            f"dataset.path={fx['hb']}", f"harmless.path={fx['harmless']}", "eval.n_harmful=3", "eval.n_harmless=2",
+            "eval.max_new_tokens=4", "logger=none", "device=cpu", *extra]
+
+
+def test_evaluate(fixtures, tmp_path):
+    cfg = compose(overrides(fixtures, tmp_path / "run", "stage=evaluate"))
+    res = get_stage("evaluate")(cfg)
+    run = tmp_path / "run"
+    saved = json.loads((run / "results.json").read_text())
+    for k in ("asr", "harmful_refusal", "over_refusal", "utility_nll", "kl", "breaks_model"):
+        assert k in saved and saved[k] == res[k]
+    assert saved["n_harmful"] == 3 and saved["n_harmless"] == 2
+    assert saved["asr"] == pytest.approx(1 - saved["harmful_refusal"])
+    assert 0 <= saved["asr"] <= 1 and 0 <= saved["over_refusal"] <= 1
+    # the model is its own reference: zero KL, and the NLL equals the reference NLL
+    assert saved["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert saved["utility_nll"] == pytest.approx(saved["ref_utility_nll"], rel=1e-6)
+    assert saved["harmful_set"]["n"] == 3 and saved["harmless_set"]["n"] == 2
+    assert saved["harmful_set"]["source"] == "harmbench_behaviors_text_val.csv"
+    df = pd.read_csv(run / "results.csv")
+    assert len(df) == 1 and {"asr", "over_refusal", "utility_nll"} <= set(df)
+    table = pd.read_csv(run / "table.csv")
+    assert list(table["model"]) == ["local"]
+    gens = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 5
+    assert [g["set"] for g in gens] == ["harmful"] * 3 + ["harmless"] * 2
+    assert [g["prompt"] for g in gens[:3]] == [f"val standard behaviour {i}" for i in range(3)]
+    assert all(g["model"] == "local" and isinstance(g["answer"], str) for g in gens)
+    assert not (fixtures["store"] / "models").exists()  # evaluation stores nothing
+
+
+def test_finetune_all_then_refuse_to_overwrite(fixtures, tmp_path):
+    ft = ["stage=finetune", "finetune.target=all", "finetune.steps=2", "finetune.batch_size=2",
+          "finetune.n_harmful=2", "finetune.n_harmless=2", "finetune.max_new_tokens_distill=4", "finetune.lr=1e-3"]
+    cfg = compose(overrides(fixtures, tmp_path / "run1", *ft))
+    res = get_stage("finetune")(cfg)
+    out = fixtures["store"] / "models" / "local-all-s0"
+    assert res["saved_as"] == "local-all-s0" and res["model_dir"] == str(out)
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "organism.json"):
+        assert (out / f).exists(), f
+    assert not list(out.parent.glob("*.partial-*"))
+    prov = json.loads((out / "organism.json").read_text())
+    assert prov["base_model"]["path"] == str(fixtures["model"]) and prov["finetune"]["target"] == "all"
+    saved = json.loads((tmp_path / "run1" / "results.json").read_text())
+    for k in ("before_asr", "after_asr", "before_over_refusal", "after_over_refusal", "before_utility_nll",
+              "after_utility_nll", "refusal_gain", "final_loss", "first_loss"):
+        assert k in saved
+    assert saved["target"] == "all" and saved["steps"] == 2 and saved["trainable_share"] == 1.0
+    assert saved["data"]["harmful_train"]["n"] == 2 and saved["data"]["harmless_train"]["n"] == 2
+    assert len(json.loads((tmp_path / "run1" / "losses.json").read_text())) == 2
+    # before and after generations: (3 harmful + 2 harmless) x 2
+    assert len((tmp_path / "run1" / "generations.jsonl").read_text().splitlines()) == 10
+    # the tuned weights differ from the base model's and load back as a model
+    from safety_neurons.cfg import compose as c2
+    from safety_neurons.stages.common import load
+
+    tuned, _, _ = load(c2(overrides(fixtures, tmp_path / "x", f"model.path={out}")))
+    base, _, _ = load(cfg)
+    assert any(not (a == b).all() for a, b in zip(tuned.parameters(), base.parameters()))
+    # the self-distilled answers were cached in the store
+    assert list((fixtures["store"] / "cache" / "distill").glob("*.json"))
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(UserError, match="finetune.overwrite=true"):
+        get_stage("finetune")(compose(overrides(fixtures, tmp_path / "run2", *ft)))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    assert not (tmp_path / "run2").exists()  # refused before any run output
+
+
+def test_unknown_finetune_target(fixtures, tmp_path):
+    with pytest.raises(UserError, match="known targets"):
+        get_stage("finetune")(compose(overrides(fixtures, tmp_path / "run", "stage=finetune", "finetune.target=nope")))

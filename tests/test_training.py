@@ -1,0 +1,206 @@
+"""Chat SFT and neuron-slice training (METHOD 6): loss only on responses, loss falls, and slice tuning
+leaves every unselected weight bit-identical while moving every selected slice."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from safety_neurons.config import KINDS, FinetuneConfig
+from safety_neurons.data import encode
+from safety_neurons.errors import UserError
+from safety_neurons.models import ModelAdapter
+from safety_neurons.training import (
+    apply_delta,
+    attach_slices,
+    bake_slices,
+    optimizer_state_numel,
+    slice_delta,
+    train_sft,
+)
+from tests.tiny import tiny_model
+
+PROMPTS = ["how do I bake bread", "explain the water cycle", "write a poem about the sea", "sea"]
+RESPONSES = ["I cannot help with that", "water goes up and comes down", "the sea is blue", "I cannot"]
+
+
+def fcfg(**kw):
+    base = dict(steps=15, batch_size=4, grad_accum=1, lr=1e-2, weight_decay=0.0, warmup=0.0, schedule="cosine",
+                clip=1.0, seed=0)
+    return OmegaConf.merge(OmegaConf.structured(FinetuneConfig), {**base, **kw})
+
+
+def manual_loss(model, tok, prompts, responses):
+    """Token-mean cross-entropy over exactly the response (+EOS) tokens, computed by hand."""
+    b = encode(tok, prompts, None, responses, padding_side="right")
+    with torch.no_grad():
+        lg = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    nll, n = 0.0, 0
+    for r, (p, resp) in enumerate(zip(prompts, responses)):
+        n_prompt = int(encode(tok, [p]).attention_mask.sum())
+        r_ids = tok(resp + tok.eos_token, add_special_tokens=False)["input_ids"]
+        for j, t in enumerate(r_ids):  # token at position n_prompt + j is predicted from position n_prompt + j - 1
+            nll -= float(F.log_softmax(lg[r, n_prompt + j - 1].double(), -1)[t])
+            n += 1
+    return nll / n
+
+
+def test_sft_loss_is_response_only_and_falls(tok):
+    model = tiny_model("llama")
+    first_manual = manual_loss(model, tok, PROMPTS, RESPONSES)
+    # the HF loss with encode()'s labels is exactly the response-token cross-entropy
+    b = encode(tok, PROMPTS, None, RESPONSES, padding_side="right")
+    with torch.no_grad():
+        hf = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
+        lg = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    assert float(hf) == pytest.approx(first_manual, rel=1e-5)
+    # whatever the prompt tokens would predict does not enter: the full-sequence loss differs
+    full = b.input_ids.clone()
+    full[b.attention_mask == 0] = -100
+    full_loss = F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), full[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(float(full_loss) - first_manual) > 1e-3
+    params = list(model.parameters())
+    stats = train_sft(model, tok, PROMPTS, RESPONSES, fcfg(), None, params, progress=False)
+    losses = stats["losses"]
+    assert len(losses) == 15 and stats["steps"] == 15
+    assert stats["trainable_params"] == sum(p.numel() for p in params)
+    # the first step's batch holds all four pairs (batch 4), so its loss is the manual loss of the start model
+    assert losses[0] == pytest.approx(first_manual, rel=1e-5)
+    assert losses[-1] < 0.5 * losses[0]
+    assert not model.training
+    assert manual_loss(model, tok, PROMPTS, RESPONSES) < 0.5 * first_manual
+
+
+def test_sft_rejects_bad_input(tok):
+    model = tiny_model("llama")
+    with pytest.raises(UserError, match="no training pairs"):
+        train_sft(model, tok, [], [], fcfg(steps=1), None, list(model.parameters()), progress=False)
+
+
+def pick(ad: ModelAdapter, seed: int) -> dict:
+    """A few neurons of every kind in both layers (duplicates in the input are allowed)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in range(ad.n_layers):
+        for kind in KINDS:
+            idx = torch.randperm(ad.width(kind), generator=g)[:3]
+            out[(layer, kind)] = torch.cat([idx, idx[:1]])
+    return out
+
+
+def slice_mask(ad: ModelAdapter, neurons: dict) -> dict[str, torch.Tensor]:
+    """name -> bool mask of the METHOD 1 slices, built independently of training.py."""
+    names = {id(p): n for n, p in ad.model.named_parameters()}
+    masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in ad.model.named_parameters()}
+    for (layer, kind), idx in neurons.items():
+        m = ad.modules(layer)
+        if kind == "ffn":
+            masks[names[id(m.gate.weight)]][idx, :] = True
+            masks[names[id(m.up.weight)]][idx, :] = True
+            masks[names[id(m.down.weight)]][:, idx] = True
+            for lin in (m.gate, m.up):
+                if lin.bias is not None:
+                    masks[names[id(lin.bias)]][idx] = True
+        elif kind == "o":
+            masks[names[id(m.o.weight)]][:, idx] = True
+        else:
+            lin = getattr(m, kind)
+            masks[names[id(lin.weight)]][idx, :] = True
+            if lin.bias is not None:
+                masks[names[id(lin.bias)]][idx] = True
+    return masks
+
+
+@pytest.fixture
+def capture_optimizer(monkeypatch):
+    """Keep the AdamW that train_sft builds, to look at its state afterwards."""
+    made = []
+    real = torch.optim.AdamW
+
+    class Spy(real):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    return made
+
+
+def test_slice_training_exact(family, tok, capture_optimizer):
+    model = tiny_model(family)
+    base = copy.deepcopy(model)
+    ad = ModelAdapter(model)
+    neurons = pick(ad, seed=1)
+    masks = slice_mask(ad, neurons)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handles = attach_slices(model, ad, neurons)
+    params = [h.scatter.part for h in handles]
+    n_sel = sum(int(m.sum()) for m in masks.values())
+    assert sum(p.numel() for p in params) == n_sel
+    # per neuron, the slice size is what the adapter reports (3 distinct neurons per layer and kind)
+    assert n_sel == sum(3 * ad.neuron_params(kind) for (_, kind) in neurons)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "original" in n or "parametrizations" not in n)
+    # before any step the parametrized model is the same function
+    b = encode(tok, PROMPTS[:2], None, RESPONSES[:2], padding_side="right")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=b.input_ids).logits, base(input_ids=b.input_ids).logits)
+    stats = train_sft(model, tok, PROMPTS, RESPONSES, fcfg(steps=3, lr=1e-2, weight_decay=0.1), None, params,
+                      progress=False)
+    assert stats["trainable_params"] == n_sel
+    opt = capture_optimizer[-1]
+    assert optimizer_state_numel(opt) == 2 * n_sel  # exp_avg and exp_avg_sq, only for the slices
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_sel
+    for h in handles:  # the frozen originals got no gradient at all
+        assert getattr(h.module.parametrizations, h.name).original.grad is None
+    names = {id(m): n for n, m in model.named_modules()}
+    delta = slice_delta(handles, names)
+    bake_slices(handles)
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)  # parametrizations are gone, names are the original ones
+    moved = 0
+    for n, p in after.items():
+        m = masks[n]
+        assert torch.equal(p[~m], before[n][~m]), f"{n}: an unselected element changed"
+        assert (p[m] != before[n][m]).all(), f"{n}: a selected element did not move"
+        moved += int(m.sum())
+    assert moved == n_sel
+    if family == "qwen2":
+        assert any(n.endswith("q_proj.bias") and masks[n].any() for n in after)
+    # the compact delta rebuilds the tuned model from a fresh copy of the base model, exactly
+    fresh = copy.deepcopy(base)
+    assert apply_delta(fresh, delta) == len(handles)
+    for (n, p), (n2, q) in zip(fresh.named_parameters(), model.named_parameters()):
+        assert n == n2 and torch.equal(p, q), n
+
+
+def test_apply_delta_rejects_other_model(tok):
+    model = tiny_model("llama")
+    ad = ModelAdapter(model)
+    handles = attach_slices(model, ad, {(0, "q"): torch.tensor([1, 2])})
+    names = {id(m): n for n, m in model.named_modules()}
+    delta = {("other." + k): v for k, v in slice_delta(handles, names).items()}
+    with pytest.raises(UserError, match="does not match"):
+        apply_delta(tiny_model("llama"), delta)
+
+
+def test_attach_empty_set_is_an_error():
+    model = tiny_model("llama")
+    with pytest.raises(UserError, match="no trainable slice"):
+        attach_slices(model, ModelAdapter(model), {(0, "q"): torch.tensor([], dtype=torch.long)})
+
+
+def test_grad_accumulation_equals_the_large_batch(tok):
+    """batch 2 x accumulation 2 is the same optimizer step as batch 4: the loss is the step's token mean."""
+    pairs = (PROMPTS + ["bake a poem", "the water"], RESPONSES + ["sure, here is a poem about bread", "water"])
+    big, acc = tiny_model("llama"), tiny_model("llama")
+    s1 = train_sft(big, tok, *pairs, fcfg(steps=3, batch_size=4, grad_accum=1, weight_decay=0.1), None,
+                   list(big.parameters()), progress=False)
+    s2 = train_sft(acc, tok, *pairs, fcfg(steps=3, batch_size=2, grad_accum=2, weight_decay=0.1), None,
+                   list(acc.parameters()), progress=False)
+    assert len(s1["losses"]) == 3 and len(s2["losses"]) == 6
+    for (n, p), q in zip(big.named_parameters(), acc.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=n)
