@@ -40,6 +40,7 @@ All computation is in float32 (float64 when the model is float64); scores come b
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -51,6 +52,7 @@ from .models import ModelAdapter, model_device
 
 KINDS = ("q", "k", "v", "o", "ffn")
 MODES = ("exact", "original")
+CPU_CHUNK_MB = 8  # on CPU, perturbed-logit chunks that stay in cache are much faster than large ones
 
 
 class _Stop(Exception):
@@ -63,11 +65,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, n, d); cos, sin (B, T, d)."""
-    return x * cos[:, :, None] + _rotate_half(x) * sin[:, :, None]
-
-
 def _norm_eps(norm: torch.nn.Module) -> float:
     for name in ("eps", "variance_epsilon"):
         v = getattr(norm, name, None)
@@ -76,64 +73,123 @@ def _norm_eps(norm: torch.nn.Module) -> float:
     raise NotImplementedError(f"q/k norm {type(norm).__name__} has no eps; only RMS norms are supported")
 
 
-def _reduce_factor(f: torch.Tensor) -> torch.Tensor:
-    """A factor F' with F' F'^T = F F^T and at most min(rows, cols) columns (F: (..., n, r))."""
-    n, r = f.shape[-2:]
-    if r <= n:
-        return f
-    return torch.linalg.qr(f.transpose(-1, -2), mode="r").R.transpose(-1, -2)  # (..., n, n)
-
-
 def _tri(w: torch.Tensor) -> torch.Tensor:
     """R of the QR decomposition of w (..., D, c): ||w u|| = ||R u||."""
     return torch.linalg.qr(w, mode="r").R
 
 
-class _Rows:
-    """The scored query rows of a batch: per prompt, indices of its scored tokens, padded to Ts."""
-
-    def __init__(self, scored: torch.Tensor, weight_mean: bool):
-        B, T = scored.shape
-        n = scored.sum(1)
-        self.Ts = int(n.max())
-        order = torch.sort((~scored).to(torch.int8), dim=1, stable=True).indices  # scored first, in order
-        self.valid = torch.arange(self.Ts, device=scored.device)[None] < n[:, None]
-        # empty slots repeat the prompt's first scored row (weight 0) so that no row is fully masked
-        self.idx = torch.where(self.valid, order[:, : self.Ts], order[:, :1])  # (B, Ts)
-        w = 1.0 / n.clamp(min=1).double() if weight_mean else torch.ones_like(n, dtype=torch.float64)
-        self.w = self.valid.double() * w[:, None]  # (B, Ts)
-        self.w_tok = scored.double() * w[:, None]  # (B, T)
+_WCACHE: dict = {}
 
 
-def _key_mask(am: torch.Tensor, rows: torch.Tensor, window: int | None) -> torch.Tensor:
-    """(B, Ts, T) bool: key s visible from query position rows[b, i]."""
-    T = am.shape[1]
-    s = torch.arange(T, device=am.device)
-    t = rows[:, :, None]
-    ok = (s[None, None] <= t) & am.bool()[:, None, :]
-    if window is not None:
-        ok &= (t - s[None, None]) < window
-    return ok
+def _derived(weight: torch.Tensor, name: str, dt: torch.dtype, fn):
+    """fn(weight as dt), cached while the weight tensor lives and is not modified in place."""
+    key = (id(weight), name, dt)
+    hit = _WCACHE.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    val = fn(weight.detach().to(dt))
+    if len(_WCACHE) > 4096:
+        _WCACHE.clear()
+    _WCACHE[key] = (weakref.ref(weight), weight._version, val)
+    return val
 
 
 def _gather_rows(x: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
-    """x with dim of size T indexed by rows (B, n): batch dim 0."""
+    """x indexed along ``dim`` (size T) by rows (B, n), dim 0 being the batch."""
     shape = [1] * x.dim()
     shape[0], shape[dim] = rows.shape
-    idx = rows.reshape(shape).expand(*[x.shape[i] if i != dim else rows.shape[1] for i in range(x.dim())])
-    return torch.gather(x, dim, idx)
+    size = list(x.shape)
+    size[dim] = rows.shape[1]
+    return torch.gather(x, dim, rows.reshape(shape).expand(size))
+
+
+def _chunks(n_rows: int, n_ch: int, per_cell: int, budget: int):
+    """(r0, r1, c0, c1) blocks of rows x channels with rows*channels*per_cell <= budget (at least 1x1)."""
+    cells = max(1, budget // max(1, per_cell))
+    if cells >= n_ch:
+        rstep, cstep = max(1, min(n_rows, cells // n_ch)), n_ch
+    else:
+        rstep, cstep = 1, cells
+    for r0 in range(0, n_rows, rstep):
+        for c0 in range(0, n_ch, cstep):
+            yield r0, min(n_rows, r0 + rstep), c0, min(n_ch, c0 + cstep)
+
+
+def _softcap_(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return z if cap is None else z.div_(cap).tanh_().mul_(cap)
+
+
+class _Ctx:
+    """What every layer's hooks share: the batch, the scored rows, masks, settings and the results."""
+
+    def __init__(self, adapter, batch, scored, kinds, mode, qk_chunk_mb, dt, check, check_tol):
+        self.adapter, self.batch, self.kinds, self.mode = adapter, batch, kinds, mode
+        self.dt, self.check, self.check_tol = dt, check, check_tol
+        dev = scored.device
+        if dev.type == "cpu":
+            qk_chunk_mb = min(qk_chunk_mb, CPU_CHUNK_MB)
+        # about four temporaries of a chunk's size are alive at once
+        self.budget = max(1, int(qk_chunk_mb * 2**20 / (4 * torch.finfo(dt).bits // 8)))
+        B, T = scored.shape
+        n = scored.sum(1)
+        self.Ts = int(n.max())
+        order = torch.sort((~scored).to(torch.int8), dim=1, stable=True).indices  # scored tokens first
+        self.valid = torch.arange(self.Ts, device=dev)[None] < n[:, None]  # (B, Ts)
+        # empty slots repeat the prompt's first scored row (weight 0), so that no row is fully masked
+        self.rows = torch.where(self.valid, order[:, : self.Ts], order[:, :1])  # (B, Ts)
+        per = 1.0 / n.to(dt) if mode == "exact" else torch.ones(B, dtype=dt, device=dev)
+        self.w = self.valid.to(dt) * per[:, None]  # (B, Ts): mean (exact) or sum (original)
+        self.w_tok = scored.to(dt) * per[:, None]  # (B, T)
+        self.key_ok = batch.attention_mask.bool()  # (B, T)
+        self._neg: dict = {}
+        self._rope: dict = {}
+        self.acc: dict[tuple[int, str], torch.Tensor] = {}
+        self.last = (adapter.n_layers - 1, "ffn" if "ffn" in kinds else "attn")
+
+    def neg(self, window: int | None) -> torch.Tensor:
+        """(B, Ts, T) additive mask of the scored rows: 0 where key s is visible, -inf elsewhere."""
+        if window not in self._neg:
+            T = self.key_ok.shape[1]
+            s = torch.arange(T, device=self.rows.device)
+            t = self.rows[:, :, None]
+            ok = (s <= t) & self.key_ok[:, None, :]
+            if window is not None:
+                ok &= (t - s) < window
+            self._neg[window] = torch.zeros(ok.shape, dtype=self.dt, device=ok.device).masked_fill_(~ok, float("-inf"))
+        return self._neg[window]
+
+    def rope(self, cos: torch.Tensor, sin: torch.Tensor):
+        """cos, sin (B, T, d) at all tokens and (B, Ts, d) at the scored rows, in the compute dtype."""
+        key = (cos.data_ptr(), sin.data_ptr(), tuple(cos.shape))
+        if key not in self._rope:
+            B, T = self.key_ok.shape
+            c = cos.to(self.dt).expand(B, T, cos.shape[-1])
+            s = sin.to(self.dt).expand(B, T, sin.shape[-1])
+            if self.mode == "original" and cos.shape[0] == 1:
+                # METHOD 3's D_hj uses single post-rotary channels, which depend on absolute positions:
+                # rotate as the released code did, one unpadded prompt at a time (positions from 0)
+                pos = (self.key_ok.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+                c, s = _gather_rows(c, pos, 1), _gather_rows(s, pos, 1)
+            self._rope = {key: (c, s, _gather_rows(c, self.rows, 1), _gather_rows(s, self.rows, 1))}
+        return self._rope[key]
+
+    def add(self, layer: int, kind: str, s: torch.Tensor) -> None:
+        self.acc[(layer, kind)] = s.detach().float()
+
+    def maybe_stop(self, layer: int, where: str) -> None:
+        if (layer, where) == self.last:
+            raise _Stop
 
 
 # ------------------------------------------------------------------------------------ per layer
 class _Layer:
-    """Captures one decoder layer's attention inputs and turns them into scores."""
+    """One decoder layer's hooks: capture its attention inputs and turn them into scores."""
 
     def __init__(self, ctx: _Ctx, layer: int):
         self.ctx, self.layer = ctx, layer
         self.m = ctx.adapter.modules(layer)
         self.cap: dict[str, torch.Tensor] = {}
 
-    # hooks --------------------------------------------------------------------------------------
     def specs(self, kinds: set[str]) -> list:
         m, out = self.m, []
         if kinds & {"q", "k"}:
@@ -172,14 +228,14 @@ class _Layer:
 
     def _down_pre(self, mod, args):
         ctx = self.ctx
-        h = args[0].detach().to(ctx.dt)
-        cn = self.m.down.weight.detach().to(ctx.dt).norm(dim=0)  # (d_ff,)
-        ctx.add(self.layer, "ffn", torch.einsum("bt,btk->bk", ctx.rows.w_tok.to(ctx.dt), h.abs()) * cn)
+        cn = _derived(self.m.down.weight, "colnorm", ctx.dt, lambda w: w.norm(dim=0))  # (d_ff,)
+        h = args[0].detach().to(ctx.dt).abs()
+        ctx.add(self.layer, "ffn", torch.bmm(ctx.w_tok[:, None], h)[:, 0] * cn)
         ctx.maybe_stop(self.layer, "ffn")
 
     def _up_fwd(self, mod, args, out):
         ctx = self.ctx
-        ctx.add(self.layer, "ffn", torch.einsum("bt,btk->bk", ctx.rows.w_tok.to(ctx.dt), out.detach().to(ctx.dt).abs()))
+        ctx.add(self.layer, "ffn", torch.bmm(ctx.w_tok[:, None], out.detach().to(ctx.dt).abs())[:, 0])
         ctx.maybe_stop(self.layer, "ffn")
 
     # attention kinds ------------------------------------------------------------------------------
@@ -190,42 +246,40 @@ class _Layer:
         H, G, d = ad.n_heads, ad.n_kv, ad.head_dim
         gs = H // G
         a = a_native.to(dt)  # (B, T, H*d)
-        w_tok = ctx.rows.w_tok.to(dt)
-        Wo = self.m.o.weight.detach().to(dt)  # (D, H*d)
-        if ctx.mode == "exact":
-            if "o" in kinds:
-                ctx.add(layer, "o", torch.einsum("bt,btr->br", w_tok, a.abs()) * Wo.norm(dim=0))
-            if "v" in kinds:
-                D = Wo.shape[0]
-                Wg = Wo.view(D, G, gs, d).permute(1, 3, 0, 2)  # (G, d, D, gs)
-                R = _tri(Wg)  # (G, d, gs, gs)
-                av = a.view(B, T, G, gs, d)
-                y = torch.einsum("gjki,btgij->btgjk", R, av)  # (B, T, G, d, gs)
-                ctx.add(layer, "v", torch.einsum("bt,btgj->bgj", w_tok, y.norm(dim=-1)).reshape(B, G * d))
-        else:
-            s = torch.einsum("bt,btr->br", w_tok, a.abs())  # (B, H*d)
-            if "o" in kinds:
-                ctx.add(layer, "o", s)
-            if "v" in kinds:
-                ctx.add(layer, "v", s.view(B, G, gs, d).mean(2).reshape(B, G * d))
+        Wo = self.m.o.weight
+        if kinds & {"v", "o"}:
+            s = torch.bmm(ctx.w_tok[:, None], a.abs())[:, 0]  # (B, H*d): sum_t w_t |a_tr|
+            if ctx.mode == "exact":
+                if "o" in kinds:
+                    ctx.add(layer, "o", s * _derived(Wo, "colnorm", dt, lambda w: w.norm(dim=0)))
+                if "v" in kinds:
+                    # R (G, d, gs, gs): triangular factor of the W_o columns (h*d + j, h in group g)
+                    R = _derived(Wo, "v", dt, lambda w: _tri(w.view(-1, G, gs, d).permute(1, 3, 0, 2)))
+                    y = torch.einsum("gjki,btgij->btgjk", R, a.view(B, T, G, gs, d))  # (B, T, G, d, gs)
+                    v = torch.bmm(ctx.w_tok[:, None], torch.linalg.vector_norm(y, dim=-1).view(B, T, G * d))
+                    ctx.add(layer, "v", v[:, 0])
+            else:
+                if "o" in kinds:
+                    ctx.add(layer, "o", s)
+                if "v" in kinds:
+                    ctx.add(layer, "v", s.view(B, G, gs, d).mean(2).reshape(B, G * d))
         if kinds & {"q", "k"}:
-            self.qk_scores(a, Wo)
+            self.qk_scores(a)
 
-    def qk_scores(self, a: torch.Tensor, Wo: torch.Tensor) -> None:
+    def qk_scores(self, a: torch.Tensor) -> None:
         ctx, ad, layer, cap = self.ctx, self.ctx.adapter, self.layer, self.cap
         dt, rows = ctx.dt, ctx.rows
         B, T, _ = a.shape
         H, G, d = ad.n_heads, ad.n_kv, ad.head_dim
-        gs, Ts, half = H // G, rows.Ts, d // 2
+        gs, Ts, half = H // G, ctx.Ts, d // 2
         scale = ad.scaling(layer)
-        cap_l = ad.softcap(layer)
-        cos = cap["cos"].to(dt).expand(B, T, d)
-        sin = cap["sin"].to(dt).expand(B, T, d)
-        q_pre = cap["q"].view(B, T, H, d)
-        k_pre = cap["k"].view(B, T, G, d)
-        v = cap["v"].to(dt).view(B, T, G, d).transpose(1, 2)  # (B, G, T, d)
+        softcap = ad.softcap(layer)
+        cos, sin, cos_r, sin_r = ctx.rope(cap["cos"], cap["sin"])
+        partner = (torch.arange(d, device=a.device) + half) % d  # rotary pair of channel j
+        sgn = torch.where(torch.arange(d, device=a.device) < half, 1.0, -1.0).to(dt)
 
         def normed(x_pre, norm):
+            """The head vectors after the q/k norm, and rho_j = rms(x) / rms(x with channel j zeroed)."""
             if norm is None:
                 return x_pre.to(dt), None
             y = norm(x_pre).to(dt)
@@ -233,161 +287,119 @@ class _Layer:
             sq = x * x
             ms = sq.mean(-1, keepdim=True)
             eps = _norm_eps(norm)
-            rho = torch.sqrt((ms + eps) / ((ms - sq / d).clamp(min=0) + eps))  # (B, T, n, d)
-            return y, rho
+            return y, torch.sqrt((ms + eps) / ((ms - sq / d).clamp(min=0) + eps))
 
-        yq, rho_q = normed(q_pre, self.m.q_norm)
-        yk, rho_k = normed(k_pre, self.m.k_norm)
-        Q = _rope(yq, cos, sin).transpose(1, 2)  # (B, H, T, d)
-        K = _rope(yk, cos, sin).transpose(1, 2)  # (B, G, T, d)
-        grp = torch.arange(H, device=a.device) // gs
-        Kx = K[:, grp]  # (B, H, T, d)
-
-        ok = _key_mask(ctx.batch.attention_mask, rows.idx, ad.sliding_window(layer))  # (B, Ts, T)
-        neg = torch.zeros(ok.shape, dtype=dt, device=a.device).masked_fill_(~ok, float("-inf"))[:, None]
-        Qr = _gather_rows(Q, rows.idx, 2)  # (B, H, Ts, d)
-        S = torch.matmul(Qr, Kx.transpose(-1, -2)) * scale  # (B, H, Ts, T), pre-softcap
-        # partner channel of the rotary pair and the sign of its sine term
-        j_all = torch.arange(d, device=a.device)
-        partner = (j_all + half) % d
-        sgn = torch.where(j_all < half, 1.0, -1.0).to(dt)
-
+        # queries at the scored rows only, keys at all positions
+        yq, rho_q = normed(_gather_rows(cap["q"].view(B, T, H, d), rows, 1), self.m.q_norm)  # (B, Ts, H, d)
+        yk, rho_k = normed(cap["k"].view(B, T, G, d), self.m.k_norm)  # (B, T, G, d)
+        Q = yq * cos_r[:, :, None] + _rotate_half(yq) * sin_r[:, :, None]
+        K = yk * cos[:, :, None] + _rotate_half(yk) * sin[:, :, None]
+        Qg = Q.permute(0, 2, 1, 3).reshape(B, G, gs, Ts, d)  # head h = g*gs + i
+        KT = K.permute(0, 2, 3, 1)  # (B, G, d, T)
+        neg = ctx.neg(ad.sliding_window(layer))  # (B, Ts, T)
+        S = torch.matmul(Qg, KT[:, :, None]).mul_(scale)  # (B, G, gs, Ts, T) scaled logits
         if ctx.mode == "original":
-            self._original_qk(Q, Kx, S, neg, B, H, G, d, gs)
+            self._original_qk(Qg, KT, S + neg[:, None, None], B, H, G, d, gs)
             return
-
-        P = torch.softmax(self._cap(S, cap_l) + neg, dim=-1)  # (B, H, Ts, T)
+        negb = neg[:, None, None]  # (B, 1, 1, Ts, T)
+        if softcap is None:
+            S.add_(negb)  # masked once here; perturbed logits stay -inf where masked
+            P = torch.softmax(S, dim=-1)
+        else:
+            P = torch.softmax(torch.tanh(S / softcap) * softcap + negb, dim=-1)
+        V = cap["v"].to(dt).view(B, T, G, d).transpose(1, 2)  # (B, G, T, d)
         if ctx.check:
-            vx = v[:, grp]  # (B, H, T, d)
-            rec = torch.matmul(P, vx)  # (B, H, Ts, d)
-            got = _gather_rows(a.view(B, T, H, d).transpose(1, 2), rows.idx, 2)
-            err = ((rec - got).abs() * rows.valid[:, None, :, None]).max()
+            got = _gather_rows(a.view(B, T, G, gs, d), rows, 1).permute(0, 2, 3, 1, 4)  # (B, G, gs, Ts, d)
+            err = ((torch.matmul(P, V[:, :, None]) - got).abs() * ctx.valid[:, None, None, :, None]).max()
             tol = ctx.check_tol * got.abs().max().clamp(min=1e-30)
             if not bool(err <= tol):
-                raise RuntimeError(f"layer {layer}: recomputed attention output differs from o_proj input "
+                raise RuntimeError(f"layer {layer}: recomputed attention output differs from the o_proj input "
                                    f"by {float(err):.3g} (tolerance {float(tol):.3g})")
-
-        Wh = Wo.view(-1, H, d).transpose(0, 1)  # (H, D, d)
-        budget = ctx.budget()
+        # dP sums to zero over keys: centering V removes a common component and its rounding error
+        kw = ctx.key_ok.to(dt)[:, None, :, None]
+        V = V - (V * kw).sum(2, keepdim=True) / kw.sum(2, keepdim=True)
+        Wo = self.m.o.weight
 
         if "q" in ctx.kinds:
-            Rq = _tri(Wh)  # (H, d, d)
-            Fq = _reduce_factor(torch.matmul(v[:, grp], Rq.transpose(-1, -2)[None]))  # (B, H, T, r)
-            cq = _gather_rows(cos, rows.idx, 1)[:, None]  # (B, 1, Ts, d)
-            sq_ = _gather_rows(sin, rows.idx, 1)[:, None]
-            yqr = _gather_rows(yq.transpose(1, 2), rows.idx, 2)  # (B, H, Ts, d)
-            A = -scale * yqr * cq  # coefficient of K[:, j]
-            Bc = -scale * yqr * sgn * sq_[..., partner]  # coefficient of K[:, p(j)]
-            rq = _gather_rows(rho_q.transpose(1, 2), rows.idx, 2) if rho_q is not None else None
-            KT = Kx.transpose(-1, -2)  # (B, H, d, T)
+            # ||dP V_h W_o,h^T|| = ||dP V_h R_h^T|| with W_o,h = Q_h R_h
+            RqT = _derived(Wo, "q", dt, lambda w: _tri(w.view(-1, H, d).transpose(0, 1)).transpose(-1, -2))
+            Fq = _reduce(torch.matmul(V[:, :, None], RqT.view(G, gs, d, d)))  # (B, G, gs, T, r)
+            yqg = yq.permute(0, 2, 1, 3).reshape(B, G, gs, Ts, d)
+            A = (-scale * cos_r)[:, None, None] * yqg  # coefficient of K[:, j]
+            Bc = (-scale * sgn * sin_r[..., partner])[:, None, None] * yqg  # coefficient of K[:, p(j)]
+            rq = rho_q.permute(0, 2, 1, 3).reshape(B, G, gs, Ts, d) if rho_q is not None else None
             KTp = KT[:, :, partner]
-            out = torch.empty(B, H, Ts, d, dtype=dt, device=a.device)
-            per_ch = B * H * T
-            for r0, r1, c0, c1 in _chunks(Ts, d, per_ch, budget):
-                z = S[:, :, r0:r1, None, :] + A[:, :, r0:r1, c0:c1, None] * KT[:, :, None, c0:c1, :]
-                z.addcmul_(Bc[:, :, r0:r1, c0:c1, None], KTp[:, :, None, c0:c1, :])
+            out = torch.empty(B, G, gs, Ts, d, dtype=dt, device=a.device)
+            for r0, r1, c0, c1 in _chunks(Ts, d, B * H * T, ctx.budget):
+                z = torch.addcmul(S[:, :, :, r0:r1, None], A[:, :, :, r0:r1, c0:c1, None],
+                                  KT[:, :, None, None, c0:c1])  # (B, G, gs, rows, ch, T)
+                z.addcmul_(Bc[:, :, :, r0:r1, c0:c1, None], KTp[:, :, None, None, c0:c1])
                 if rq is not None:
-                    z.mul_(rq[:, :, r0:r1, c0:c1, None])
-                z = self._cap_(z, cap_l)
-                z.add_(neg[:, :, r0:r1, None, :])
+                    z.mul_(rq[:, :, :, r0:r1, c0:c1, None])
+                if softcap is not None:
+                    _softcap_(z, softcap).add_(negb[:, :, :, r0:r1, None])
                 p = torch.softmax(z, dim=-1)
-                p.sub_(P[:, :, r0:r1, None, :])
-                u = torch.matmul(p.view(B, H, -1, T), Fq)  # (B, H, rows*ch, r)
-                out[:, :, r0:r1, c0:c1] = u.norm(dim=-1).view(B, H, r1 - r0, c1 - c0)
-            ctx.add(layer, "q", torch.einsum("bi,bhij->bhj", rows.w.to(dt), out).reshape(B, H * d))
+                del z
+                p.sub_(P[:, :, :, r0:r1, None])
+                u = torch.matmul(p.view(B, G, gs, -1, T), Fq)  # (B, G, gs, rows*ch, r)
+                out[:, :, :, r0:r1, c0:c1] = torch.linalg.vector_norm(u, dim=-1).view(B, G, gs, r1 - r0, c1 - c0)
+            ctx.add(layer, "q", torch.einsum("bi,bghij->bghj", ctx.w, out).reshape(B, H * d))
 
         if "k" in ctx.kinds:
-            Wg = Wo.view(-1, G, gs * d).transpose(0, 1)  # (G, D, gs*d)
-            Rk = _tri(Wg)  # (G, gs*d, gs*d)
-            Rb = Rk.view(G, gs * d, gs, d).permute(0, 2, 3, 1)  # (G, gs, d, gs*d): block i of R^T
-            Fk = torch.einsum("bgtd,gidr->bgitr", v, Rb).reshape(B, G, gs * T, gs * d)
-            Fk = _reduce_factor(Fk)  # (B, G, gs*T, r)
-            yk_t = yk.transpose(1, 2)  # (B, G, T, d)
-            C1 = (-scale * yk_t * cos[:, None]).transpose(-1, -2)  # (B, G, d, T): coefficient of Q[:, j]
-            C2 = (-scale * yk_t * sgn * sin[:, None][..., partner]).transpose(-1, -2)  # of Q[:, p(j)]
+            # ||sum_i dP_i V_g W_o,h_i^T|| = ||[dP_1 .. dP_gs] F||, F stacked from V_g and the group's R
+            Rb = _derived(Wo, "k", dt, lambda w: _tri(w.view(-1, G, gs * d).transpose(0, 1))
+                          .view(G, gs * d, gs, d).permute(0, 2, 3, 1).contiguous())  # (G, gs, d, gs*d)
+            Fk = _reduce(torch.matmul(V[:, :, None], Rb).reshape(B, G, gs * T, gs * d))  # (B, G, gs*T, r)
+            ykT = yk.permute(0, 2, 3, 1)  # (B, G, d, T)
+            C1 = (-scale * cos.transpose(1, 2))[:, None] * ykT  # coefficient of Q[:, j]
+            C2 = (-scale * sgn[:, None] * sin.transpose(1, 2)[:, partner])[:, None] * ykT  # of Q[:, p(j)]
             rk = rho_k.permute(0, 2, 3, 1) if rho_k is not None else None  # (B, G, d, T)
-            Qg = Qr.view(B, G, gs, Ts, d).permute(0, 1, 3, 4, 2)  # (B, G, Ts, d, gs)
-            Qgp = Qg[:, :, :, partner]
-            Sg = S.view(B, G, gs, Ts, T).permute(0, 1, 3, 2, 4)  # (B, G, Ts, gs, T)
-            Pg = P.view(B, G, gs, Ts, T).permute(0, 1, 3, 2, 4)
-            negk = neg[:, :, :, None, None, :]  # (B, 1, Ts, 1, 1, T)
+            Qk = Qg.permute(0, 1, 3, 4, 2)  # (B, G, Ts, d, gs)
+            Qkp = Qk[:, :, :, partner]
+            Sk = S.transpose(2, 3)  # (B, G, Ts, gs, T)
+            Pk = P.transpose(2, 3)
+            negk = neg[:, None, :, None, None]  # (B, 1, Ts, 1, 1, T)
             out = torch.empty(B, G, Ts, d, dtype=dt, device=a.device)
-            per_ch = B * G * gs * T
-            for r0, r1, c0, c1 in _chunks(Ts, d, per_ch, budget):
-                z = Sg[:, :, r0:r1, None] + Qg[:, :, r0:r1, c0:c1, :, None] * C1[:, :, None, c0:c1, None, :]
-                z.addcmul_(Qgp[:, :, r0:r1, c0:c1, :, None], C2[:, :, None, c0:c1, None, :])
+            for r0, r1, c0, c1 in _chunks(Ts, d, B * H * T, ctx.budget):
+                z = torch.addcmul(Sk[:, :, r0:r1, None], Qk[:, :, r0:r1, c0:c1, :, None],
+                                  C1[:, :, None, c0:c1, None])  # (B, G, rows, ch, gs, T)
+                z.addcmul_(Qkp[:, :, r0:r1, c0:c1, :, None], C2[:, :, None, c0:c1, None])
                 if rk is not None:
-                    z.mul_(rk[:, :, None, c0:c1, None, :])
-                z = self._cap_(z, cap_l)
-                z.add_(negk[:, :, r0:r1])
+                    z.mul_(rk[:, :, None, c0:c1, None])
+                if softcap is not None:
+                    _softcap_(z, softcap).add_(negk[:, :, r0:r1])
                 p = torch.softmax(z, dim=-1)
-                p.sub_(Pg[:, :, r0:r1, None])
-                u = torch.matmul(p.reshape(B, G, -1, gs * T), Fk)  # (B, G, rows*ch, r)
-                out[:, :, r0:r1, c0:c1] = u.norm(dim=-1).view(B, G, r1 - r0, c1 - c0)
-            ctx.add(layer, "k", torch.einsum("bi,bgij->bgj", rows.w.to(dt), out).reshape(B, G * d))
+                del z
+                p.sub_(Pk[:, :, r0:r1, None])
+                u = torch.matmul(p.view(B, G, -1, gs * T), Fk)  # (B, G, rows*ch, r)
+                out[:, :, r0:r1, c0:c1] = torch.linalg.vector_norm(u, dim=-1).view(B, G, r1 - r0, c1 - c0)
+            ctx.add(layer, "k", torch.einsum("bi,bgij->bgj", ctx.w, out).reshape(B, G * d))
 
-    @staticmethod
-    def _cap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
-        return z if cap is None else torch.tanh(z / cap) * cap
-
-    @staticmethod
-    def _cap_(z: torch.Tensor, cap: float | None) -> torch.Tensor:
-        if cap is None:
-            return z
-        return z.div_(cap).tanh_().mul_(cap)
-
-    def _original_qk(self, Q, Kx, S, neg, B, H, G, d, gs) -> None:
-        ctx, rows, layer = self.ctx, self.ctx.rows, self.layer
-        dt = ctx.dt
-        T = Kx.shape[2]
-        Ts = rows.Ts
-        A = S + neg  # (B, H, Ts, T), no soft-capping in the released code
-        P = torch.softmax(A, dim=-1)
-        Qr = _gather_rows(Q, rows.idx, 2)  # (B, H, Ts, d)
-        KT = Kx.transpose(-1, -2)  # (B, H, d, T)
-        budget = ctx.budget()
-        out = torch.empty(B, H, Ts, d, dtype=dt, device=Q.device)
-        for r0, r1, c0, c1 in _chunks(Ts, d, B * H * T, budget):
-            z = A[:, :, r0:r1, None, :] - Qr[:, :, r0:r1, c0:c1, None] * KT[:, :, None, c0:c1, :]
-            p = torch.softmax(z, dim=-1).sub_(P[:, :, r0:r1, None, :])
-            out[:, :, r0:r1, c0:c1] = p.square().sum(-1)
-        s = torch.einsum("bi,bhij->bhj", rows.w.to(dt), out)  # (B, H, d)
+    def _original_qk(self, Qg, KT, A, B, H, G, d, gs) -> None:
+        """METHOD 3: sum over scored rows i and keys of (softmax(A - D_hj) - softmax(A))^2."""
+        ctx, layer = self.ctx, self.layer
+        T, Ts = KT.shape[-1], ctx.Ts
+        P = torch.softmax(A, dim=-1)  # (B, G, gs, Ts, T)
+        out = torch.empty(B, G, gs, Ts, d, dtype=ctx.dt, device=A.device)
+        for r0, r1, c0, c1 in _chunks(Ts, d, B * H * T, ctx.budget):
+            z = torch.addcmul(A[:, :, :, r0:r1, None], Qg[:, :, :, r0:r1, c0:c1, None],
+                              KT[:, :, None, None, c0:c1], value=-1.0)
+            p = torch.softmax(z, dim=-1)
+            del z
+            out[:, :, :, r0:r1, c0:c1] = p.sub_(P[:, :, :, r0:r1, None]).square_().sum(-1)
+        s = torch.einsum("bi,bghij->bghj", ctx.w, out)  # (B, G, gs, d)
         if "q" in ctx.kinds:
             ctx.add(layer, "q", s.reshape(B, H * d))
         if "k" in ctx.kinds:
-            ctx.add(layer, "k", s.view(B, G, gs, d).mean(2).reshape(B, G * d))
+            ctx.add(layer, "k", s.mean(2).reshape(B, G * d))
 
 
-def _chunks(n_rows: int, n_ch: int, per_cell: int, budget: int):
-    """(r0, r1, c0, c1) blocks of rows x channels with rows*channels*per_cell <= budget (at least 1x1)."""
-    cells = max(1, budget // max(1, per_cell))
-    if cells >= n_ch:
-        rstep, cstep = max(1, min(n_rows, cells // n_ch)), n_ch
-    else:
-        rstep, cstep = 1, cells
-    for r0 in range(0, n_rows, rstep):
-        for c0 in range(0, n_ch, cstep):
-            yield r0, min(n_rows, r0 + rstep), c0, min(n_ch, c0 + cstep)
-
-
-class _Ctx:
-    def __init__(self, adapter, batch, scored, kinds, mode, qk_chunk_mb, dt, check, check_tol):
-        self.adapter, self.batch, self.kinds, self.mode = adapter, batch, kinds, mode
-        self.qk_chunk_mb, self.dt, self.check, self.check_tol = qk_chunk_mb, dt, check, check_tol
-        self.rows = _Rows(scored, weight_mean=(mode == "exact"))
-        self.acc: dict[tuple[int, str], torch.Tensor] = {}
-        self.last = (adapter.n_layers - 1, "ffn" if "ffn" in kinds else "attn")
-
-    def budget(self) -> int:
-        """Elements of one chunk of perturbed logits (about four such temporaries live at once)."""
-        return max(1, int(self.qk_chunk_mb * 2**20 / (4 * torch.finfo(self.dt).bits // 8)))
-
-    def add(self, layer: int, kind: str, s: torch.Tensor) -> None:
-        self.acc[(layer, kind)] = s.detach().float().cpu()
-
-    def maybe_stop(self, layer: int, where: str) -> None:
-        if (layer, where) == self.last:
-            raise _Stop
+def _reduce(f: torch.Tensor) -> torch.Tensor:
+    """A factor with the same F F^T and at most as many columns as rows (F: (..., n, r))."""
+    n, r = f.shape[-2:]
+    if r <= n:
+        return f
+    return torch.linalg.qr(f.transpose(-1, -2), mode="r").R.transpose(-1, -2)  # (..., n, n)
 
 
 # ------------------------------------------------------------------------------------------- API
@@ -404,10 +416,10 @@ def prompt_scores(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tens
     ``sum_t |a_t(h, j)|`` (o returns it, v its mean over each group), ffn is ``sum_t |up_proj(x)_tk|``.
     Widths: q, o ``H*d_h``; k, v ``G*d_h``; ffn ``d_ff``.
 
-    ``qk_chunk_mb`` bounds the memory of the per-channel perturbed attention (q, k). ``check=True``
-    verifies that the recomputed unperturbed attention output equals the captured ``o_proj`` input
-    (relative tolerance ``check_tol``; default 1e-5 in float64 (eager attention soft-maxes in float32), 1e-4 in float32, 3e-2 in half
-    precision) and raises ``RuntimeError`` otherwise.
+    ``qk_chunk_mb`` bounds the memory of the per-channel perturbed attention (q, k); on CPU chunks are
+    at most ``CPU_CHUNK_MB``. ``check=True`` verifies that the recomputed unperturbed attention output
+    equals the captured ``o_proj`` input (relative tolerance ``check_tol``; default 1e-9 in float64,
+    1e-4 in float32, 3e-2 in half precision) and raises ``RuntimeError`` otherwise.
     """
     kinds = tuple(dict.fromkeys(kinds))
     bad = [k for k in kinds if k not in KINDS]
@@ -433,10 +445,17 @@ def prompt_scores(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tens
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     except _Stop:
         pass
-    missing = [(layer, k) for layer in range(adapter.n_layers) for k in kinds if (layer, k) not in ctx.acc]
+    keys = [(layer, k) for layer in range(adapter.n_layers) for k in kinds]
+    missing = [key for key in keys if key not in ctx.acc]
     if missing:
-        raise RuntimeError(f"no scores were captured for {missing[:4]}...; is the model's layer stack hooked?")
-    return {(layer, k): ctx.acc[(layer, k)] for layer in range(adapter.n_layers) for k in kinds}
+        raise RuntimeError(f"no scores were captured for {missing[:4]}; is the model's layer stack hooked?")
+    flat = torch.cat([ctx.acc[key].reshape(-1) for key in keys]).cpu()  # one device-to-host copy
+    out, i = {}, 0
+    for key in keys:
+        n = ctx.acc[key].numel()
+        out[key] = flat[i: i + n].view(ctx.acc[key].shape)
+        i += n
+    return out
 
 
 # ----------------------------------------------------------------------------------- brute force

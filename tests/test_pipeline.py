@@ -1,0 +1,196 @@
+"""Detect -> select -> compare -> deactivate -> report -> neuron tuning, end to end on a tiny llama
+(saved to a local folder), checking artifacts, provenance and invariants rather than "it ran"."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from safety_neurons.cfg import compose
+from safety_neurons.errors import UserError
+from safety_neurons.neurons import NeuronSet
+from safety_neurons.stages import get_stage
+from tests.test_data import write_harmbench
+from tests.test_stages import HARMLESS
+from tests.tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    model_dir = root / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    hb = write_harmbench(root / "hb", n_test=6, n_val=3)
+    harmless = root / "harmless.jsonl"
+    harmless.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMLESS * 2))
+    return {"model": model_dir, "hb": hb, "harmless": harmless, "store": root / "store", "root": root}
+
+
+def ov(fx, run, *extra):
+    return [f"run_dir={run}", f"store_dir={fx['store']}", "model=local", f"model.path={fx['model']}",
+            f"dataset.path={fx['hb']}", f"harmless.path={fx['harmless']}", "eval.n_harmful=3", "eval.n_harmless=2",
+            "eval.max_new_tokens=4", "logger=none", "device=cpu", "detect.batch_size=4", *extra]
+
+
+def detect(fx, run, *extra):
+    return get_stage("detect")(compose(ov(fx, run, "stage=detect", *extra)))
+
+
+@pytest.fixture(scope="module")
+def detected(fx, tmp_path_factory):
+    run = tmp_path_factory.mktemp("det")
+    res = detect(fx, run, "topk.attn=0.5", "topk.ffn=0.5", "topk.consistency=0.5")
+    return run, res
+
+
+def test_detect_artifacts_and_ranking(fx, detected):
+    run, res = detected
+    store = fx["store"] / "neurons" / "local" / "harmbench" / "exact"
+    for d in (run, store):
+        obj = json.loads((d / "neurons.json").read_text())
+        assert set(obj) == {"meta", "layers", "ranking"}
+        for f in ("scores.safetensors", "prompt_scores.safetensors", "summary.csv", "heatmap.png", "scores.png"):
+            assert (d / f).exists(), f
+    ns = NeuronSet.load(store / "neurons.json")
+    assert len(ns) == res["n_neurons"] > 0
+    meta = ns.meta
+    for k in ("model", "model_signature", "dataset", "n_prompts", "mode", "topk", "consistency", "code_version",
+              "seed", "tokens"):
+        assert k in meta, k
+    assert meta["n_prompts"] == 6 and meta["dataset"]["hash"] and meta["mode"] == "exact"
+    # layers lists follow the ranking order
+    for layer, kinds in obj["layers"].items():
+        for kind, idx in kinds.items():
+            assert idx == [i for (lay, k, i) in ns.ranking if lay == int(layer) and k == kind]
+    # ranking: by frequency, then mean score, descending; all selected have freq >= consistency
+    sc = load_file(str(store / "scores.safetensors"))
+    keys = [(sc[f"{lay}.{k}.freq"][i].item(), sc[f"{lay}.{k}.mean"][i].item()) for lay, k, i in ns.ranking]
+    assert all(f >= 0.5 - 1e-6 for f, _ in keys)
+    assert keys == sorted(keys, key=lambda x: (-x[0], -x[1]))
+    # the selection equals a brute-force recomputation from the per-prompt scores
+    ps = load_file(str(store / "prompt_scores.safetensors"))
+    expect = set()
+    k_of = meta["topk"]["k_per_kind"]
+    for name, s in ps.items():
+        lay, kind = name.split(".")
+        s = s.float()
+        hits = torch.zeros(s.shape[1])
+        for row in s:
+            hits[row.topk(k_of[kind]).indices] += 1
+        expect |= {(int(lay), kind, int(i)) for i in torch.nonzero(hits / s.shape[0] >= 0.5 - 1e-9).flatten()}
+    assert set(ns.ranking) == expect
+    summary = pd.read_csv(store / "summary.csv")
+    assert list(summary.columns[:6]) == ["layer", "q", "k", "v", "o", "ffn"]
+    assert summary.iloc[-1]["layer"] == "total" and int(summary.iloc[-1][["q", "k", "v", "o", "ffn"]].sum()) == len(ns)
+
+
+def test_detect_refuses_to_overwrite_and_reuses(fx, detected, tmp_path):
+    store = fx["store"] / "neurons" / "local" / "harmbench" / "exact" / "neurons.json"
+    before = store.read_bytes(), store.stat().st_mtime_ns
+    with pytest.raises(UserError, match="already exists"):
+        detect(fx, tmp_path / "again")
+    assert (store.read_bytes(), store.stat().st_mtime_ns) == before
+    res = detect(fx, tmp_path / "reuse", "detect.reuse=true")
+    assert res["reused"] and store.stat().st_mtime_ns == before[1]
+
+
+def test_select_reselects_without_recomputing(fx, detected, tmp_path):
+    run, res = detected
+    cfg = compose(ov(fx, tmp_path / "sel", "stage=select", "topk.consistency=1.0", "topk.attn=0.5", "topk.ffn=0.5",
+                     "detect.save_as=strict"))
+    out = get_stage("select")(cfg)
+    strict = NeuronSet.load(out["neurons_json"])
+    loose = NeuronSet.load(res["neurons_json"])
+    assert set(strict.ranking) <= set(loose.ranking)
+    # same k and consistency as detect: the same ranked set
+    cfg = compose(ov(fx, tmp_path / "sel2", "stage=select", "topk.consistency=0.5", "topk.attn=0.5", "topk.ffn=0.5",
+                     "detect.save_as=same"))
+    same = NeuronSet.load(get_stage("select")(cfg)["neurons_json"])
+    assert same.ranking == loose.ranking
+
+
+def test_reference_subtraction_and_compare(fx, detected, tmp_path):
+    ref = detect(fx, tmp_path / "ref", "topk.attn=0.5", "topk.ffn=0.5", "topk.consistency=0.5",
+                 "detect.reference=harmless")
+    ns = NeuronSet.load(ref["neurons_json"])
+    base = NeuronSet.load(detected[1]["neurons_json"])
+    assert ns.meta["reference"]["selected"] >= 0 and set(ns.ranking) <= set(base.ranking)
+    assert len(base) - len(ns) <= ns.meta["reference"]["selected"]
+    cfg = compose(ov(fx, tmp_path / "cmp", "stage=compare", "compare.sets=[exact,exact-refharmless]"))
+    get_stage("compare")(cfg)
+    df = pd.read_csv(tmp_path / "cmp" / "jaccard.csv")
+    tot = df[(df.layer == "all") & (df.kind == "all")].iloc[0]
+    a, b = set(base.ranking), set(ns.ranking)
+    assert tot.jaccard == pytest.approx(len(a & b) / len(a | b))
+    assert (tmp_path / "cmp" / "jaccard.png").exists()
+
+
+def test_deactivate_fast_path_equals_separate_points(fx, detected, tmp_path):
+    n_set = detected[1]["n_neurons"]
+    counts = [0, 2, min(5, n_set)]
+    fast = get_stage("deactivate")(compose(ov(fx, tmp_path / "fast", "stage=deactivate",
+                                               f"deactivate.n=[{','.join(map(str, counts))}]")))
+    rows = pd.read_csv(tmp_path / "fast" / "sweep.csv")
+    assert list(rows["n"]) == counts and list(rows["n_neurons"]) == counts
+    assert {"asr", "over_refusal", "utility_nll", "kl", "degenerate_share", "breaks_model", "param_share"} <= set(rows)
+    assert rows.iloc[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # n=0 is the intact model
+    for i, n in enumerate(counts):
+        one = get_stage("deactivate")(compose(ov(fx, tmp_path / f"p{n}", "stage=deactivate", f"deactivate.n={n}")))
+        for k in ("asr", "over_refusal", "utility_nll", "kl"):
+            assert one[k] == pytest.approx(float(rows.iloc[i][k]), rel=1e-6, abs=1e-9), (n, k)
+    assert fast["rows"][0]["n"] == 0 and (tmp_path / "fast" / "asr_vs_count.png").exists()
+
+
+def test_deactivate_random_baseline_and_bad_input(fx, detected, tmp_path):
+    res = get_stage("deactivate")(compose(ov(fx, tmp_path / "rnd", "stage=deactivate", "deactivate.n=2",
+                                              "deactivate.baseline=random", "deactivate.seeds=[0,1,2]")))
+    assert res["seeds"] == 3 and "asr_std" in res and res["asr_min"] <= res["asr"] <= res["asr_max"]
+    with pytest.raises(UserError, match="larger than the set"):
+        get_stage("deactivate")(compose(ov(fx, tmp_path / "big", "stage=deactivate", "deactivate.n=100000")))
+    with pytest.raises(UserError, match="exceeds the model"):
+        get_stage("deactivate")(compose(ov(fx, tmp_path / "split", "stage=deactivate", "deactivate.n=1",
+                                            "split.under=2", "split.gen=1")))
+    with pytest.raises(UserError, match="unknown eval.judge_type|does not exist|not in the local"):
+        get_stage("deactivate")(compose(ov(fx, tmp_path / "judge", "stage=deactivate", "deactivate.n=1",
+                                            "eval.judge=no/such-judge")))
+
+
+def test_report_gathers_sweep(fx, detected, tmp_path):
+    sweep = tmp_path / "sweep"
+    for i, n in enumerate([0, 1, 2]):
+        get_stage("deactivate")(compose(ov(fx, sweep / str(i), "stage=deactivate", f"deactivate.n={n}")))
+    get_stage("report")(compose(ov(fx, tmp_path / "rep", "stage=report", f"report.dir={sweep}")))
+    df = pd.read_csv(tmp_path / "rep" / "report.csv")
+    assert sorted(df["n"]) == [0, 1, 2] and (tmp_path / "rep" / "asr_vs_count.png").exists()
+
+
+def test_neuron_tuning_stage_and_delta(fx, detected, tmp_path):
+    ft = ["stage=finetune", "finetune.target=safety", "finetune.steps=2", "finetune.batch_size=2",
+          "finetune.n_harmful=2", "finetune.n_harmless=2", "finetune.max_new_tokens_distill=4", "finetune.lr=1e-2",
+          "finetune.weight_decay=0.1", "finetune.set_tag=exact"]
+    res = get_stage("finetune")(compose(ov(fx, tmp_path / "sn", *ft)))
+    out = fx["store"] / "models" / res["saved_as"]
+    ns = NeuronSet.load(detected[1]["neurons_json"])
+    from transformers import AutoModelForCausalLM
+
+    from safety_neurons.models import ModelAdapter
+    from safety_neurons.training import apply_delta
+
+    base = AutoModelForCausalLM.from_pretrained(fx["model"])
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    ad = ModelAdapter(base)
+    assert res["trainable_params"] == sum(ad.neuron_params(k) for _, k, _ in ns.ranking)
+    changed = {n for n, p in tuned.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])}
+    assert changed and all(any(s in n for s in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj")) for n in changed)
+    # applying the compact delta to the base model reproduces the tuned weights bit for bit
+    apply_delta(base, load_file(str(out / "delta.safetensors")))
+    for n, p in tuned.named_parameters():
+        assert torch.equal(p, dict(base.named_parameters())[n]), n
+    with pytest.raises(UserError, match="exists"):
+        get_stage("finetune")(compose(ov(fx, tmp_path / "sn2", *ft)))
