@@ -144,7 +144,7 @@ class FinetuneConfig:
 @dataclass
 class EvalConfig:
     n_harmful: int = 41
-    n_harmless: int = 24
+    n_harmless: int = 32
     max_new_tokens: int = 48
     batch_size: int = 16
     refusal_list: str = "v1"

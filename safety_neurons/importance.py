@@ -83,7 +83,7 @@ _WCACHE: dict = {}
 
 def _derived(weight: torch.Tensor, name: str, dt: torch.dtype, fn):
     """fn(weight as dt), cached while the weight tensor lives and is not modified in place."""
-    key = (id(weight), name, dt)
+    key = (id(weight), weight.data_ptr(), weight.device, name, dt)
     hit = _WCACHE.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight._version:
         return hit[2]
