@@ -124,6 +124,7 @@ class FinetuneConfig:
     neurons: str | None = None
     set_tag: str | None = None
     cap_per_matrix: int | None = None
+    top_n: int | None = None  # train only the top n of the (ranked) set
     n_harmful: int = 64
     n_harmless: int = 64
     steps: int = 24

@@ -95,6 +95,8 @@ def run(cfg) -> dict:
         if f.target in ("safety", "random", "lora"):
             try:
                 ns = cap_set(load_set(cfg, f, ad), f.cap_per_matrix)
+                if f.top_n is not None:
+                    ns = ns.top(f.top_n)
             except UserError:
                 if f.target != "lora":
                     raise
