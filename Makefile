@@ -26,7 +26,7 @@ DEMO_MODEL ?= smollm2_refusing
 demo: venv
 	$(BIN)/python -m safety_neurons experiment=demo
 	$(BIN)/python -m safety_neurons stage=detect model=$(DEMO_MODEL) detect.reuse=true
-	$(BIN)/python -m safety_neurons stage=deactivate model=$(DEMO_MODEL) 'deactivate.n=[0,10,100]' eval=quick
+	$(BIN)/python -m safety_neurons stage=deactivate model=$(DEMO_MODEL) deactivate.set_tag=exact 'deactivate.n=[0,10,100]' eval=quick
 
 test: venv
 	$(BIN)/python -m pytest -q
