@@ -104,3 +104,30 @@ def test_finetune_all_then_refuse_to_overwrite(fixtures, tmp_path):
 def test_unknown_finetune_target(fixtures, tmp_path):
     with pytest.raises(UserError, match="known targets"):
         get_stage("finetune")(compose(overrides(fixtures, tmp_path / "run", "stage=finetune", "finetune.target=nope")))
+
+
+def test_organism_built_on_first_use_then_reused(fixtures, tmp_path, monkeypatch):
+    """model=<organism> builds the pipeline-made model once through its recipe, then reuses it."""
+    from omegaconf import OmegaConf
+
+    from safety_neurons import organism
+    from safety_neurons.config import ModelConfig
+    from safety_neurons.io import Store
+    from safety_neurons.models import model_source
+
+    recipe = ["experiment=align", "model=local", f"model.path={fixtures['model']}", f"dataset.path={fixtures['hb']}",
+              f"harmless.path={fixtures['harmless']}", "finetune.save_as=tiny-org", "finetune.steps=1",
+              "finetune.batch_size=2", "finetune.n_harmful=2", "finetune.n_harmless=2",
+              "finetune.max_new_tokens_distill=4", "eval.n_harmful=2", "eval.n_harmless=2", "eval.max_new_tokens=4",
+              "device=cpu"]
+    monkeypatch.setitem(organism.RECIPES, "tiny-org", recipe)
+    store = Store(tmp_path / "store")
+    mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": "tiny-org", "organism": "tiny-org"})
+    src, _ = model_source(mcfg, store)
+    out = store.model_dir("tiny-org")
+    assert src == str(out) and (out / "config.json").exists() and (out / "organism.json").exists()
+    prov = json.loads((out / "organism.json").read_text())
+    assert prov["finetune"]["target"] == "all" and prov["base_model"]["path"] == str(fixtures["model"])
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert model_source(mcfg, store)[0] == str(out)  # cached: no second build
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
