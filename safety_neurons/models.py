@@ -186,7 +186,12 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / "SOURCE").write_text(f"converted from {gguf}\n")
-    os.replace(tmp, out) if not out.exists() else None
+    if out.exists():  # another process converted it meanwhile: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
     return out
 
 
