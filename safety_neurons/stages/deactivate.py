@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from ..ablation import apply_split, check_split, neuron_means, split_label
 from ..errors import UserError
@@ -23,7 +24,7 @@ METRICS = ("asr", "harmful_refusal", "over_refusal", "utility_nll", "nll_ratio",
 
 
 def counts_of(n) -> list[int]:
-    vals = list(n) if isinstance(n, (list, tuple)) or hasattr(n, "__iter__") and not isinstance(n, str) else [n]
+    vals = list(n) if isinstance(n, (list, tuple)) or OmegaConf.is_list(n) else [n]
     try:
         out = [int(v) for v in vals]
     except (TypeError, ValueError):

@@ -266,14 +266,12 @@ def run_select(cfg) -> dict:
     k_of = {k: resolve_k(cfg.topk.ffn if k == "ffn" else cfg.topk.attn, widths[k],
                          "topk.ffn" if k == "ffn" else "topk.attn") for k in kinds}
     same_k = k_of == meta.get("topk", {}).get("k_per_kind")
-    if (src / "prompt_scores.safetensors").exists():
+    if same_k:  # the saved float32 statistics are exact for this k
+        mean, freq = split_scores(load_file(str(src / "scores.safetensors")))
+    elif (src / "prompt_scores.safetensors").exists():
         flat = load_file(str(src / "prompt_scores.safetensors"))
         scores = {(int(k.split(".")[0]), k.split(".")[1]): v.float() for k, v in flat.items()}
         mean, freq = split_scores(stats_from(scores, k_of).tensors())
-        if same_k:  # exact means from the float32 file
-            mean, freq = split_scores(load_file(str(src / "scores.safetensors")))
-    elif same_k:
-        mean, freq = split_scores(load_file(str(src / "scores.safetensors")))
     else:
         raise UserError(f"{src} has no prompt_scores.safetensors, so only topk.consistency can change "
                         f"(k was {meta.get('topk', {}).get('k_per_kind')}); rerun detect with a new k")
