@@ -57,3 +57,45 @@ def test_two_process_gloo_equals_one_process(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
         moved += int(not torch.equal(a[k], start[k]))
     assert moved == len(a)  # every tensor trained (not a comparison of two untouched models)
+
+
+def test_two_process_detect_equals_one_process(tmp_path):
+    """`accelerate launch` with 2 gloo ranks: each scores a shard of the prompts, the shards are gathered,
+    and the saved per-prompt scores, statistics and ranked set equal a single-process run's."""
+    from tests.test_data import write_harmbench
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    hb = write_harmbench(tmp_path / "hb", n_test=7, n_val=2)  # 7 prompts: the two shards differ in size
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "PYTHONPATH": str(ROOT)}
+    env.pop("RANK", None)
+    args = ["stage=detect", "model=local", f"model.path={model_dir}", f"dataset.path={hb}", "logger=none",
+            "detect.batch_size=2", "topk.attn=0.5", "topk.ffn=0.5", "topk.consistency=0.5"]
+
+    def run(name, launcher):
+        store, run_dir = tmp_path / f"store-{name}", tmp_path / f"run-{name}"
+        e = {**env, "SAFETY_NEURONS_RUN_DIR": str(run_dir)}
+        p = subprocess.run([*launcher, "-m", "safety_neurons", *args, f"store_dir={store}"], cwd=ROOT, env=e,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert json.loads((run_dir / "results.json").read_text())["processes"] == (2 if name == "multi" else 1)
+        return store / "neurons" / "local" / "harmbench" / "exact"
+
+    multi = run("multi", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(free_port())])
+    single = run("single", [sys.executable])
+    ps1, ps2 = load_file(str(single / "prompt_scores.safetensors")), load_file(str(multi / "prompt_scores.safetensors"))
+    assert ps1.keys() == ps2.keys() and len(ps1) == 2 * 5  # 2 layers x 5 kinds
+    for k in ps1:
+        assert ps1[k].shape[0] == 7  # every prompt once, in prompt order
+        torch.testing.assert_close(ps2[k], ps1[k], rtol=1e-5, atol=1e-7, msg=k)
+    s1, s2 = load_file(str(single / "scores.safetensors")), load_file(str(multi / "scores.safetensors"))
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], rtol=1e-5, atol=1e-7, msg=k)
+    n1, n2 = (json.loads((d / "neurons.json").read_text()) for d in (single, multi))
+    assert n1["ranking"] == n2["ranking"] and len(n1["ranking"]) > 0
+    assert n2["meta"]["n_prompts"] == 7

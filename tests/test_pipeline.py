@@ -130,6 +130,38 @@ def test_reference_subtraction_and_compare(fx, detected, tmp_path):
     assert (tmp_path / "cmp" / "jaccard.png").exists()
 
 
+def _brute_select(prompt_scores: dict, k_of: dict, consistency: float) -> set:
+    out = set()
+    for name, s in prompt_scores.items():
+        lay, kind = name.split(".")
+        hits = torch.zeros(s.shape[1])
+        for row in s.float():
+            hits[row.topk(k_of[kind]).indices] += 1
+        out |= {(int(lay), kind, int(i)) for i in torch.nonzero(hits / s.shape[0] >= consistency - 1e-9).flatten()}
+    return out
+
+
+def test_select_new_k_reselects_the_reference_too(fx, detected, tmp_path):
+    """stage=select with another k recomputes both the harmful and the reference frequencies from the saved
+    per-prompt scores (the reference set is not the one selected with the old k)."""
+    detect(fx, tmp_path / "ref", "topk.attn=0.5", "topk.ffn=0.5", "topk.consistency=0.5",
+           "detect.reference=harmless", "detect.save_as=ref-k05")
+    src = fx["store"] / "neurons" / "local" / "harmbench" / "ref-k05"
+    assert (src / "reference_prompt_scores.safetensors").exists()
+    cfg = compose(ov(fx, tmp_path / "sel", "stage=select", f"detect.scores={src}", "topk.attn=0.25",
+                     "topk.ffn=0.25", "topk.consistency=0.5", "detect.save_as=ref-k025"))
+    ns = NeuronSet.load(get_stage("select")(cfg)["neurons_json"])
+    k_of = ns.meta["topk"]["k_per_kind"]
+    assert k_of != NeuronSet.load(src / "neurons.json").meta["topk"]["k_per_kind"]
+    harm = _brute_select(load_file(str(src / "prompt_scores.safetensors")), k_of, 0.5)
+    ref = _brute_select(load_file(str(src / "reference_prompt_scores.safetensors")), k_of, 0.5)
+    assert set(ns.ranking) == harm - ref and len(ref) > 0
+    # the new set's statistics are the ones it was selected with: saved means, new frequencies
+    new, old = (load_file(str(d / "reference_scores.safetensors")) for d in (src.parent / "ref-k025", src))
+    assert all(torch.equal(new[n], old[n]) for n in new if n.endswith(".mean"))
+    assert any(not torch.equal(new[n], old[n]) for n in new if n.endswith(".freq"))
+
+
 def test_deactivate_fast_path_equals_separate_points(fx, detected, tmp_path):
     n_set = detected[1]["n_neurons"]
     counts = [0, 2, min(5, n_set)]

@@ -224,7 +224,8 @@ def run(cfg) -> dict:
         table = summary_table(ns, ad)
         results = {"tag": tag, "n_neurons": len(ns), "param_share": float(table["param_share"].iloc[-1]),
                    **{f"n_{k}": int(table[k].iloc[-1]) for k in KINDS}, "n_prompts": len(harm),
-                   "detect_seconds": round(t_detect, 1), "prompts_per_second": len(harm) / max(t_detect, 1e-9),
+                   "detect_seconds": round(t_detect, 1), "processes": acc.num_processes,
+                   "prompts_per_second": len(harm) / max(t_detect, 1e-9),
                    "neurons_json": str(out_store / "neurons.json"),
                    "reference_selected": ref_meta["selected"] if ref_meta else None}
         if acc.is_main_process:
@@ -235,6 +236,8 @@ def run(cfg) -> dict:
                     _save_scores(out / "reference_scores.safetensors", ref_st)
                 if d.save_prompt_scores:
                     _save_prompt_scores(out / "prompt_scores.safetensors", scores)
+                    if ref_st is not None:  # so that stage=select can re-select the reference with a new k
+                        _save_prompt_scores(out / "reference_prompt_scores.safetensors", rscores)
                 write_csv(out / "summary.csv", table)
                 plots = plot_set(ns, ad, mean, out, f"{cfg.model.name} {tag}: {len(ns)} neurons")
                 write_json(out / "config.json", OmegaConf.to_container(cfg, resolve=True))
@@ -266,19 +269,28 @@ def run_select(cfg) -> dict:
     k_of = {k: resolve_k(cfg.topk.ffn if k == "ffn" else cfg.topk.attn, widths[k],
                          "topk.ffn" if k == "ffn" else "topk.attn") for k in kinds}
     same_k = k_of == meta.get("topk", {}).get("k_per_kind")
-    if same_k:  # the saved float32 statistics are exact for this k
-        mean, freq = split_scores(load_file(str(src / "scores.safetensors")))
-    elif (src / "prompt_scores.safetensors").exists():
-        flat = load_file(str(src / "prompt_scores.safetensors"))
+
+    def stats(prefix: str) -> dict[str, torch.Tensor]:
+        """Statistics for this k: the saved float32 means (they do not depend on k) and top-k frequencies,
+        recomputed from the saved per-prompt scores when k changed."""
+        saved = load_file(str(src / f"{prefix}scores.safetensors"))
+        if same_k:
+            return saved
+        f = src / f"{prefix}prompt_scores.safetensors"
+        if not f.exists():
+            raise UserError(f"{src} has no {f.name}, so only topk.consistency can change "
+                            f"(k was {meta.get('topk', {}).get('k_per_kind')}); rerun detect with the new k")
+        flat = load_file(str(f))
         scores = {(int(k.split(".")[0]), k.split(".")[1]): v.float() for k, v in flat.items()}
-        mean, freq = split_scores(stats_from(scores, k_of).tensors())
-    else:
-        raise UserError(f"{src} has no prompt_scores.safetensors, so only topk.consistency can change "
-                        f"(k was {meta.get('topk', {}).get('k_per_kind')}); rerun detect with a new k")
+        fresh = stats_from(scores, k_of).tensors()
+        return {name: (t if name.endswith(".freq") else saved[name]) for name, t in fresh.items()}
+
+    new_stats = {"scores.safetensors": stats("")}
+    mean, freq = split_scores(new_stats["scores.safetensors"])
     exclude = None
-    if (src / "reference_scores.safetensors").exists() and meta.get("reference"):
-        rmean, rfreq = split_scores(load_file(str(src / "reference_scores.safetensors")))
-        exclude = set(select(rmean, rfreq, cfg.topk.consistency))
+    if meta.get("reference"):  # the reference's selection with the same k and consistency
+        new_stats["reference_scores.safetensors"] = stats("reference_")
+        exclude = set(select(*split_scores(new_stats["reference_scores.safetensors"]), cfg.topk.consistency))
     ranking = select(mean, freq, cfg.topk.consistency, exclude)
     tag = d.save_as or f"{meta.get('tag', 'set')}-c{cfg.topk.consistency:g}-k{cfg.topk.attn:g}-{cfg.topk.ffn:g}"
     meta.update({"consistency": cfg.topk.consistency, "topk": {"attn": cfg.topk.attn, "ffn": cfg.topk.ffn,
@@ -291,7 +303,9 @@ def run_select(cfg) -> dict:
     with tracked(cfg) as (tr, box):
         for o in (tr.dir, out):
             ns.save(o / "neurons.json", overwrite=True if o == tr.dir else d.overwrite)
-        for f in ("scores.safetensors", "reference_scores.safetensors", "prompt_scores.safetensors"):
+        for f, tensors in new_stats.items():  # means and the frequencies this selection used
+            atomic_write(out / f, lambda t, x=tensors: save_file(x, str(t)))
+        for f in ("prompt_scores.safetensors", "reference_prompt_scores.safetensors"):
             if (src / f).exists() and not (out / f).exists():
                 atomic_write(out / f, lambda t, f=f: t.write_bytes((src / f).read_bytes()))
         print(f"{len(ns)} neurons selected (consistency {cfg.topk.consistency}, k {k_of}) -> {out}")
