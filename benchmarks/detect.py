@@ -41,6 +41,24 @@ def detect_time(model, ad, bl, kinds, mode="exact"):
     return t.s
 
 
+def qk_floor(ad, bl) -> tuple[float, float]:
+    """Multiply-adds of the forward pass's layers and of the exact q/k output-change products.
+
+    Forward: tokens x the layers' weights. q: every scored row x channel needs its perturbed softmax
+    (T keys) times the head's factor (r = min(T, d_h) columns); k: the same for the gs heads of a group
+    stacked (gs*T keys, r = min(gs*T, gs*d_h)). These products alone set a floor on exact q/k cost."""
+    H, G, d = ad.n_heads, ad.n_kv, ad.head_dim
+    gs, D = H // G, ad.d_model
+    layer_w = D * H * d * 2 + D * G * d * 2 + 3 * D * ad.d_ff
+    fwd = qk = 0.0
+    for b, m in bl:
+        B, T = b.input_ids.shape
+        Ts = int(m.sum(1).max())
+        fwd += ad.n_layers * int(b.attention_mask.sum()) * layer_w
+        qk += ad.n_layers * B * Ts * d * (H * T * min(T, d) + G * gs * T * min(gs * T, gs * d))
+    return fwd, qk
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=64)
@@ -56,6 +74,9 @@ def main():
     n_tok = sum(int(b.attention_mask.sum()) for b, _ in bl)
     print(f"SmolLM2, {len(prompts)} prompts ({n_tok} tokens), batch {a.batch}")
     print(f"plain forward {fwd:.2f}s; detection (all kinds, exact) {full:.2f}s; ratio {full / fwd:.2f} (target <= 1.5)")
+    f_macs, qk_macs = qk_floor(ad, bl)
+    print(f"multiply-adds: layers' forward {f_macs / 1e9:.1f} G, exact q/k output-change products {qk_macs / 1e9:.1f} G "
+          f"({qk_macs / f_macs:.2f}x the forward's, before any softmax work)")
     for k in KINDS:
         t = detect_time(model, ad, bl, (k,))
         print(f"  {k:>3} alone: {t:.2f}s  ratio {t / fwd:.2f}  (extra over forward {t - fwd:+.2f}s)")

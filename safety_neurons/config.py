@@ -144,8 +144,8 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
-    n_harmful: int = 41
-    n_harmless: int = 32
+    n_harmful: int | None = 41  # null: the whole held-out set
+    n_harmless: int | None = 32  # a seeded sample of the held-out harmless prompts; null: all of them
     max_new_tokens: int = 48
     batch_size: int = 16
     refusal_list: str = "v1"

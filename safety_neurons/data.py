@@ -116,10 +116,12 @@ def _hub_file(repo: str, filename: str) -> Path:
 
 
 def _seeded_split(items: list, fraction: float, seed: int, split: str) -> list:
+    """One part of a seeded split, in seeded (not file) order: capping a part (``n_train``, ``n_eval``,
+    ``finetune.n_harmless``, ...) then takes a random sample, even from a file grouped by category."""
     idx = list(range(len(items)))
     random.Random(seed).shuffle(idx)
     n_eval = max(1, int(round(len(items) * fraction))) if len(items) > 1 else 0
-    keep = sorted(idx[:n_eval]) if split == "eval" else sorted(idx[n_eval:])
+    keep = idx[:n_eval] if split == "eval" else idx[n_eval:]
     return [items[i] for i in keep]
 
 

@@ -116,11 +116,14 @@ def _softcap_(z: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def _reduce(f: torch.Tensor) -> torch.Tensor:
-    """A factor with the same F F^T and at most as many columns as rows (F: (..., n, r))."""
+    """A contiguous factor with the same F F^T and at most as many columns as rows (F: (..., n, r)).
+
+    The QR costs about as much as a few chunks' products, so it is only taken when it removes at least
+    a fifth of the columns."""
     n, r = f.shape[-2:]
-    if r <= n:
-        return f
-    return torch.linalg.qr(f.transpose(-1, -2), mode="r").R.transpose(-1, -2)  # (..., n, n)
+    if r * 4 <= n * 5:
+        return f.contiguous()
+    return torch.linalg.qr(f.transpose(-1, -2), mode="r").R.transpose(-1, -2).contiguous()  # (..., n, n)
 
 
 class _Ctx:
@@ -364,7 +367,7 @@ class _Layer:
         Wo = self.m.o.weight
         # only F F^T matters: on CPU a QR shrinks F to at most T (k: gs*T) columns, which pays for itself;
         # on CUDA batched small QRs cost more than they save
-        reduce = _reduce if a.device.type == "cpu" else (lambda f: f)
+        reduce = _reduce if a.device.type == "cpu" else (lambda f: f.contiguous())
 
         if "q" in ctx.kinds:
             # ||dP V_h W_o,h^T|| = ||dP V_h R_h^T|| with W_o,h = Q_h R_h

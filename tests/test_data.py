@@ -117,8 +117,21 @@ def test_custom_formats_with_column_mapping(tmp_path, suffix):
     train, ev = load_prompts(cfg, "train"), load_prompts(cfg, "eval")
     assert len(ev) == 3 and len(train) == 7
     assert sorted(train.prompts + ev.prompts) == sorted(prompts)
-    # splits keep file order within each part
-    assert train.prompts == sorted(train.prompts, key=prompts.index)
+
+
+
+def test_split_parts_are_seeded_samples_not_file_order(tmp_path):
+    """A file grouped by category (as our harmless set is): the first n of either part are a random
+    sample of the whole file, so a cap (n_eval, finetune.n_harmless) does not take the first categories only."""
+    f = tmp_path / "grouped.jsonl"
+    rows = [{"prompt": f"plain {i}", "category": "plain"} for i in range(140)]
+    rows += [{"prompt": f"imperative {i}", "category": "imperative"} for i in range(60)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = dcfg(name="g", kind="custom", path=str(f), eval_fraction=0.25, seed=0)
+    for split, n in (("train", 100), ("eval", 30)):
+        head = load_prompts(cfg, split).head(n).prompts
+        share = sum(p.startswith("imperative") for p in head) / n
+        assert 0.15 <= share <= 0.45, (split, share)  # 0.30 in the file; file order would give 0.0
 
 
 def test_harmless_shipped_file():
