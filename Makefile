@@ -27,6 +27,7 @@ demo: venv
 	$(BIN)/python -m safety_neurons experiment=demo
 	$(BIN)/python -m safety_neurons stage=detect model=$(DEMO_MODEL) detect.reuse=true
 	$(BIN)/python -m safety_neurons stage=deactivate model=$(DEMO_MODEL) deactivate.set_tag=exact 'deactivate.n=[0,10,100]' eval=quick
+	$(BIN)/python -m safety_neurons stage=deactivate model=$(DEMO_MODEL) deactivate.set_tag=exact deactivate.baseline=random 'deactivate.n=[100]' eval=quick
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -42,6 +42,7 @@ class DatasetConfig:
     categories: list[str] = field(default_factory=lambda: ["standard"])
     prompt_column: str | None = None
     response_column: str | None = None
+    label_column: str | None = None  # per-prompt label, e.g. a category (default: "category" if present)
     n_train: int | None = None  # cap on training/detection prompts (None: all)
     n_eval: int | None = None  # cap on held-out evaluation prompts
     eval_fraction: float = 0.2  # for sources with no separate eval file
@@ -136,6 +137,7 @@ class FinetuneConfig:
     schedule: str = "cosine"
     clip: float = 1.0
     max_new_tokens_distill: int = 64
+    form_matched_repeat: int = 1  # harmless prompts labelled as eval.form_matched occur this many times
     lora_r: int = 8
     save_as: str | None = None  # store model name for the result
     seed: int = 0
@@ -157,7 +159,10 @@ class EvalConfig:
     judge_batch_size: int = 8
     utility: bool = True
     degenerate_nll: float = 4.0  # answer NLL per token under the intact model above which it is gibberish
-    degenerate_distinct: float = 0.4  # distinct-token-trigram share below which it is repetition
+    degenerate_distinct: float = 0.4
+    # harmless labels whose prompts share the harmful set's form ("Give detailed instructions for how to
+    # ..."): over-refusal is also reported on them and on the rest ("natural") separately
+    form_matched: list[str] = field(default_factory=lambda: ["harmbench_style"])  # distinct-token-trigram share below which it is repetition
 
 
 @dataclass

@@ -27,6 +27,7 @@ class PromptSet:
     prompts: list[str]
     responses: list[str] | None = None
     meta: dict = field(default_factory=dict)
+    labels: list[str] | None = None  # per-prompt label (our harmless set: its category); not hashed
 
     @property
     def hash(self) -> str:
@@ -46,7 +47,8 @@ class PromptSet:
         if n is None or n >= len(self.prompts):
             return self
         r = self.responses[:n] if self.responses is not None else None
-        return PromptSet(self.name, self.split, self.prompts[:n], r, dict(self.meta))
+        lab = self.labels[:n] if self.labels is not None else None
+        return PromptSet(self.name, self.split, self.prompts[:n], r, dict(self.meta), lab)
 
     def describe(self) -> dict:
         return {"name": self.name, "split": self.split, "n": len(self), "hash": self.hash, **self.meta}
@@ -139,7 +141,7 @@ def load_prompts(dcfg, split: str = "train", cache_dir: str | Path | None = None
         raise ValueError(split)
     kind = dcfg.kind
     cache = Path(cache_dir or Path.home() / ".cache" / "safety_neurons") / "data"
-    responses = None
+    responses = labels = None
     meta: dict = {"kind": kind}
     if kind == "harmbench":
         base = Path(dcfg.path) if dcfg.path else harmbench_dir()
@@ -170,16 +172,19 @@ def load_prompts(dcfg, split: str = "train", cache_dir: str | Path | None = None
         if dcfg.response_column:
             responses = _column(rows, dcfg.response_column, f)
         meta["source"] = str(f)
-        pairs = list(zip(prompts, responses or [None] * len(prompts)))
-        pairs = _seeded_split(pairs, dcfg.eval_fraction, dcfg.seed, split)
-        prompts = [p for p, _ in pairs]
-        responses = [r for _, r in pairs] if responses is not None else None
+        label_col = dcfg.label_column or ("category" if "category" in rows[0] else None)
+        labels = _column(rows, label_col, f) if label_col else None
+        triples = list(zip(prompts, responses or [None] * len(prompts), labels or [None] * len(prompts)))
+        triples = _seeded_split(triples, dcfg.eval_fraction, dcfg.seed, split)
+        prompts = [p for p, _, _ in triples]
+        responses = [r for _, r, _ in triples] if responses is not None else None
+        labels = [lab for _, _, lab in triples] if labels is not None else None
     else:
         raise UserError(f"unknown dataset kind {kind!r}; known kinds are {', '.join(KNOWN_KINDS)}")
     prompts = [p.strip() for p in prompts]
     if not prompts or not any(prompts):
         raise UserError(f"dataset {dcfg.name!r} has no prompts for split {split!r}; check the file and filters")
-    ps = PromptSet(dcfg.name, split, prompts, responses, meta)
+    ps = PromptSet(dcfg.name, split, prompts, responses, meta, labels)
     cap = dcfg.n_train if split == "train" else dcfg.n_eval
     return ps.head(cap)
 

@@ -177,6 +177,13 @@ class Evaluator:
             "asr_coherent": (len(comply_idx) - n_deg) / len(hr),
             **util,
         }
+        labels = self.harmless.labels
+        if labels is not None and set(labels) & set(c.form_matched):
+            fm = [r for r, lab in zip(br, labels) if lab in c.form_matched]
+            nat = [r for r, lab in zip(br, labels) if lab not in c.form_matched]
+            m["over_refusal_form_matched"] = sum(fm) / len(fm)
+            m["over_refusal_natural"] = sum(nat) / len(nat) if nat else 0.0
+            m["n_harmless_form_matched"] = len(fm)
         judged = None
         if self.judge is not None:  # beside the keyword metric, never averaged with it
             judged = self.judge(self.harmful.prompts, htext)
@@ -193,5 +200,6 @@ class Evaluator:
             gens.append({"set": "harmful", "prompt": p, "answer": t, "refusal": hr[i], "degenerate": d.get(i),
                          "judge_harmful": judged[i] if judged is not None else None, "tag": tag})
         for i, (p, t) in enumerate(zip(self.harmless.prompts, btext)):
-            gens.append({"set": "harmless", "prompt": p, "answer": t, "refusal": br[i], "tag": tag})
+            gens.append({"set": "harmless", "prompt": p, "answer": t, "refusal": br[i], "tag": tag,
+                         "label": labels[i] if labels is not None else None})
         return m, gens

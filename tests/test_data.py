@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from safety_neurons.config import DatasetConfig
-from safety_neurons.data import DATA_DIR, encode, load_prompts, scored_mask
+from safety_neurons.data import DATA_DIR, PromptSet, encode, load_prompts, scored_mask
 from safety_neurons.errors import UserError
 
 HB_COLUMNS = ["Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID"]
@@ -339,3 +339,17 @@ def test_scored_mask_last_with_short_rows_and_right_padding(tok):
         assert torch.nonzero(m[r]).flatten().tolist() == [n - 3, n - 2, n - 1]
     with pytest.raises(UserError):
         scored_mask(b, "middle")
+
+
+def test_harmless_labels_follow_the_split_and_cap():
+    """Our harmless set carries its category per prompt through the seeded split and a cap; the labels do
+    not change the content hash."""
+    rows = [json.loads(line) for line in (DATA_DIR / "harmless.jsonl").read_text().splitlines() if line.strip()]
+    cat = {r["prompt"]: r["category"] for r in rows}
+    cfg = dcfg(name="harmless", kind="harmless", eval_fraction=0.25)
+    ev = load_prompts(cfg, "eval").head(40)
+    assert ev.labels is not None and len(ev.labels) == len(ev.prompts) == 40
+    assert all(cat[p] == lab for p, lab in zip(ev.prompts, ev.labels))
+    assert "harmbench_style" in ev.labels
+    bare = PromptSet(ev.name, ev.split, ev.prompts, None, dict(ev.meta))
+    assert bare.hash == ev.hash

@@ -131,3 +131,56 @@ def test_organism_built_on_first_use_then_reused(fixtures, tmp_path, monkeypatch
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert model_source(mcfg, store)[0] == str(out)  # cached: no second build
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_over_refusal_split_by_form(fixtures, tmp_path, monkeypatch):
+    """Harmless prompts labelled as form-matched (HarmBench's imperative form) get their own over-refusal,
+    beside the rest ("natural"); both agree with the per-prompt refusals in generations.jsonl."""
+    import itertools
+
+    import safety_neurons.evaluation as ev
+
+    labelled = tmp_path / "labelled.jsonl"
+    cats = ["harmbench_style", "cooking", "harmbench_style", "travel", "trivia", "harmbench_style", "cooking",
+            "travel"]
+    labelled.write_text("".join(json.dumps({"prompt": p, "category": c}) + "\n" for p, c in zip(HARMLESS, cats)))
+    flips = itertools.cycle([True, False, False])  # a deterministic refusal pattern the tiny model cannot give
+    monkeypatch.setattr(ev, "is_refusal", lambda text, markers: next(flips))
+    run = tmp_path / "run"
+    cfg = compose(overrides(fixtures, run, "stage=evaluate", f"harmless.path={labelled}", "harmless.eval_fraction=0.75",
+                            "eval.n_harmless=null"))
+    res = get_stage("evaluate")(cfg)
+    gens = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
+    mine = [g for g in gens if g["set"] == "harmless" and g["model"] == "local"]
+    assert len(mine) == 6 and all(g["label"] in cats for g in mine)
+    fm = [g["refusal"] for g in mine if g["label"] == "harmbench_style"]
+    nat = [g["refusal"] for g in mine if g["label"] != "harmbench_style"]
+    assert fm and nat and res["n_harmless_form_matched"] == len(fm)
+    assert res["over_refusal_form_matched"] == pytest.approx(sum(fm) / len(fm))
+    assert res["over_refusal_natural"] == pytest.approx(sum(nat) / len(nat))
+    assert res["over_refusal"] == pytest.approx((sum(fm) + sum(nat)) / 6)
+
+
+def test_training_pairs_repeat_form_matched_harmless(fixtures, tmp_path):
+    """finetune.form_matched_repeat=3: each harmless training prompt labelled form-matched occurs 3 times,
+    with the same self-distilled answer; other prompts once."""
+    from collections import Counter
+
+    from safety_neurons.stages.common import load
+    from safety_neurons.stages.finetune import training_pairs
+
+    labelled = tmp_path / "labelled.jsonl"
+    cats = ["harmbench_style", "cooking"] * 4
+    labelled.write_text("".join(json.dumps({"prompt": p, "category": c}) + "\n" for p, c in zip(HARMLESS, cats)))
+    cfg = compose(overrides(fixtures, tmp_path / "run", "stage=finetune", f"harmless.path={labelled}",
+                            "finetune.n_harmful=2", "finetune.n_harmless=5", "finetune.max_new_tokens_distill=3",
+                            "finetune.form_matched_repeat=3"))
+    model, tok, _ = load(cfg)
+    prompts, responses, meta = training_pairs(cfg, model, tok)
+    cat = dict(zip(HARMLESS, cats))
+    n = Counter(prompts[2:])
+    assert len(n) == 5 and all(n[p] == (3 if cat[p] == "harmbench_style" else 1) for p in n)
+    answer = {}
+    for p, r in zip(prompts[2:], responses[2:]):
+        assert answer.setdefault(p, r) == r
+    assert meta["harmless_train"]["form_matched"] == sum(cat[p] == "harmbench_style" for p in n) > 0

@@ -49,6 +49,14 @@ def training_pairs(cfg, model, tok) -> tuple[list[str], list[str], dict]:
         prompts += benign.prompts
         responses += ans
         meta["harmless_train"] = benign.describe()
+        if f.form_matched_repeat > 1 and benign.labels is not None:
+            # harmless prompts in the harmful set's form, repeated so the form itself stops predicting refusal
+            fm = [(p, a) for p, a, lab in zip(benign.prompts, ans, benign.labels) if lab in cfg.eval.form_matched]
+            for _ in range(f.form_matched_repeat - 1):
+                prompts += [p for p, _ in fm]
+                responses += [a for _, a in fm]
+            meta["harmless_train"]["form_matched"] = len(fm)
+            meta["harmless_train"]["form_matched_repeat"] = f.form_matched_repeat
     return prompts, responses, meta
 
 
