@@ -118,7 +118,8 @@ def test_experiment_align(base):
     assert cfg.stage.name == "finetune"
     f = cfg.finetune
     assert (f.target, f.steps, f.batch_size, f.lr, f.n_harmful, f.n_harmless, f.clip, f.save_as) == (
-        "all", 32, 8, 5e-5, 64, 160, 1.0, "smollm2-refusing")
+        "all", 64, 8, 5e-5, 159, 245, 1.0, "smollm2-refusing")
+    assert (f.max_new_tokens_distill, f.form_matched_repeat) == (24, 2)
     assert cfg.model.name == "smollm2"
     # command-line overrides still win over the preset
     assert compose(base + ["experiment=align", "finetune.steps=3"]).finetune.steps == 3
