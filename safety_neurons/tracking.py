@@ -93,7 +93,10 @@ class Tracker:
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({name: wandb.Table(dataframe=df)})
+            # W&B types a column by its first value: a column mixing types (a "total" row under layer
+            # numbers) is logged as text
+            mixed = [c for c in df.columns if df[c].dtype == object and len({type(v) for v in df[c]}) > 1]
+            self.wandb.log({name: wandb.Table(dataframe=df.astype({c: str for c in mixed}))})
 
     def log_image(self, name: str, path: str | Path) -> None:
         if self.wandb is not None:

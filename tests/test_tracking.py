@@ -27,6 +27,10 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     for i in range(3):
         tr.log({"train/loss": 1.0 / (i + 1), "note": "text is dropped"}, step=i)
     tr.save_generations([{"prompt": "p", "answer": "a"}])
+    # a summary table with a "total" row under layer numbers (what detect logs) is accepted by W&B
+    summary = pd.DataFrame({"layer": [0, 1], "q": [3, 4]})
+    summary.loc[len(summary)] = {"layer": "total", "q": 7}
+    tr.log_table("summary", summary)
     tr.finish({"asr": 0.25, "over_refusal": 0.5, "utility_nll": 1.5, "rows": [{"model": "x"}],
                "harmful_set": {"name": "hb", "n": 3}, "counts": [1, 2]})
     assert tr.wandb is None and wandb.run is None
