@@ -172,8 +172,10 @@ def load_prompts(dcfg, split: str = "train", cache_dir: str | Path | None = None
         if dcfg.response_column:
             responses = _column(rows, dcfg.response_column, f)
         meta["source"] = str(f)
-        label_col = dcfg.label_column or ("category" if "category" in rows[0] else None)
-        labels = _column(rows, label_col, f) if label_col else None
+        if dcfg.label_column:
+            labels = _column(rows, dcfg.label_column, f)
+        elif any("category" in r for r in rows):  # auto-detected: rows without one get ""
+            labels = [str(r.get("category") or "") for r in rows]
         triples = list(zip(prompts, responses or [None] * len(prompts), labels or [None] * len(prompts)))
         triples = _seeded_split(triples, dcfg.eval_fraction, dcfg.seed, split)
         prompts = [p for p, _, _ in triples]
