@@ -14,21 +14,12 @@ from safety_neurons.cfg import compose
 from safety_neurons.errors import UserError
 from safety_neurons.neurons import NeuronSet
 from safety_neurons.stages import get_stage
-from tests.test_data import write_harmbench
-from tests.test_stages import HARMLESS
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.test_stages import HARMLESS, stage_fixture
 
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    model_dir = root / "tiny-llama"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    hb = write_harmbench(root / "hb", n_test=6, n_val=3)
-    harmless = root / "harmless.jsonl"
-    harmless.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMLESS * 2))
-    return {"model": model_dir, "hb": hb, "harmless": harmless, "store": root / "store", "root": root}
+    return stage_fixture(tmp_path_factory.mktemp("pipeline"), 6, 3, HARMLESS * 2)
 
 
 def ov(fx, run, *extra):

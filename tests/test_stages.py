@@ -18,16 +18,20 @@ HARMLESS = ["How do I bake bread?", "Explain the water cycle.", "Write a poem ab
             "How do clouds form?"]
 
 
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
+def stage_fixture(root, n_test: int, n_val: int, harmless_prompts: list[str]) -> dict:
+    """A saved tiny llama, HarmBench-shaped CSVs and a harmless jsonl under ``root`` (shared by the stage tests)."""
     model_dir = root / "tiny-llama"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    hb = write_harmbench(root / "hb", n_test=4, n_val=4)
+    hb = write_harmbench(root / "hb", n_test=n_test, n_val=n_val)
     harmless = root / "harmless.jsonl"
-    harmless.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMLESS))
-    return {"model": model_dir, "hb": hb, "harmless": harmless, "store": root / "store"}
+    harmless.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in harmless_prompts))
+    return {"model": model_dir, "hb": hb, "harmless": harmless, "store": root / "store", "root": root}
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    return stage_fixture(tmp_path_factory.mktemp("stages"), 4, 4, HARMLESS)
 
 
 def overrides(fx, run_dir, *extra):
