@@ -174,8 +174,12 @@ def train_sft(model, tok, prompts: list[str], responses: list[str], fcfg, system
             b = encode(tok, [prompts[i] for i in idx], system_prompt, [responses[i] for i in idx],
                        max_length=max_length, padding_side="right").to(acc.device)
             with acc.accumulate(model):
-                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-                loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b.labels[:, 1:].flatten(),
+                target = b.labels[:, 1:]
+                # logits only where some row's next token carries loss: the vocabulary projection of the
+                # prompt positions is a fifth of a small model's work, and its loss is zero anyway
+                keep = (target != -100).any(0).nonzero()[:, 0]
+                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=keep).logits
+                loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), target[:, keep].flatten(),
                                            ignore_index=-100, reduction="sum")
                 # DDP averages gradients over processes and backward() divides by the accumulation steps
                 acc.backward(loss_sum * (world * acc.gradient_accumulation_steps / n_step))

@@ -75,6 +75,16 @@ def test_sft_loss_is_response_only_and_falls(tok):
     assert manual_loss(model, tok, PROMPTS, RESPONSES) < 0.5 * first_manual
 
 
+def test_first_step_loss_is_the_response_cross_entropy_in_every_family(family, tok):
+    """train_sft projects only the positions whose next token carries loss (logits_to_keep); the loss it
+    reports must still be the full-logits cross-entropy of the response tokens, in every family
+    (Gemma2's soft-capping comes after the projection)."""
+    model = tiny_model(family)
+    want = manual_loss(model, tok, PROMPTS, RESPONSES)
+    stats = train_sft(model, tok, PROMPTS, RESPONSES, fcfg(steps=1), None, list(model.parameters()), progress=False)
+    assert stats["losses"][0] == pytest.approx(want, rel=1e-5)
+
+
 def test_sft_rejects_bad_input(tok):
     model = tiny_model("llama")
     with pytest.raises(UserError, match="no training pairs"):
