@@ -54,6 +54,7 @@ from .models import ModelAdapter, model_device
 
 KINDS = ("q", "k", "v", "o", "ffn")
 MODES = ("exact", "original")
+QR_MIN_RATIO = 1.25  # on CPU, q/k output factors are QR-shrunk when they have this many times more columns than rows
 CPU_CHUNK_MB = 16  # on CPU, perturbed-logit chunks that stay in cache are much faster than large ones
 
 
@@ -115,15 +116,16 @@ def _softcap_(z: torch.Tensor, cap: float | None) -> torch.Tensor:
     return z if cap is None else z.div_(cap).tanh_().mul_(cap)
 
 
-def _reduce(f: torch.Tensor) -> torch.Tensor:
-    """A contiguous factor with the same F F^T and at most as many columns as rows (F: (..., n, r)).
+def _reduce(f: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A contiguous factor with the same F F^T and at most as many columns as rows (F: (..., n, r)), and
+    whether it is lower-triangular (then rows [0, m) of it have no entries beyond column m).
 
     The QR costs about as much as a few chunks' products, so it is only taken when it removes at least
     a fifth of the columns."""
     n, r = f.shape[-2:]
-    if r * 4 <= n * 5:
-        return f.contiguous()
-    return torch.linalg.qr(f.transpose(-1, -2), mode="r").R.transpose(-1, -2).contiguous()  # (..., n, n)
+    if r <= QR_MIN_RATIO * n:
+        return f.contiguous(), False
+    return torch.linalg.qr(f.transpose(-1, -2), mode="r").R.transpose(-1, -2).contiguous(), True  # (..., n, n)
 
 
 class _Ctx:
@@ -173,6 +175,8 @@ class _Rows:
         self.valid = torch.arange(self.Ts, device=dev)[None] < n[:, None]  # (B, Ts)
         # empty slots repeat the prompt's first scored row (weight 0), so that no row is fully masked
         self.rows = torch.where(self.valid, order[:, : self.Ts], order[:, :1])  # (B, Ts)
+        # the last position any prompt scores in each row slot: keys after it are causally masked for the slot
+        self.last_pos = self.rows.max(0).values.tolist()
         per = 1.0 / n.to(dt) if mode == "exact" else torch.ones(B, dtype=dt, device=dev)
         self.w = self.valid.to(dt) * per[:, None]  # (B, Ts): mean (exact) or sum (original)
         self.w_tok = scored.to(dt) * per[:, None]  # (B, T)
@@ -181,7 +185,7 @@ class _Rows:
 
     def to(self, device) -> _Rows:
         r = _Rows(None, None, self.mode, self.dt, copy_from=self)
-        r.Ts = self.Ts
+        r.Ts, r.last_pos = self.Ts, self.last_pos
         for name in ("valid", "rows", "w", "w_tok", "key_ok", "key_mean"):
             setattr(r, name, getattr(self, name).to(device))
         return r
@@ -367,13 +371,17 @@ class _Layer:
         Wo = self.m.o.weight
         # only F F^T matters: on CPU a QR shrinks F to at most T (k: gs*T) columns, which pays for itself;
         # on CUDA batched small QRs cost more than they save
-        reduce = _reduce if a.device.type == "cpu" else (lambda f: f.contiguous())
+        reduce = _reduce if a.device.type == "cpu" else (lambda f: (f.contiguous(), False))
+
+        def key_end(r0, r1):
+            """Keys [0, hi) are all that rows r0:r1 can see (causal mask): the rest have dP = 0 exactly."""
+            return max(rw.last_pos[r0:r1]) + 1
 
         if "q" in ctx.kinds:
             # ||dP V_h W_o,h^T|| = ||dP V_h R_h^T|| with W_o,h = Q_h R_h
             RqT = _derived(Wo, "q", dt, lambda w: _tri(w.view(-1, G, gs, d).permute(1, 2, 0, 3))
                            .transpose(-1, -2).contiguous())  # (G, gs, d, d)
-            Fq = reduce(torch.einsum("btgd,gide->bgite", Vc, RqT))  # (B, G, gs, T, r)
+            Fq, tri = reduce(torch.einsum("btgd,gide->bgite", Vc, RqT))  # (B, G, gs, T, r)
             yqg = yq.view(B, Ts, G, gs, d).permute(0, 2, 3, 1, 4)  # (B, G, gs, Ts, d)
             A = yqg * rt["qc"][:, None, None]  # coefficient of K[:, j]
             Bc = yqg * rt["qp"][:, None, None]  # coefficient of K[:, p(j)]
@@ -381,17 +389,18 @@ class _Layer:
             KTp = KT.roll(half, 2)
             out = torch.empty(B, G, gs, Ts, d, dtype=dt, device=a.device)
             for r0, r1, c0, c1 in _chunks(Ts, d, B * H * T, ctx.budget):
-                z = torch.addcmul(S[:, :, :, r0:r1, None], A[:, :, :, r0:r1, c0:c1, None],
-                                  KT[:, :, None, None, c0:c1])  # (B, G, gs, rows, ch, T)
-                z.addcmul_(Bc[:, :, :, r0:r1, c0:c1, None], KTp[:, :, None, None, c0:c1])
+                hi = key_end(r0, r1)
+                z = torch.addcmul(S[:, :, :, r0:r1, None, :hi], A[:, :, :, r0:r1, c0:c1, None],
+                                  KT[:, :, None, None, c0:c1, :hi])  # (B, G, gs, rows, ch, hi)
+                z.addcmul_(Bc[:, :, :, r0:r1, c0:c1, None], KTp[:, :, None, None, c0:c1, :hi])
                 if rq is not None:
                     z.mul_(rq[:, :, :, r0:r1, c0:c1, None])
                 if softcap is not None:
-                    _softcap_(z, softcap).add_(negb[:, :, :, r0:r1, None])
+                    _softcap_(z, softcap).add_(negb[:, :, :, r0:r1, None, :hi])
                 p = torch.softmax(z, dim=-1)
                 del z
-                p.sub_(P[:, :, :, r0:r1, None])
-                u = torch.matmul(p.view(B, G, gs, -1, T), Fq)  # (B, G, gs, rows*ch, r)
+                p.sub_(P[:, :, :, r0:r1, None, :hi])
+                u = torch.matmul(p.view(B, G, gs, -1, hi), Fq[..., :hi, :hi] if tri else Fq[..., :hi, :])
                 out[:, :, :, r0:r1, c0:c1] = torch.linalg.vector_norm(u, dim=-1).view(B, G, gs, r1 - r0, c1 - c0)
             ctx.add(layer, "q", torch.einsum("bi,bghij->bghj", rw.w, out).reshape(B, H * d))
 
@@ -399,7 +408,8 @@ class _Layer:
             # ||sum_i dP_i V_g W_o,h_i^T|| = ||[dP_1 .. dP_gs] F||, F stacked from V_g and the group's R
             Rb = _derived(Wo, "k", dt, lambda w: _tri(w.view(-1, G, gs * d).transpose(0, 1))
                           .view(G, gs * d, gs, d).permute(0, 2, 3, 1).contiguous())  # (G, gs, d, gs*d)
-            Fk = reduce(torch.einsum("btgd,gidr->bgitr", Vc, Rb).reshape(B, G, gs * T, gs * d))  # (.., r)
+            # rows in (key, head) order, so that the keys [0, hi) are a prefix (and a triangle after a QR)
+            Fk, tri = reduce(torch.einsum("btgd,gidr->bgtir", Vc, Rb).reshape(B, G, T * gs, gs * d))  # (.., r)
             ykT = yk.permute(0, 2, 3, 1)  # (B, G, d, T)
             C1 = ykT * rt["kc"].transpose(1, 2)[:, None]  # coefficient of the scaled Q[:, j]
             C2 = ykT * rt["kp"].transpose(1, 2)[:, None]  # of Q[:, p(j)]
@@ -411,17 +421,21 @@ class _Layer:
             negk = neg[:, None, :, None, None]  # (B, 1, Ts, 1, 1, T)
             out = torch.empty(B, G, Ts, d, dtype=dt, device=a.device)
             for r0, r1, c0, c1 in _chunks(Ts, d, B * H * T, ctx.budget):
-                z = torch.addcmul(Sk[:, :, r0:r1, None], Qk[:, :, r0:r1, c0:c1, :, None],
-                                  C1[:, :, None, c0:c1, None])  # (B, G, rows, ch, gs, T)
-                z.addcmul_(Qkp[:, :, r0:r1, c0:c1, :, None], C2[:, :, None, c0:c1, None])
+                hi = key_end(r0, r1)
+                z = torch.addcmul(Sk[:, :, r0:r1, None, :, :hi], Qk[:, :, r0:r1, c0:c1, :, None],
+                                  C1[:, :, None, c0:c1, None, :hi])  # (B, G, rows, ch, gs, hi)
+                z.addcmul_(Qkp[:, :, r0:r1, c0:c1, :, None], C2[:, :, None, c0:c1, None, :hi])
                 if rk is not None:
-                    z.mul_(rk[:, :, None, c0:c1, None])
+                    z.mul_(rk[:, :, None, c0:c1, None, :hi])
                 if softcap is not None:
-                    _softcap_(z, softcap).add_(negk[:, :, r0:r1])
+                    _softcap_(z, softcap).add_(negk[:, :, r0:r1, ..., :hi])
                 p = torch.softmax(z, dim=-1)
                 del z
-                p.sub_(Pk[:, :, r0:r1, None])
-                u = torch.matmul(p.view(B, G, -1, gs * T), Fk)  # (B, G, rows*ch, r)
+                p.sub_(Pk[:, :, r0:r1, None, :, :hi])
+                # F's rows of keys [0, hi), reordered to p's (head, key) order
+                f = Fk[:, :, : hi * gs, : hi * gs] if tri else Fk[:, :, : hi * gs]
+                f = f.unflatten(2, (hi, gs)).transpose(2, 3).reshape(B, G, gs * hi, -1)
+                u = torch.matmul(p.view(B, G, -1, gs * hi), f)  # (B, G, rows*ch, r)
                 out[:, :, r0:r1, c0:c1] = torch.linalg.vector_norm(u, dim=-1).view(B, G, r1 - r0, c1 - c0)
             ctx.add(layer, "k", torch.einsum("bi,bgij->bgj", rw.w, out).reshape(B, G * d))
 

@@ -82,6 +82,34 @@ def test_exact_equals_brute_force_float32(family):
     _check_brute(m, ad, batch, scored_mask(batch, "content"), rtol=1e-3, n_idx=4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_exact_with_triangular_factors_equals_brute_force(family, monkeypatch):
+    """With a QR on every q/k output factor (on SmolLM2-sized prompts it is taken; on these byte-level
+    tiny prompts it is not), the causally truncated triangle of the factor still gives exact scores."""
+    import safety_neurons.importance as imp
+
+    tok = tiny_tokenizer()
+    m, ad = _model(family)
+    batch = encode(tok, PROMPTS)
+    sc = scored_mask(batch, "content")
+    plain = prompt_scores(m, ad, batch, sc, kinds=["q", "k"])
+    took = []
+    real = imp._reduce
+
+    def spy(f):
+        out = real(f)
+        took.append(out[1])
+        return out
+
+    monkeypatch.setattr(imp, "QR_MIN_RATIO", 0.0)
+    monkeypatch.setattr(imp, "_reduce", spy)
+    _check_brute(m, ad, batch, sc, rtol=1e-4)
+    assert took and all(took)
+    tri = prompt_scores(m, ad, batch, sc, kinds=["q", "k"])
+    for key in plain:
+        torch.testing.assert_close(tri[key], plain[key], rtol=1e-6, atol=1e-9)
+
+
 def test_chunking_does_not_change_scores():
     m, ad = _model("gemma3")
     batch = encode(tiny_tokenizer(), PROMPTS)
