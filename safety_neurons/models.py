@@ -232,10 +232,12 @@ def model_source(mcfg, store: Store) -> tuple[str, str | None]:
         return str(p), None
     if mcfg.organism:
         d = store.model_dir(mcfg.organism)
-        if not (d / "config.json").exists():
-            from .organism import build_organism
+        from .organism import build_organism, check_organism
 
+        if not (d / "config.json").exists():
             build_organism(mcfg.organism, store)
+        else:
+            check_organism(mcfg.organism, store)
         return str(d), None
     if mcfg.gguf_package:
         gguf = find_gguf(mcfg.gguf_package, mcfg.gguf_file)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -169,8 +170,13 @@ def _save_prompt_scores(path: Path, scores: dict) -> None:
 
 def _model_id(cfg) -> dict:
     m = cfg.model
-    return {"model": m.name, "hub_id": m.hub_id, "revision": m.revision, "path": m.path,
-            "gguf": f"{m.gguf_package}/{m.gguf_file}" if m.gguf_package else None, "organism": m.organism}
+    out = {"model": m.name, "hub_id": m.hub_id, "revision": m.revision, "path": m.path,
+           "gguf": f"{m.gguf_package}/{m.gguf_file}" if m.gguf_package else None, "organism": m.organism}
+    if m.organism and not m.path:
+        made = store_of(cfg).model_dir(m.organism) / "organism.json"
+        if made.exists():  # which build of the organism the set was found on
+            out["organism_recipe"] = json.loads(made.read_text()).get("recipe_hash")
+    return out
 
 
 def run(cfg) -> dict:

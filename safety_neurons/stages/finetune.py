@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from ..errors import UserError
 from ..evaluation import Evaluator
 from ..io import write_json
+from ..organism import recipe_fingerprint
 from ..sft_data import refusals_for, self_distilled
 from ..training import attach_slices, bake_slices, slice_delta, train_sft
 from .common import (
@@ -42,7 +43,7 @@ def training_pairs(cfg, model, tok) -> tuple[list[str], list[str], dict]:
     harm = harmful_set(cfg, "train").head(f.n_harmful)
     prompts, responses = list(harm.prompts), (list(harm.responses) if harm.responses else refusals_for(harm.prompts, f.seed))
     meta = {"harmful_train": harm.describe()}
-    if f.n_harmless:
+    if f.n_harmless is None or f.n_harmless > 0:  # null: all of them; 0: no harmless pairs
         benign = harmless_set(cfg, "train").head(f.n_harmless)
         ans = self_distilled(model, tok, benign.prompts, cfg.model.system_prompt, f.max_new_tokens_distill,
                              cache_dir(cfg), cfg.model.name)
@@ -160,7 +161,7 @@ def run(cfg) -> dict:
             "data": data_meta,
         }
         if tr.main:
-            prov = {"base_model": OmegaConf.to_container(cfg.model, resolve=True),
+            prov = {"recipe_hash": recipe_fingerprint(cfg), "base_model": OmegaConf.to_container(cfg.model, resolve=True),
                     "finetune": OmegaConf.to_container(f, resolve=True), "results": results,
                     "created": time.strftime("%Y-%m-%d %H:%M:%S")}
             save_model_dir(tuned, tok, out_dir, {"organism.json": prov})
