@@ -9,20 +9,18 @@ py stage=detect model=$m detect.reuse=true
 py stage=detect model=$m detect.reference=harmless detect.reuse=true
 py stage=detect model=$m detect=original detect.reuse=true
 py stage=compare model=$m 'compare.sets=[exact,exact-refharmless,original]'
-# deactivation: counts for each set, against random sets of the same shape (3 seeds)
-# (counts must not exceed a set's size: 3801 exact, 955 safety-specific, 2901 original on the organism)
+# deactivation: counts for each set (all = the whole set), against random sets of the same shape (3 seeds)
 E="eval.n_harmful=41 eval.n_harmless=16 eval.max_new_tokens=24"
-py stage=deactivate model=$m deactivate.set_tag=exact 'deactivate.n=[0,30,100,300,1000,3801]' $E
+py stage=deactivate model=$m deactivate.set_tag=exact 'deactivate.n=[0,30,100,300,1000,all]' $E
 py stage=deactivate model=$m deactivate.set_tag=exact deactivate.baseline=random 'deactivate.n=[300,1000]' $E
-py stage=deactivate model=$m deactivate.set_tag=exact-refharmless 'deactivate.n=[0,30,100,300,955]' $E
-py stage=deactivate model=$m deactivate.set_tag=exact-refharmless deactivate.baseline=random 'deactivate.n=[300,955]' $E
+py stage=deactivate model=$m deactivate.set_tag=exact-refharmless 'deactivate.n=[0,30,100,300,all]' $E
+py stage=deactivate model=$m deactivate.set_tag=exact-refharmless deactivate.baseline=random 'deactivate.n=[300,all]' $E
 py stage=deactivate model=$m deactivate.set_tag=original 'deactivate.n=[30,100,300,1000]' $E
-# the safety-specific set one split region at a time (split=smollm2: under = layers 0-3, gen = 26-29)
-declare -A N=( [under-attn]=96 [under-ffn]=7 [reason-attn]=590 [reason-ffn]=130 [gen-attn]=108 [gen-ffn]=24 )
-for rp in "${!N[@]}"; do
+# the whole safety-specific set one split region at a time (split=smollm2: under = layers 0-3, gen = 26-29)
+for rp in under-attn under-ffn reason-attn reason-ffn gen-attn gen-ffn; do
   flags=""; for r in under reason gen; do for p in attn ffn; do
     [ "$r-$p" = "$rp" ] && v=true || v=false; flags="$flags split.${r}_${p}=$v"; done; done
   py stage=deactivate model=$m deactivate.set_tag=exact-refharmless split=smollm2 $flags \
-    deactivate.region=$rp deactivate.n=${N[$rp]} $E
+    deactivate.region=$rp deactivate.n=all $E
 done
 py stage=report model=$m report.dir=outputs/runs/deactivate/$m

@@ -157,9 +157,10 @@ def test_deactivate_fast_path_equals_separate_points(fx, detected, tmp_path):
     n_set = detected[1]["n_neurons"]
     counts = [0, 2, min(5, n_set)]
     fast = get_stage("deactivate")(compose(ov(fx, tmp_path / "fast", "stage=deactivate",
-                                               f"deactivate.n=[{','.join(map(str, counts))}]")))
+                                               f"deactivate.n=[{','.join(map(str, counts))},all]")))
     rows = pd.read_csv(tmp_path / "fast" / "sweep.csv")
-    assert list(rows["n"]) == counts and list(rows["n_neurons"]) == counts
+    assert list(rows["n"]) == counts + [n_set] and list(rows["n_neurons"]) == counts + [n_set]  # all: whole set
+    rows = rows.iloc[:-1]
     assert {"asr", "over_refusal", "utility_nll", "kl", "degenerate_share", "breaks_model", "param_share"} <= set(rows)
     assert rows.iloc[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # n=0 is the intact model
     for i, n in enumerate(counts):
@@ -173,6 +174,8 @@ def test_deactivate_random_baseline_and_bad_input(fx, detected, tmp_path):
     res = get_stage("deactivate")(compose(ov(fx, tmp_path / "rnd", "stage=deactivate", "deactivate.n=2",
                                               "deactivate.baseline=random", "deactivate.seeds=[0,1,2]")))
     assert res["seeds"] == 3 and "asr_std" in res and res["asr_min"] <= res["asr"] <= res["asr_max"]
+    with pytest.raises(UserError, match="must be a count, all"):
+        get_stage("deactivate")(compose(ov(fx, tmp_path / "word", "stage=deactivate", "deactivate.n=most")))
     with pytest.raises(UserError, match="larger than the set"):
         get_stage("deactivate")(compose(ov(fx, tmp_path / "big", "stage=deactivate", "deactivate.n=100000")))
     with pytest.raises(UserError, match="exceeds the model"):

@@ -1,6 +1,6 @@
 """``stage=deactivate``: switch a neuron set off during generation and measure (METHOD 5, 7).
 
-``deactivate.n`` is a count (one point: what a Hydra ``--multirun`` sweeps) or a list (the fast path:
+``deactivate.n`` is a count or ``all`` (one point: what a Hydra ``--multirun`` sweeps) or a list (the fast path:
 every count in one process, one model load, one intact reference); both give the same numbers.
 """
 
@@ -23,13 +23,19 @@ METRICS = ("asr", "harmful_refusal", "over_refusal", "utility_nll", "nll_ratio",
            "asr_coherent", "breaks_model")
 
 
-def counts_of(n) -> list[int]:
+def counts_of(n, size: int | None = None) -> list[int]:
+    """The counts of ``deactivate.n``; ``all`` is the whole set (``size``; kept as "all" without one)."""
     vals = list(n) if isinstance(n, (list, tuple)) or OmegaConf.is_list(n) else [n]
-    try:
-        out = [int(v) for v in vals]
-    except (TypeError, ValueError):
-        raise UserError(f"deactivate.n={n!r} must be a count or a list of counts") from None
-    if any(v < 0 for v in out):
+    out = []
+    for v in vals:
+        if isinstance(v, str) and v.strip().lower() == "all":
+            out.append("all" if size is None else size)
+            continue
+        try:
+            out.append(int(v))
+        except (TypeError, ValueError):
+            raise UserError(f"deactivate.n={n!r} must be a count, all, or a list of these") from None
+    if any(v != "all" and v < 0 for v in out):
         raise UserError(f"deactivate.n={out} has a negative count")
     return out
 
@@ -66,6 +72,7 @@ def run(cfg) -> dict:
         per_layer_max = max((sum(1 for n in region_set.ranking if n[0] == layer) for layer in
                              {n[0] for n in region_set.ranking}), default=0)
         size = per_layer_max if dc.per_layer else len(region_set)
+        counts = counts_of(dc.n, size)
         too_big = [n for n in counts if n > size]
         if too_big:
             raise UserError(f"deactivate.n={too_big} is larger than the set ({size} neurons"
