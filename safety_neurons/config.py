@@ -126,8 +126,8 @@ class FinetuneConfig:
     set_tag: str | None = None
     cap_per_matrix: int | None = None
     top_n: int | None = None  # train only the top n of the (ranked) set
-    n_harmful: int = 64
-    n_harmless: int = 64
+    n_harmful: int | None = 64  # null: every training prompt of the harmful set
+    n_harmless: int | None = 64  # null: every training prompt of the harmless set
     steps: int = 24
     batch_size: int = 8
     grad_accum: int = 1
