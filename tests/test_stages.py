@@ -188,3 +188,13 @@ def test_training_pairs_repeat_form_matched_harmless(fixtures, tmp_path):
     for p, r in zip(prompts[2:], responses[2:]):
         assert answer.setdefault(p, r) == r
     assert meta["harmless_train"]["form_matched"] == sum(cat[p] == "harmbench_style" for p in n) > 0
+    # null counts take every training prompt of both sets; 0 harmless takes none
+    from safety_neurons.stages.common import harmful_set, harmless_set
+
+    every = compose(overrides(fixtures, tmp_path / "run", "stage=finetune", f"harmless.path={labelled}",
+                              "finetune.n_harmful=null", "finetune.n_harmless=null",
+                              "finetune.max_new_tokens_distill=3"))
+    prompts, _, _ = training_pairs(every, model, tok)
+    assert prompts == list(harmful_set(every, "train").prompts) + list(harmless_set(every, "train").prompts)
+    none = compose(overrides(fixtures, tmp_path / "run", "stage=finetune", "finetune.n_harmless=0"))
+    assert training_pairs(none, model, tok)[0] == list(harmful_set(none, "train").head(64).prompts)
