@@ -138,6 +138,7 @@ class FinetuneConfig:
     clip: float = 1.0
     max_new_tokens_distill: int = 64
     form_matched_repeat: int = 1  # harmless prompts labelled as eval.form_matched occur this many times
+    harmful_repeat: int = 1  # each harmful (prompt, refusal) pair occurs this many times
     lora_r: int = 8
     save_as: str | None = None  # store model name for the result
     seed: int = 0

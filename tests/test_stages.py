@@ -198,3 +198,11 @@ def test_training_pairs_repeat_form_matched_harmless(fixtures, tmp_path):
     assert prompts == list(harmful_set(every, "train").prompts) + list(harmless_set(every, "train").prompts)
     none = compose(overrides(fixtures, tmp_path / "run", "stage=finetune", "finetune.n_harmless=0"))
     assert training_pairs(none, model, tok)[0] == list(harmful_set(none, "train").head(64).prompts)
+    twice = compose(overrides(fixtures, tmp_path / "run", "stage=finetune", "finetune.n_harmless=0",
+                              "finetune.n_harmful=3", "finetune.harmful_repeat=2"))
+    p2, r2, m2 = training_pairs(twice, model, tok)
+    assert p2 == list(harmful_set(twice, "train").head(3).prompts) * 2 and r2[:3] == r2[3:]
+    assert m2["harmful_train"]["repeat"] == 2
+    with pytest.raises(UserError, match="must be at least 1"):
+        training_pairs(compose(overrides(fixtures, tmp_path / "run", "stage=finetune",
+                                         "finetune.harmful_repeat=0")), model, tok)

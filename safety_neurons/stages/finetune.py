@@ -43,6 +43,12 @@ def training_pairs(cfg, model, tok) -> tuple[list[str], list[str], dict]:
     harm = harmful_set(cfg, "train").head(f.n_harmful)
     prompts, responses = list(harm.prompts), (list(harm.responses) if harm.responses else refusals_for(harm.prompts, f.seed))
     meta = {"harmful_train": harm.describe()}
+    if f.harmful_repeat < 1 or f.form_matched_repeat < 1:
+        raise UserError(f"finetune.harmful_repeat={f.harmful_repeat} and finetune.form_matched_repeat="
+                        f"{f.form_matched_repeat} must be at least 1 (1: each pair once)")
+    if f.harmful_repeat > 1:  # a refusal is short: repeating its pairs keeps the token mean from drowning it
+        prompts, responses = prompts * f.harmful_repeat, responses * f.harmful_repeat
+        meta["harmful_train"]["repeat"] = f.harmful_repeat
     if f.n_harmless is None or f.n_harmless > 0:  # null: all of them; 0: no harmless pairs
         benign = harmless_set(cfg, "train").head(f.n_harmless)
         ans = self_distilled(model, tok, benign.prompts, cfg.model.system_prompt, f.max_new_tokens_distill,
