@@ -175,26 +175,42 @@ class _Rows:
         self.valid = torch.arange(self.Ts, device=dev)[None] < n[:, None]  # (B, Ts)
         # empty slots repeat the prompt's first scored row (weight 0), so that no row is fully masked
         self.rows = torch.where(self.valid, order[:, : self.Ts], order[:, :1])  # (B, Ts)
-        # the last position any prompt scores in each row slot: keys after it are causally masked for the slot
-        self.last_pos = self.rows.max(0).values.tolist()
         per = 1.0 / n.to(dt) if mode == "exact" else torch.ones(B, dtype=dt, device=dev)
         self.w = self.valid.to(dt) * per[:, None]  # (B, Ts): mean (exact) or sum (original)
         self.w_tok = scored.to(dt) * per[:, None]  # (B, T)
-        self.key_ok = key_ok  # (B, T)
-        self.key_mean = key_ok.to(dt) / key_ok.sum(1, keepdim=True).to(dt)  # (B, T)
+        # Key order of the q/k computations. exact: each prompt's own tokens first (padding last), so the
+        # scored rows of one slot see about the same prefix of keys in every prompt of a batch, however it
+        # is padded; keys past a slot's last visible one get dP = 0 exactly and are skipped. original:
+        # positions as they are (its rotary tables depend on them).
+        if mode == "exact":
+            self.kperm = torch.sort((~key_ok).to(torch.int8), dim=1, stable=True).indices  # (B, T)
+            self.key_pos = self.kperm  # original position of each key
+            self.key_ok = torch.gather(key_ok, 1, self.kperm)
+            last = torch.gather(key_ok.long().cumsum(1), 1, self.rows) - 1  # (B, Ts): last key a row sees
+        else:
+            self.kperm = None
+            self.key_pos = torch.arange(T, device=dev).expand(B, T)
+            self.key_ok = key_ok
+            last = self.rows
+        self.last_key = last.max(0).values.tolist()  # per row slot, over the batch
+        self.key_mean = self.key_ok.to(dt) / self.key_ok.sum(1, keepdim=True).to(dt)  # (B, T)
 
     def to(self, device) -> _Rows:
         r = _Rows(None, None, self.mode, self.dt, copy_from=self)
-        r.Ts, r.last_pos = self.Ts, self.last_pos
-        for name in ("valid", "rows", "w", "w_tok", "key_ok", "key_mean"):
+        r.Ts, r.last_key = self.Ts, self.last_key
+        for name in ("valid", "rows", "w", "w_tok", "key_ok", "key_mean", "key_pos"):
             setattr(r, name, getattr(self, name).to(device))
+        r.kperm = None if self.kperm is None else self.kperm.to(device)
         return r
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-key tensor (B, T, ...) in the q/k key order."""
+        return x if self.kperm is None else _gather_rows(x, self.kperm, 1)
 
     def neg(self, window: int | None) -> torch.Tensor:
         """(B, Ts, T) additive mask of the scored rows: 0 where key s is visible, -inf elsewhere."""
         if window not in self._neg:
-            T = self.key_ok.shape[1]
-            s = torch.arange(T, device=self.rows.device)
+            s = self.key_pos[:, None, :]  # (B, 1, T)
             t = self.rows[:, :, None]
             ok = (s <= t) & self.key_ok[:, None, :]
             if window is not None:
@@ -227,6 +243,8 @@ class _Rows:
             t = {"cos": c.contiguous(), "ssin": ssin, "kc": -c, "kp": sign * s.roll(d // 2, -1)}
             cr, sr = _gather_rows(c, self.rows, 1), _gather_rows(ssin, self.rows, 1)
             t.update(qcos=cr * scale, qsin=sr * scale, qc=cr * -scale, qp=_gather_rows(t["kp"], self.rows, 1) * scale)
+            for name in ("cos", "ssin", "kc", "kp"):
+                t[name] = self.keys(t[name]).contiguous()
             self._rope[key] = t
         return self._rope[key]
 
@@ -341,7 +359,7 @@ class _Layer:
 
         # queries at the scored rows only (pre-scaled), keys at all positions; head h = g*gs + i
         yq, rho_q = normed(_gather_rows(cap["q"].view(B, T, H, d), rows, 1), self.m.q_norm)  # (B, Ts, H, d)
-        yk, rho_k = normed(cap["k"].view(B, T, G, d), self.m.k_norm)  # (B, T, G, d)
+        yk, rho_k = normed(rw.keys(cap["k"].view(B, T, G, d)), self.m.k_norm)  # (B, T, G, d), key order
         Qs = torch.addcmul(yq * rt["qcos"][:, :, None], yq.roll(half, -1), rt["qsin"][:, :, None])
         K = torch.addcmul(yk * rt["cos"][:, :, None], yk.roll(half, -1), rt["ssin"][:, :, None])
         Qg = Qs.view(B, Ts, G, gs, d).permute(0, 2, 3, 1, 4)  # (B, G, gs, Ts, d)
@@ -357,7 +375,7 @@ class _Layer:
             P = torch.softmax(S, dim=-1)
         else:
             P = torch.softmax(torch.tanh(S / softcap).mul_(softcap).add_(negb), dim=-1)
-        V = cap["v"].view(B, T, G, d).to(dt)
+        V = rw.keys(cap["v"].view(B, T, G, d)).to(dt)
         if ctx.check:
             got = _gather_rows(a.view(B, T, G, gs, d), rows, 1).permute(0, 2, 3, 1, 4)  # (B, G, gs, Ts, d)
             err = ((torch.matmul(P, V.transpose(1, 2)[:, :, None]) - got).abs()
@@ -375,7 +393,7 @@ class _Layer:
 
         def key_end(r0, r1):
             """Keys [0, hi) are all that rows r0:r1 can see (causal mask): the rest have dP = 0 exactly."""
-            return max(rw.last_pos[r0:r1]) + 1
+            return max(rw.last_key[r0:r1]) + 1
 
         if "q" in ctx.kinds:
             # ||dP V_h W_o,h^T|| = ||dP V_h R_h^T|| with W_o,h = Q_h R_h
