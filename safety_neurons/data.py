@@ -234,13 +234,14 @@ def chat_text(tok, prompt: str, system_prompt: str | None = None, response: str 
     return text, (start, start + len(prompt))
 
 
-def encode(tok, prompts: list[str], system_prompt: str | None = None, responses: list[str] | None = None,
+def encode(tok, prompts: list[str], system_prompt: str | None = None, responses: list[str | list[int]] | None = None,
            template: bool = True, max_length: int = 512, padding_side: str = "left",
            response_ids: list[list[int]] | None = None) -> Batch:
     """Tokenize and pad a batch; marks the user-message tokens and (with responses) the loss tokens.
 
-    ``responses`` are texts (EOS appended: the model learns to stop); ``response_ids`` are token ids
-    taken as they are (e.g. generated answers, scored exactly as the model produced them).
+    ``responses`` are texts (EOS appended: the model learns to stop) or token ids taken as they are (an
+    answer cut at a token budget has no EOS: the model must not learn to stop there); ``response_ids``
+    are token ids taken as they are (e.g. generated answers, scored exactly as the model produced them).
     """
     rows_ids, rows_content, rows_label = [], [], []
     for i, p in enumerate(prompts):
@@ -250,8 +251,8 @@ def encode(tok, prompts: list[str], system_prompt: str | None = None, responses:
         content = [s < c1 and e > c0 and e > s for s, e in enc["offset_mapping"]]
         labels = [-100] * len(ids)
         if responses is not None or response_ids is not None:
-            r_ids = (list(response_ids[i]) if response_ids is not None else
-                     tok(responses[i] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"])
+            r = response_ids[i] if response_ids is not None else responses[i]
+            r_ids = list(r) if not isinstance(r, str) else tok(r + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
             ids += r_ids
             content += [False] * len(r_ids)
             labels += list(r_ids)

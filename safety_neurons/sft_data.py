@@ -27,13 +27,18 @@ def refusals_for(prompts: list[str], seed: int) -> list[str]:
 
 
 def self_distilled(model, tok, prompts: list[str], system_prompt: str | None, max_new_tokens: int,
-                   cache_dir: Path, model_key: str, batch_size: int = 16) -> list[str]:
-    """The model's own greedy answers (cached per model and prompt set)."""
-    key = sha256_of({"model": model_key, "prompts": prompts, "sys": system_prompt, "n": max_new_tokens})
+                   cache_dir: Path, model_key: str, batch_size: int = 16) -> list[list[int]]:
+    """The model's own greedy answers as token ids (cached per model and prompt set).
+
+    An answer the model finished within ``max_new_tokens`` ends with EOS; one cut at the budget does not,
+    so training on it does not teach the model to stop mid-answer."""
+    key = sha256_of({"model": model_key, "prompts": prompts, "sys": system_prompt, "n": max_new_tokens, "v": 2})
     f = Path(cache_dir) / "distill" / f"{key}.json"
     if f.exists():
-        return json.loads(f.read_text())["answers"]
+        return json.loads(f.read_text())["ids"]
     ids = generate(model, tok, prompts, system_prompt, max_new_tokens, batch_size, desc="self-distil")
-    answers = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
-    write_json(f, {"model": model_key, "answers": answers})
-    return answers
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    out = [a + eos if len(a) < max_new_tokens else a for a in ids]
+    write_json(f, {"model": model_key, "ids": out, "finished": [len(a) < max_new_tokens for a in ids],
+                   "answers": [tok.decode(a, skip_special_tokens=True) for a in ids]})
+    return out

@@ -124,9 +124,10 @@ def apply_delta(model: nn.Module, delta: dict[str, torch.Tensor]) -> int:
 
 
 # ------------------------------------------------------------------------------------------ SFT loop
-def train_sft(model, tok, prompts: list[str], responses: list[str], fcfg, system_prompt: str | None,
+def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], fcfg, system_prompt: str | None,
               params: list[nn.Parameter], accelerator=None, max_length: int = 512, progress: bool = True) -> dict:
     """Chat SFT for ``fcfg.steps`` optimizer steps on (prompt, response) pairs; loss on response tokens.
+    A response is text (EOS appended) or token ids taken as they are (see :func:`~.data.encode`).
 
     ``params``: what trains (every other parameter must have requires_grad False). Returns stats
     with the loss curve. Batches are drawn from a seeded shuffle, cycled; with Accelerate each

@@ -214,3 +214,24 @@ def test_grad_accumulation_equals_the_large_batch(tok):
     assert len(s1["losses"]) == 3 and len(s2["losses"]) == 6
     for (n, p), q in zip(big.named_parameters(), acc.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=n)
+
+
+def test_self_distilled_answers_cut_at_the_budget_carry_no_eos(tok, tmp_path, monkeypatch):
+    """A finished answer ends with EOS; one cut at max_new_tokens does not (else full fine-tuning teaches
+    the model to stop there). The loss tokens of encode() are exactly these ids; the cache returns them."""
+    import safety_neurons.sft_data as sd
+
+    calls = []
+
+    def fake_generate(model, tok_, prompts, sp, max_new_tokens, bs, desc=""):
+        calls.append(max_new_tokens)
+        return [[5, 6], [7, 8, 9]]  # the first stopped at EOS (cut off by generate), the second hit the budget
+
+    monkeypatch.setattr(sd, "generate", fake_generate)
+    got = sd.self_distilled(None, tok, ["a", "b"], None, 3, tmp_path, "m")
+    assert got == [[5, 6, tok.eos_token_id], [7, 8, 9]]
+    assert sd.self_distilled(None, tok, ["a", "b"], None, 3, tmp_path, "m") == got and calls == [3]  # cached
+    b = encode(tok, ["a", "b", "c"], None, got + ["no"], padding_side="right")
+    labels = [[t for t in row if t != -100] for row in b.labels.tolist()]
+    assert labels[:2] == got
+    assert labels[2] == tok("no" + tok.eos_token, add_special_tokens=False)["input_ids"]  # text: EOS appended

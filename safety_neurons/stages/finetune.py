@@ -38,7 +38,8 @@ def set_params(ns, adapter) -> int:
     return sum(adapter.neuron_params(kind) for _, kind, _ in ns.ranking)
 
 
-def training_pairs(cfg, model, tok) -> tuple[list[str], list[str], dict]:
+def training_pairs(cfg, model, tok) -> tuple[list[str], list[str | list[int]], dict]:
+    """Refusal texts for harmful prompts, the model's own answers (token ids) for harmless ones."""
     f = cfg.finetune
     harm = harmful_set(cfg, "train").head(f.n_harmful)
     prompts, responses = list(harm.prompts), (list(harm.responses) if harm.responses else refusals_for(harm.prompts, f.seed))
