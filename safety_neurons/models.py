@@ -277,6 +277,11 @@ def load_model(mcfg, store: Store, device: str = "auto"):
     if mcfg.device_map:
         kw["device_map"] = mcfg.device_map
     model = AutoModelForCausalLM.from_pretrained(source, **kw)
+    placed = set(map(str, (getattr(model, "hf_device_map", None) or {}).values()))
+    if placed & {"disk", "meta"}:
+        raise UserError(f"model.device_map={mcfg.device_map} offloaded part of {source} to disk, and importance "
+                        f"and deactivation read weights outside the forward pass; give it more GPU or CPU memory "
+                        f"(more GPUs, model.dtype=bfloat16) or an explicit device_map without disk")
     if not mcfg.device_map:
         model.to(dev)
     model.eval()

@@ -220,3 +220,18 @@ def test_neuron_tuning_stage_and_delta(fx, detected, tmp_path):
         assert torch.equal(p, dict(base.named_parameters())[n]), n
     with pytest.raises(UserError, match="exists"):
         get_stage("finetune")(compose(ov(fx, tmp_path / "sn2", *ft)))
+
+
+def test_detect_with_device_map_auto_equals_plain_load(fx, detected, tmp_path):
+    """model.device_map=auto (Accelerate's dispatch; all on the CPU here, several GPUs on a big machine)
+    gives the same per-prompt scores as a plain load."""
+    from safetensors.torch import load_file
+
+    run, _ = detected
+    detect(fx, tmp_path / "dm", "topk.attn=0.5", "topk.ffn=0.5", "topk.consistency=0.5", "model.device_map=auto",
+           "detect.save_as=dm")
+    a = load_file(str(run / "prompt_scores.safetensors"))
+    b = load_file(str(tmp_path / "dm" / "prompt_scores.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "dm" / "neurons.json").read_text())["ranking"] == \
+        json.loads((run / "neurons.json").read_text())["ranking"]
