@@ -139,6 +139,8 @@ class FinetuneConfig:
     max_new_tokens_distill: int = 64
     form_matched_repeat: int = 1  # harmless prompts labelled as eval.form_matched occur this many times
     harmful_repeat: int = 1  # each harmful (prompt, refusal) pair occurs this many times
+    decision_tokens: int = 0  # the first n response tokens (where refusing or answering is decided) ...
+    decision_weight: float = 1.0  # ... weigh this much in the token-mean loss (1: plain token mean)
     lora_r: int = 8
     save_as: str | None = None  # store model name for the result
     seed: int = 0

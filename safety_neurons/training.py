@@ -155,7 +155,19 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
     # loss tokens per pair: the loss is the token mean over the whole optimizer step (all processes, all
     # accumulation micro-batches), so a 2-process run equals one process with the same global batch
     # (a per-process mean, averaged by DDP, would weight a process's tokens by its shard's length)
-    n_tok = [int((encode(tok, [p], system_prompt, [r], max_length=max_length).labels != -100).sum())
+    m, dw = fcfg.decision_tokens, float(fcfg.decision_weight)
+    if m < 0 or dw <= 0:
+        raise UserError(f"finetune.decision_tokens={m} must be >= 0 and finetune.decision_weight={dw} > 0")
+
+    def weights(target: torch.Tensor) -> torch.Tensor:
+        """Loss weight of each target token: 0 off the response, decision_weight on its first m tokens."""
+        on = target != -100
+        w = on.to(torch.float32)
+        if m and dw != 1.0:
+            w = torch.where(on & (on.cumsum(1) <= m), torch.full_like(w, dw), w)
+        return w
+
+    n_tok = [float(weights(encode(tok, [p], system_prompt, [r], max_length=max_length).labels[:, 1:]).sum())
              for p, r in zip(prompts, responses)]
     losses = []
     t0 = time.time()
@@ -169,7 +181,7 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
                 order += perm
             micro.append(order[: fcfg.batch_size])
             order = order[fcfg.batch_size:]
-        n_step = max(1, sum(n_tok[i] for gidx in micro for i in gidx))
+        n_step = max(1.0, sum(n_tok[i] for gidx in micro for i in gidx))
         for gidx in micro:
             idx = gidx[rank * per_rank: (rank + 1) * per_rank]
             b = encode(tok, [prompts[i] for i in idx], system_prompt, [responses[i] for i in idx],
@@ -180,8 +192,9 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
                 # prompt positions is a fifth of a small model's work, and its loss is zero anyway
                 keep = (target != -100).any(0).nonzero()[:, 0]
                 logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=keep).logits
-                loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), target[:, keep].flatten(),
-                                           ignore_index=-100, reduction="sum")
+                w = weights(target)[:, keep].flatten()
+                loss_sum = (F.cross_entropy(logits.flatten(0, 1).float(), target[:, keep].flatten(),
+                                            ignore_index=-100, reduction="none") * w).sum()
                 # DDP averages gradients over processes and backward() divides by the accumulation steps
                 acc.backward(loss_sum * (world * acc.gradient_accumulation_steps / n_step))
                 if acc.sync_gradients and fcfg.clip:
@@ -189,8 +202,8 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
                 opt.step()
                 sched.step() if acc.sync_gradients else None
                 opt.zero_grad(set_to_none=True)
-            tot = acc.gather(torch.stack([loss_sum.detach(), (b.labels[:, 1:] != -100).sum().to(loss_sum)])[None])
-            losses.append(float(tot[:, 0].sum() / tot[:, 1].sum()))  # token mean of the global micro-batch
+            tot = acc.gather(torch.stack([loss_sum.detach(), w.sum().to(loss_sum)])[None])
+            losses.append(float(tot[:, 0].sum() / tot[:, 1].sum()))  # (weighted) token mean of the global micro-batch
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()

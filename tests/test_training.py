@@ -235,3 +235,37 @@ def test_self_distilled_answers_cut_at_the_budget_carry_no_eos(tok, tmp_path, mo
     labels = [[t for t in row if t != -100] for row in b.labels.tolist()]
     assert labels[:2] == got
     assert labels[2] == tok("no" + tok.eos_token, add_special_tokens=False)["input_ids"]  # text: EOS appended
+
+
+def manual_weighted_loss(model, tok, prompts, responses, m, w):
+    """As manual_loss, with the first m response tokens of each pair weighted w."""
+    b = encode(tok, prompts, None, responses, padding_side="right")
+    with torch.no_grad():
+        lg = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    num = den = 0.0
+    for r, (p, resp) in enumerate(zip(prompts, responses)):
+        n_prompt = int(encode(tok, [p]).attention_mask.sum())
+        r_ids = tok(resp + tok.eos_token, add_special_tokens=False)["input_ids"]
+        for j, t in enumerate(r_ids):
+            wt = w if j < m else 1.0
+            num -= wt * float(F.log_softmax(lg[r, n_prompt + j - 1].double(), -1)[t])
+            den += wt
+    return num / den
+
+
+def test_decision_tokens_weighting(tok):
+    """finetune.decision_tokens/decision_weight: the step loss is the weighted token mean, with the first
+    m response tokens of every pair weighted; weight 1 is the plain token mean; bad values are refused."""
+    model = tiny_model("llama")
+    want = manual_weighted_loss(model, tok, PROMPTS, RESPONSES, 2, 5.0)
+    assert abs(want - manual_loss(model, tok, PROMPTS, RESPONSES)) > 1e-3
+    stats = train_sft(model, tok, PROMPTS, RESPONSES, fcfg(steps=1, decision_tokens=2, decision_weight=5.0), None,
+                      list(model.parameters()), progress=False)
+    assert stats["losses"][0] == pytest.approx(want, rel=1e-5)
+    same = tiny_model("llama")
+    plain = train_sft(same, tok, PROMPTS, RESPONSES, fcfg(steps=1, decision_tokens=2, decision_weight=1.0), None,
+                      list(same.parameters()), progress=False)
+    assert plain["losses"][0] == pytest.approx(manual_loss(tiny_model("llama"), tok, PROMPTS, RESPONSES), rel=1e-5)
+    with pytest.raises(UserError, match="decision_weight"):
+        train_sft(same, tok, PROMPTS, RESPONSES, fcfg(steps=1, decision_tokens=2, decision_weight=0.0), None,
+                  list(same.parameters()), progress=False)
