@@ -135,6 +135,19 @@ def test_organism_built_on_first_use_then_reused(fixtures, tmp_path, monkeypatch
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert model_source(mcfg, store)[0] == str(out)  # cached: no second build
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert prov["recipe_hash"] == organism.recipe_fingerprint(organism._compose("tiny-org", store))
+
+    # a neuron set records the organism build it was found on; reusing it on another build is refused
+    det = [f"run_dir={tmp_path / 'det'}", f"store_dir={store.root}", "model=smollm2_refusing", "model.name=tiny-org",
+           "model.organism=tiny-org", f"dataset.path={fixtures['hb']}", f"harmless.path={fixtures['harmless']}",
+           "logger=none", "device=cpu", "stage=detect", "topk.consistency=0.5", "detect.reuse=true"]
+    get_stage("detect")(compose(det))
+    ns = json.loads((store.neuron_dir("tiny-org", "harmbench", "exact") / "neurons.json").read_text())
+    assert ns["meta"]["organism_recipe"] == prov["recipe_hash"]
+    assert get_stage("detect")(compose(det[:-1] + ["detect.reuse=true"]))["reused"]
+    (out / "organism.json").write_text(json.dumps({**prov, "recipe_hash": "another-build"}))
+    with pytest.raises(UserError, match="another build of the organism"):
+        get_stage("detect")(compose(det))
 
 
 def test_over_refusal_split_by_form(fixtures, tmp_path, monkeypatch):

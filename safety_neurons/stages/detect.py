@@ -190,6 +190,12 @@ def run(cfg) -> dict:
     if (out_store / "neurons.json").exists() and not d.overwrite:
         if d.reuse:
             ns = NeuronSet.load(out_store / "neurons.json")
+            now = _model_id(cfg).get("organism_recipe")
+            if now is not None and ns.meta.get("organism_recipe") != now:
+                raise UserError(f"the set at {out_store} was found on another build of the organism "
+                                f"{cfg.model.organism} (recipe {ns.meta.get('organism_recipe') or 'unrecorded'}, the "
+                                f"cached organism's is {now}); detect.overwrite=true recomputes it, or "
+                                f"detect.save_as=NEW_TAG keeps both")
             print(f"reusing the existing set {out_store} ({len(ns)} neurons; detect.overwrite=true recomputes)")
             return {"tag": tag, "n_neurons": len(ns), "neurons_json": str(out_store / "neurons.json"), "reused": True}
         raise UserError(f"a neuron set already exists at {out_store}; pass detect.overwrite=true, "
