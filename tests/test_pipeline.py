@@ -159,7 +159,8 @@ def test_deactivate_fast_path_equals_separate_points(fx, detected, tmp_path):
     fast = get_stage("deactivate")(compose(ov(fx, tmp_path / "fast", "stage=deactivate",
                                                f"deactivate.n=[{','.join(map(str, counts))},all]")))
     rows = pd.read_csv(tmp_path / "fast" / "sweep.csv")
-    assert list(rows["n"]) == counts + [n_set] and list(rows["n_neurons"]) == counts + [n_set]  # all: whole set
+    size = int(rows["set_size"].iloc[0])  # the latest set of this model and dataset (other tests add sets)
+    assert list(rows["n"]) == counts + [size] and list(rows["n_neurons"]) == counts + [size]  # all: whole set
     rows = rows.iloc[:-1]
     assert {"asr", "over_refusal", "utility_nll", "kl", "degenerate_share", "breaks_model", "param_share"} <= set(rows)
     assert rows.iloc[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # n=0 is the intact model
