@@ -44,18 +44,20 @@ def detect_time(model, ad, bl, kinds, mode="exact"):
 def qk_floor(ad, bl) -> tuple[float, float]:
     """Multiply-adds of the forward pass's layers and of the exact q/k output-change products.
 
-    Forward: tokens x the layers' weights. q: every scored row x channel needs its perturbed softmax
-    (T keys) times the head's factor (r = min(T, d_h) columns); k: the same for the gs heads of a group
-    stacked (gs*T keys, r = min(gs*T, gs*d_h)). These products alone set a floor on exact q/k cost."""
+    Forward: tokens x the layers' weights. q: a scored row at (unpadded) position t needs, per channel,
+    its perturbed softmax over the t+1 keys it sees times the head's factor restricted to those keys
+    (rank r = min(t+1, d_h)); k: the same for the gs heads of a group stacked (gs*(t+1) keys, rank
+    min(gs*(t+1), gs*d_h)). These products alone set a floor on exact q/k cost."""
     H, G, d = ad.n_heads, ad.n_kv, ad.head_dim
     gs, D = H // G, ad.d_model
     layer_w = D * H * d * 2 + D * G * d * 2 + 3 * D * ad.d_ff
     fwd = qk = 0.0
     for b, m in bl:
-        B, T = b.input_ids.shape
-        Ts = int(m.sum(1).max())
         fwd += ad.n_layers * int(b.attention_mask.sum()) * layer_w
-        qk += ad.n_layers * B * Ts * d * (H * T * min(T, d) + G * gs * T * min(gs * T, gs * d))
+        pos = b.attention_mask.cumsum(1) - 1  # unpadded position of each token
+        for t in pos[m].tolist():
+            n = t + 1
+            qk += ad.n_layers * d * (H * n * min(n, d) + G * gs * n * min(gs * n, gs * d))
     return fwd, qk
 
 
