@@ -23,4 +23,5 @@ for rp in under-attn under-ffn reason-attn reason-ffn gen-attn gen-ffn; do
   py stage=deactivate model=$m deactivate.set_tag=exact-refharmless split=smollm2 $flags \
     deactivate.region=$rp deactivate.n=all $E
 done
-py stage=report model=$m report.dir=outputs/runs/deactivate/$m
+# run directories are named by the model name (smollm2-refusing), not the config name
+py stage=report model=$m report.dir=outputs/runs/deactivate/${MODEL_NAME:-smollm2-refusing}

@@ -54,8 +54,9 @@ def plot_deactivation(df: pd.DataFrame, out: Path) -> list[Path]:
     paths = []
     df = df.copy()
     df["group"] = df.get("set", "set").astype(str) + " " + df.get("split", "").astype(str)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
     x0 = df["n"].replace(0, 0.8)
+    flagged = False
     for (grp, base), d in df.assign(x=x0).groupby(["group", "baseline"]):
         d = d.sort_values("n")
         if base == "random":
@@ -67,17 +68,18 @@ def plot_deactivation(df: pd.DataFrame, out: Path) -> list[Path]:
             ax.plot(d["x"], d["asr"], "o-", label=f"safety ({grp})")
             broken = d[d["breaks_model"].astype(bool)]
             ax.scatter(broken["x"], broken["asr"], marker="x", color="red", zorder=5,
-                       label="breaks the model" if len(broken) else None)
+                       label="breaks the model" if len(broken) and not flagged else None)
+            flagged = flagged or bool(len(broken))
     ax.set_xscale("log")
     ax.set_xlabel("neurons deactivated (0 plotted at 0.8)")
     ax.set_ylabel("attack success rate")
     ax.set_ylim(-0.03, 1.03)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out / "asr_vs_count.png"))
     plt.close(fig)
     if "nll_ratio" in df:
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        fig, ax = plt.subplots(figsize=(8, 3.6))
         for (grp, base), d in df.groupby(["group", "baseline"]):
             ax.scatter(d["nll_ratio"], d["asr"], marker="s" if base == "random" else "o", label=f"{base} ({grp})")
             for _, r in d.iterrows():
@@ -87,7 +89,7 @@ def plot_deactivation(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_xscale("log")
         ax.set_xlabel("utility NLL / intact NLL (harmless answers)")
         ax.set_ylabel("attack success rate")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out / "asr_vs_utility.png"))
         plt.close(fig)
