@@ -5,12 +5,11 @@ hashes of its training prompts); when the recipe or the prompt files change, reu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
 
-from .io import Store
+from .io import Store, sha256_of
 
 log = logging.getLogger("safety_neurons")
 
@@ -30,7 +29,7 @@ def recipe_fingerprint(cfg) -> str:
     what = {"base": cfg.model.name, "system_prompt": cfg.model.system_prompt, "finetune": settings,
             "harmful": harmful_set(cfg, "train").head(f.n_harmful).hash, "harmless": harmless,
             "form_matched": list(cfg.eval.form_matched), "seed": cfg.seed}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_of(what)
 
 
 def _compose(name: str, store: Store):
