@@ -133,6 +133,8 @@ class FinetuneConfig:
     grad_accum: int = 1
     lr: float = 5e-5
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay; 0.95 adapts faster in short runs
+    share_prefix: bool = True  # run the rows' common prefix (system prompt) once per step; same result
     warmup: float = 0.05
     schedule: str = "cosine"
     clip: float = 1.0

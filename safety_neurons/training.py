@@ -124,6 +124,51 @@ def apply_delta(model: nn.Module, delta: dict[str, torch.Tensor]) -> int:
 
 
 # ------------------------------------------------------------------------------------------ SFT loop
+def adamw(params: list[nn.Parameter], fcfg) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a fused kernel for the parameters' device (one pass over all
+    tensors: about 4x cheaper than the per-tensor loop on CPU, a tenth of a full fine-tuning step)."""
+    kw = dict(lr=fcfg.lr, weight_decay=fcfg.weight_decay, betas=(0.9, fcfg.adam_beta2))
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.AdamW(params, **kw)
+
+
+def shared_prefix_len(b) -> int:
+    """Leading tokens that every row of a right-padded batch has in common (the chat template's system
+    prompt and user header) and that come before the first logit any loss needs."""
+    T = b.input_ids.shape[1]
+    same = (b.input_ids == b.input_ids[:1]).all(0) & b.attention_mask.bool().all(0)
+    n = int(same.long().cumprod(0).sum())
+    lab = (b.labels != -100).any(0).nonzero()
+    first_logit = int(lab[0]) - 1 if len(lab) else T - 1  # logits at p predict token p + 1
+    return max(0, min(n, first_logit, T - 1))
+
+
+def _has_sliding_window(model) -> bool:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
+
+
+def response_logits(model, b, keep: torch.Tensor, share: bool = True) -> torch.Tensor:
+    """Logits at positions ``keep`` of a right-padded training batch.
+
+    With ``share``, the prefix all rows have in common is run once (one row) and its keys and values
+    are repeated for the batch, so a step computes the shared system prompt once instead of once per
+    row (about a quarter of a chat SFT batch's tokens). Same logits and gradients as the plain
+    forward: the repeat is differentiable, so every row's gradient reaches the one prefix. Plain
+    forward where nothing is shared or the model has sliding windows."""
+    p = shared_prefix_len(b) if share and not _has_sliding_window(model) else 0
+    if p < 2:
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=keep).logits
+    pre = model(input_ids=b.input_ids[:1, :p], attention_mask=b.attention_mask[:1, :p], use_cache=True,
+                logits_to_keep=1)
+    cache = pre.past_key_values
+    cache.batch_repeat_interleave(b.input_ids.shape[0])
+    return model(input_ids=b.input_ids[:, p:], attention_mask=b.attention_mask, past_key_values=cache,
+                 use_cache=True, logits_to_keep=keep - p).logits
+
+
 def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], fcfg, system_prompt: str | None,
               params: list[nn.Parameter], accelerator=None, max_length: int = 512, progress: bool = True) -> dict:
     """Chat SFT for ``fcfg.steps`` optimizer steps on (prompt, response) pairs; loss on response tokens.
@@ -139,7 +184,7 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
     if not prompts:
         raise UserError("no training pairs; check the prompt sets and finetune.n_harmful/n_harmless")
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=fcfg.grad_accum)
-    opt = torch.optim.AdamW(params, lr=fcfg.lr, weight_decay=fcfg.weight_decay, betas=(0.9, 0.999))
+    opt = adamw(params, fcfg)
     total = fcfg.steps
     warm = int(math.ceil(fcfg.warmup * total))
     sched = (get_cosine_schedule_with_warmup(opt, warm, total) if fcfg.schedule == "cosine"
@@ -191,7 +236,7 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
                 # logits only where some row's next token carries loss: the vocabulary projection of the
                 # prompt positions is a fifth of a small model's work, and its loss is zero anyway
                 keep = (target != -100).any(0).nonzero()[:, 0]
-                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=keep).logits
+                logits = response_logits(model, b, keep, share=fcfg.share_prefix and world == 1)
                 w = weights(target)[:, keep].flatten()
                 loss_sum = (F.cross_entropy(logits.flatten(0, 1).float(), target[:, keep].flatten(),
                                             ignore_index=-100, reduction="none") * w).sum()

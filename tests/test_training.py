@@ -269,3 +269,45 @@ def test_decision_tokens_weighting(tok):
     with pytest.raises(UserError, match="decision_weight"):
         train_sft(same, tok, PROMPTS, RESPONSES, fcfg(steps=1, decision_tokens=2, decision_weight=0.0), None,
                   list(same.parameters()), progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma", "gemma2", "gemma3", "qwen2"])
+def test_shared_prefix_forward_equals_plain(family, tok):
+    """The system prompt run once and repeated for the batch gives the plain forward's logits and
+    gradients (float64), in every family; sliding-window families take the plain path."""
+    from safety_neurons.training import _has_sliding_window, response_logits, shared_prefix_len
+
+    model = tiny_model(family).double().train()
+    b = encode(tok, PROMPTS, None, RESPONSES, padding_side="right")
+    target = b.labels[:, 1:]
+    keep = (target != -100).any(0).nonzero()[:, 0]
+    p = shared_prefix_len(b)
+    # the tiny template's system prompt and user header are shared: dozens of tokens, all before any loss
+    assert p >= 20 and (b.labels[:, : p + 1] == -100).all()
+    assert _has_sliding_window(model) == (family in ("gemma2", "gemma3"))
+    out = {}
+    for share in (False, True):
+        model.zero_grad()
+        logits = response_logits(model, b, keep, share=share)
+        F.cross_entropy(logits.flatten(0, 1), target[:, keep].flatten(), ignore_index=-100).backward()
+        out[share] = (logits.detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None})
+    if family in ("gemma2", "gemma3"):  # plain path both times: bit-identical (NaN rows of the tiny window too)
+        assert torch.equal(out[True][0].nan_to_num(), out[False][0].nan_to_num())
+        return
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-10, atol=1e-12)
+    assert out[True][1].keys() == out[False][1].keys()
+    # the families' norms compute in float32 even in a float64 model, and the shared path sums the rows'
+    # prefix gradients before a norm's backward instead of after: float32 rounding (~1e-7), nothing more
+    for n, g in out[False][1].items():
+        assert float((out[True][1][n] - g).norm() / g.norm()) < 1e-6, n
+
+
+def test_shared_prefix_stops_before_the_first_loss_logit(tok):
+    """Rows that agree past the user header (same prompt) share no position whose logit carries loss."""
+    from safety_neurons.training import shared_prefix_len
+
+    b = encode(tok, ["same prompt", "same prompt"], None, ["yes", "no"], padding_side="right")
+    first = int((b.labels != -100).any(0).nonzero()[0])
+    assert shared_prefix_len(b) == first - 1
+    one = encode(tok, ["a"], None, ["b"], padding_side="right")
+    assert shared_prefix_len(one) == int((one.labels != -100).any(0).nonzero()[0]) - 1
