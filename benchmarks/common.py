@@ -27,10 +27,19 @@ def harmful_prompts(cfg, n: int) -> list[str]:
     return harmful_set(cfg, "train").prompts[:n]
 
 
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():  # GPU work is asynchronous: time it once it has finished
+        torch.cuda.synchronize()
+
+
 class Timer:
     def __enter__(self):
+        _sync()
         self.t = time.perf_counter()
         return self
 
     def __exit__(self, *a):
+        _sync()
         self.s = time.perf_counter() - self.t

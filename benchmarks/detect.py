@@ -17,11 +17,11 @@ from safety_neurons.importance import prompt_scores
 KINDS = ("q", "k", "v", "o", "ffn")
 
 
-def batches(tok, prompts, bs):
+def batches(tok, prompts, bs, dev="cpu"):
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = []
     for s in range(0, len(order), bs):
-        b = encode(tok, [prompts[i] for i in order[s:s + bs]])
+        b = encode(tok, [prompts[i] for i in order[s:s + bs]]).to(dev)
         out.append((b, scored_mask(b, "content")))
     return out
 
@@ -69,12 +69,13 @@ def main():
     a = ap.parse_args()
     cfg, model, tok, ad = smollm2()
     prompts = harmful_prompts(cfg, a.prompts)
-    bl = batches(tok, prompts, a.batch)
+    dev = next(model.parameters()).device
+    bl = batches(tok, prompts, a.batch, dev)
     forward_time(model, bl[:1])  # warm-up
     fwd = min(forward_time(model, bl) for _ in range(2))
     full = detect_time(model, ad, bl, KINDS)
     n_tok = sum(int(b.attention_mask.sum()) for b, _ in bl)
-    print(f"SmolLM2, {len(prompts)} prompts ({n_tok} tokens), batch {a.batch}")
+    print(f"SmolLM2 on {next(model.parameters()).device} ({next(model.parameters()).dtype}), {len(prompts)} prompts ({n_tok} tokens), batch {a.batch}")
     print(f"plain forward {fwd:.2f}s; detection (all kinds, exact) {full:.2f}s; ratio {full / fwd:.2f} (target <= 1.5)")
     f_macs, qk_macs = qk_floor(ad, bl)
     print(f"multiply-adds: layers' forward {f_macs / 1e9:.1f} G, exact q/k output-change products {qk_macs / 1e9:.1f} G "
@@ -85,16 +86,18 @@ def main():
     orig = detect_time(model, ad, bl, KINDS, mode="original")
     print(f"original-mode formulas, batched: {orig:.2f}s ratio {orig / fwd:.2f}")
     lp = prompts[: a.loop_prompts]
-    one = batches(tok, lp, 1)
-    ours = batches(tok, lp, a.batch)
+    one = batches(tok, lp, 1, dev)
+    ours = batches(tok, lp, a.batch, dev)
     t_one = detect_time(model, ad, one, KINDS)
     t_ours = detect_time(model, ad, ours, KINDS)
     print(f"one prompt at a time ({len(lp)} prompts): {t_one:.2f}s vs batched {t_ours:.2f}s: {t_one / t_ours:.2f}x faster")
     for bs in (1, 4, 16, 32):
-        bb = batches(tok, lp, bs)
+        bb = batches(tok, lp, bs, dev)
         t = detect_time(model, ad, bb, KINDS)
         print(f"  batch {bs:>2}: {len(lp) / t:.1f} prompts/s")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+    if torch.cuda.is_available():
+        print(f"{torch.cuda.get_device_name()}: peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":
