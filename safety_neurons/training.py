@@ -163,10 +163,19 @@ def response_logits(model, b, keep: torch.Tensor, share: bool = True) -> torch.T
         return model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=keep).logits
     pre = model(input_ids=b.input_ids[:1, :p], attention_mask=b.attention_mask[:1, :p], use_cache=True,
                 logits_to_keep=1)
-    cache = pre.past_key_values
+    kw = _cache_kw(model)
+    cache = getattr(pre, kw)
     cache.batch_repeat_interleave(b.input_ids.shape[0])
-    return model(input_ids=b.input_ids[:, p:], attention_mask=b.attention_mask, past_key_values=cache,
-                 use_cache=True, logits_to_keep=keep - p).logits
+    return model(input_ids=b.input_ids[:, p:], attention_mask=b.attention_mask, use_cache=True,
+                 logits_to_keep=keep - p, **{kw: cache}).logits
+
+
+def _cache_kw(model) -> str:
+    """The name transformers gives the key/value cache: ``cache`` in recent releases, ``past_key_values`` in older ones."""
+    import inspect
+
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT (LoRA) wrapper
+    return "cache" if "cache" in inspect.signature(type(m).forward).parameters else "past_key_values"
 
 
 def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], fcfg, system_prompt: str | None,
