@@ -1,5 +1,5 @@
 """Train one organism variant from SmolLM2 as shipped and measure refusal on the whole held-out sets
-(41 harmful, 82 harmless split into natural and form-matched), without saving the model: the quick
+(41 harmful; harmless split into natural and form-matched), without saving the model: the quick
 loop behind the README's organism table.
 
 usage: python experiments/organism_variants.py NAME [hydra overrides on top of experiment=align]
@@ -17,15 +17,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
 
 
 def main(name: str, overrides: list[str]) -> None:
     import torch
+    from organism_sweep import measure
 
     from safety_neurons.cfg import compose
-    from safety_neurons.evaluation import generate, is_refusal, refusal_markers
     from safety_neurons.io import write_json
-    from safety_neurons.stages.common import harmful_set, harmless_set, load
+    from safety_neurons.stages.common import load
     from safety_neurons.stages.finetune import training_pairs
     from safety_neurons.training import train_sft
 
@@ -40,17 +41,7 @@ def main(name: str, overrides: list[str]) -> None:
     train_sft(model, tok, prompts, responses, cfg.finetune, cfg.model.system_prompt, params,
               max_length=cfg.model.max_length)
     res = {"name": name, "overrides": overrides, "pairs": len(prompts), "train_seconds": round(time.time() - t0, 1)}
-    model.eval()
-    markers = refusal_markers(cfg.eval.refusal_list)
-    for which, ps in (("harmful", harmful_set(cfg, "eval").head(cfg.eval.n_harmful)), ("harmless", harmless_set(cfg, "eval"))):
-        ids = generate(model, tok, ps.prompts, cfg.model.system_prompt, cfg.eval.max_new_tokens, 16, desc=which)
-        refused = [is_refusal(tok.decode(a, skip_special_tokens=True), markers) for a in ids]
-        res[f"{which}_refusal"] = sum(refused) / len(refused)
-        if which == "harmless":
-            fm = [r for r, lab in zip(refused, ps.labels) if lab in cfg.eval.form_matched]
-            nat = [r for r, lab in zip(refused, ps.labels) if lab not in cfg.eval.form_matched]
-            res.update(form_matched=f"{sum(fm)}/{len(fm)}", natural=f"{sum(nat)}/{len(nat)}",
-                       refused_harmless=[p for p, r in zip(ps.prompts, refused) if r])
+    res.update(measure(model, tok, cfg, gen_batch=16))
     print(json.dumps({k: v for k, v in res.items() if k != "refused_harmless"}))
     write_json(ROOT / "outputs" / "organism-variants" / f"{name}.json", res)
 
