@@ -42,22 +42,16 @@ def read_variants(path: str) -> list[tuple[str, list[str]]]:
 
 def padded_tokens(tok, prompts, responses, cfg) -> tuple[int, int]:
     """(padded, real) tokens the recipe's batches hold: the currency of a CPU step's cost."""
-    import random
-
     from safety_neurons.data import encode
+    from safety_neurons.training import step_batches
 
-    f = cfg.finetune
-    rng, order, padded, real = random.Random(f.seed), [], 0, 0
-    for _ in range(f.steps * f.grad_accum):
-        while len(order) < f.batch_size:
-            perm = list(range(len(prompts)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[: f.batch_size], order[f.batch_size:]
-        b = encode(tok, [prompts[i] for i in idx], cfg.model.system_prompt, [responses[i] for i in idx],
-                   max_length=cfg.model.max_length, padding_side="right")
-        padded += b.input_ids.numel()
-        real += int(b.attention_mask.sum())
+    padded = real = 0
+    for micro in step_batches(len(prompts), cfg.finetune):
+        for idx in micro:
+            b = encode(tok, [prompts[i] for i in idx], cfg.model.system_prompt, [responses[i] for i in idx],
+                       max_length=cfg.model.max_length, padding_side="right")
+            padded += b.input_ids.numel()
+            real += int(b.attention_mask.sum())
     return padded, real
 
 

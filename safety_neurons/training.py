@@ -178,6 +178,23 @@ def _cache_kw(model) -> str:
     return "cache" if "cache" in inspect.signature(type(m).forward).parameters else "past_key_values"
 
 
+def step_batches(n_pairs: int, fcfg):
+    """The pair indices of each optimizer step: ``fcfg.grad_accum`` global micro-batches of
+    ``fcfg.batch_size``, drawn from a seeded shuffle of all pairs that is cycled (reshuffled each pass)."""
+    rng = random.Random(fcfg.seed)
+    order: list[int] = []
+    for _step in range(fcfg.steps):
+        micro = []
+        for _ in range(fcfg.grad_accum):
+            while len(order) < fcfg.batch_size:
+                perm = list(range(n_pairs))
+                rng.shuffle(perm)
+                order += perm
+            micro.append(order[: fcfg.batch_size])
+            order = order[fcfg.batch_size:]
+        yield micro
+
+
 def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], fcfg, system_prompt: str | None,
               params: list[nn.Parameter], accelerator=None, max_length: int = 512, progress: bool = True) -> dict:
     """Chat SFT for ``fcfg.steps`` optimizer steps on (prompt, response) pairs; loss on response tokens.
@@ -200,8 +217,6 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
              else get_linear_schedule_with_warmup(opt, warm, total))
     model.train()
     model, opt = acc.prepare(model, opt)
-    rng = random.Random(fcfg.seed)
-    order: list[int] = []
     world, rank = acc.num_processes, acc.process_index
     per_rank = fcfg.batch_size // world if fcfg.batch_size % world == 0 else None
     if per_rank is None:
@@ -226,15 +241,7 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
     losses = []
     t0 = time.time()
     bar = tqdm(total=total, desc="train", disable=not (progress and acc.is_main_process))
-    for _step in range(total):
-        micro = []
-        for _ in range(fcfg.grad_accum):
-            while len(order) < fcfg.batch_size:
-                perm = list(range(len(prompts)))
-                rng.shuffle(perm)
-                order += perm
-            micro.append(order[: fcfg.batch_size])
-            order = order[fcfg.batch_size:]
+    for micro in step_batches(len(prompts), fcfg):
         n_step = max(1.0, sum(n_tok[i] for gidx in micro for i in gidx))
         for gidx in micro:
             idx = gidx[rank * per_rank: (rank + 1) * per_rank]
