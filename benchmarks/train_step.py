@@ -1,22 +1,33 @@
 """Full fine-tuning step on SmolLM2 (the organism's recipe: its training pairs, batch 8), measured side by
-side in one run, alternating: the plain step (every row runs the whole chat template; per-tensor AdamW)
-vs ours (the rows' shared system prompt run once, finetune.share_prefix; fused AdamW). Prints seconds
-per step of each and their ratio. usage: python benchmarks/train_step.py [--steps 4] [--rounds 2]"""
+side in one run, alternating:
+
+- plain: the padded batch, every row runs the whole chat template; per-tensor AdamW; glibc's default malloc;
+- prefix: the rows' shared system prompt run once through the key/value cache; fused AdamW (2026-11-27's step);
+- packed: the batch packed into one row (no padding, the prefix once, logits only where loss is,
+  finetune.pack); fused AdamW;
+- packed + reused memory: the same with malloc keeping freed memory (reuse_freed_memory, the default).
+
+The first three run with glibc's default malloc (switched back after the last variant of each round).
+Prints seconds per step of each and the ratios to plain. usage: python benchmarks/train_step.py
+[--steps 4] [--rounds 2]"""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import random
+import resource
 
 import torch
 import torch.nn.functional as F
 from common import Timer, smollm2
 
 from safety_neurons.data import encode
-from safety_neurons.training import adamw, response_logits, shared_prefix_len
+from safety_neurons.runtime import reuse_freed_memory
+from safety_neurons.training import adamw, shared_prefix_len, step_logits
 
 
-def steps(model, tok, pairs, params, opt, share, n, seed):
+def steps(model, tok, pairs, params, opt, pack, share, n, seed):
     rng = random.Random(seed)
     dev = next(model.parameters()).device
     with Timer() as t:
@@ -25,13 +36,21 @@ def steps(model, tok, pairs, params, opt, share, n, seed):
             b = encode(tok, [pairs[0][i] for i in idx], None, [pairs[1][i] for i in idx],
                        padding_side="right").to(dev)
             target = b.labels[:, 1:]
-            keep = (target != -100).any(0).nonzero()[:, 0]
-            logits = response_logits(model, b, keep, share=share)
-            F.cross_entropy(logits.flatten(0, 1).float(), target[:, keep].flatten(), ignore_index=-100).backward()
+            sel = target != -100
+            logits = step_logits(model, b, sel, pack=pack, share=share)
+            F.cross_entropy(logits.float(), target[sel]).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
     return t.s / n, b
+
+
+def default_malloc():
+    """glibc's defaults (mmap for large blocks, trim at 128 KiB), undoing reuse_freed_memory."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-4, 65536)
+    libc.mallopt(-1, 128 * 1024)
+    libc.malloc_trim(0)
 
 
 def main():
@@ -52,15 +71,28 @@ def main():
     f = acfg.finetune
     plain_opt = torch.optim.AdamW(params, lr=1e-7, weight_decay=f.weight_decay, foreach=False)
     ours_opt = adamw(params, f)
-    steps(model, tok, pairs, params, ours_opt, True, 1, 99)  # warm-up
-    tp, to = [], []
+    variants = [("plain", plain_opt, False, False, False), ("prefix", ours_opt, False, True, False),
+                ("packed", ours_opt, True, True, False), ("packed + reused memory", ours_opt, True, True, True)]
+    steps(model, tok, pairs, params, ours_opt, True, True, 1, 99)  # warm-up
+    times: dict[str, list[float]] = {v[0]: [] for v in variants}
+    faults: dict[str, list[float]] = {v[0]: [] for v in variants}  # minor page faults per step
     for r in range(a.rounds):
-        tp.append(steps(model, tok, pairs, params, plain_opt, False, a.steps, r)[0])
-        t, b = steps(model, tok, pairs, params, ours_opt, True, a.steps, r)
-        to.append(t)
-    print(f"SmolLM2 full fine-tuning, batch 8 (shared prefix {shared_prefix_len(b)} of {b.input_ids.shape[1]} tokens "
-          f"in the last batch), {a.rounds} x {a.steps} steps each, alternating")
-    print(f"plain step {min(tp):.2f}s, ours {min(to):.2f}s: {min(tp) / min(to):.2f}x faster")
+        default_malloc()
+        for name, opt, pack, share, reuse in variants:
+            if reuse:
+                assert reuse_freed_memory()
+            steps(model, tok, pairs, params, opt, pack, share, 1, 50 + r)  # settle the allocator
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t, b = steps(model, tok, pairs, params, opt, pack, share, a.steps, r)
+            times[name].append(t)
+            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / a.steps)
+    n_tok = int(b.attention_mask.sum())
+    print(f"SmolLM2 full fine-tuning, batch 8 (last batch: {n_tok} real tokens of {b.input_ids.numel()} padded, "
+          f"shared prefix {shared_prefix_len(b)}), {a.rounds} x {a.steps} steps each, alternating")
+    base = min(times["plain"])
+    for name, ts in times.items():
+        print(f"  {name:<24} {min(ts):.2f} s/step  {base / min(ts):.2f}x faster than plain  "
+              f"({sum(faults[name]) / len(faults[name]):,.0f} page faults per step)")
 
 
 if __name__ == "__main__":

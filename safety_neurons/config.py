@@ -135,6 +135,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     adam_beta2: float = 0.999  # AdamW's second-moment decay; 0.95 adapts faster in short runs
     share_prefix: bool = True  # run the rows' common prefix (system prompt) once per step; same result
+    pack: bool = True  # one packed row per micro-batch: no padding, logits only where loss is; same result
     warmup: float = 0.05
     schedule: str = "cosine"
     clip: float = 1.0
@@ -199,6 +200,9 @@ class Config:
     store_dir: str = MISSING
     run_dir: str = MISSING
     device: str = "auto"
+    # glibc keeps memory torch frees for reuse instead of faulting fresh pages in (runtime.py): CPU
+    # training steps ~1.2x faster in VMs; the process holds its peak memory until it exits
+    reuse_freed_memory: bool = True
     stages: list[str] = field(default_factory=list)  # for experiment presets that chain stages
 
 

@@ -145,9 +145,21 @@ def shared_prefix_len(b) -> int:
     return max(0, min(n, first_logit, T - 1))
 
 
+def _inner(model):
+    """The model under a DDP or PEFT (LoRA) wrapper, for its config."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _sliding_window(model) -> int | None:
+    cfg = _inner(model).config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    w = getattr(cfg, "sliding_window", None)
+    return int(w) if w and getattr(cfg, "use_sliding_window", True) is not False else None
+
+
 def _has_sliding_window(model) -> bool:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
+    return _sliding_window(model) is not None
 
 
 def response_logits(model, b, keep: torch.Tensor, share: bool = True) -> torch.Tensor:
@@ -170,12 +182,69 @@ def response_logits(model, b, keep: torch.Tensor, share: bool = True) -> torch.T
                  logits_to_keep=keep - p, **{kw: cache}).logits
 
 
+PACK_MAX_TOKENS = 4096  # a packed row's L x L attention mask costs 4 L^2 bytes: 64 MiB at this length
+
+
+def packed_logits(model, b, sel: torch.Tensor, share: bool = True) -> torch.Tensor | None:
+    """Logits of exactly the loss positions ``sel`` of a right-padded batch, from one packed row.
+
+    The rows go one after the other into a single sequence, padding dropped, each with its own position
+    ids and a block-causal mask: a token sees the earlier tokens of its own row and, with ``share``, the
+    rows' common prefix (system prompt and user header), which is in the row once. So a step runs no
+    padding, the shared prefix once, every weight once (no second use whose gradients autograd has to
+    add), and the vocabulary projection only where a token carries loss. Same logits as the padded
+    forward up to float rounding. ``sel`` (B, T-1) marks the targets ``b.labels[:, 1:]`` that need a
+    logit; the result (N, V) follows its row-major order. None where packing does not apply: an
+    attention implementation that takes no custom mask (flash attention), a row longer than a sliding
+    window, or a packed row over ``PACK_MAX_TOKENS``."""
+    inner = _inner(model)
+    if getattr(inner.config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
+        return None
+    n = b.attention_mask.sum(1).tolist()  # right padding: row i is [0, n_i)
+    win = _sliding_window(model)
+    if win is not None and max(n) > win:
+        return None
+    p = shared_prefix_len(b) if share else 0
+    rows, cols = sel.nonzero(as_tuple=True)  # row-major, like the padded logits flattened
+    if len(cols) and int(cols.min()) < p:  # shared_prefix_len stops before the first loss logit
+        return None
+    L = p + sum(k - p for k in n)
+    if L > PACK_MAX_TOKENS:
+        return None
+    dev = b.input_ids.device
+    ids = torch.cat([b.input_ids[0, :p]] + [b.input_ids[i, p:k] for i, k in enumerate(n)])
+    pos = torch.cat([torch.arange(p)] + [torch.arange(p, k) for k in n]).to(dev)
+    seg = torch.cat([torch.zeros(p, dtype=torch.long)]
+                    + [torch.full((k - p,), i + 1, dtype=torch.long) for i, k in enumerate(n)]).to(dev)
+    ok = (pos[None, :] <= pos[:, None]) & ((seg[None, :] == seg[:, None]) | (seg[None, :] == 0))
+    dt = inner.get_input_embeddings().weight.dtype
+    mask = torch.zeros(1, 1, L, L, dtype=dt, device=dev).masked_fill_(~ok, torch.finfo(dt).min)
+    start = torch.tensor([p + sum(k - p for k in n[:i]) for i in range(len(n))], device=dev)
+    keep = start[rows] + cols - p  # the packed index of the token at (row, col)
+    return model(input_ids=ids[None], attention_mask=mask, position_ids=pos[None], use_cache=False,
+                 logits_to_keep=keep).logits[0]
+
+
+def step_logits(model, b, sel: torch.Tensor, pack: bool = True, share: bool = True, ddp: bool = False
+                ) -> torch.Tensor:
+    """Logits (N, V) of the loss positions ``sel`` (B, T-1) of a right-padded training batch, in row-major
+    order: packed (:func:`packed_logits`) where it applies and ``pack`` is on, else the padded batch
+    (with ``share``, its common prefix run once through the key/value cache: :func:`response_logits`;
+    not under DDP, whose reducer expects one forward per backward)."""
+    if pack:
+        out = packed_logits(model, b, sel, share)
+        if out is not None:
+            return out
+    keep = sel.any(0).nonzero()[:, 0]
+    logits = response_logits(model, b, keep, share=share and not ddp)  # (B, K, V)
+    return logits[sel[:, keep]]
+
+
 def _cache_kw(model) -> str:
     """The name transformers gives the key/value cache: ``cache`` in recent releases, ``past_key_values`` in older ones."""
     import inspect
 
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT (LoRA) wrapper
-    return "cache" if "cache" in inspect.signature(type(m).forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(type(_inner(model)).forward).parameters else "past_key_values"
 
 
 def step_batches(n_pairs: int, fcfg):
@@ -249,13 +318,12 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
                        max_length=max_length, padding_side="right").to(acc.device)
             with acc.accumulate(model):
                 target = b.labels[:, 1:]
-                # logits only where some row's next token carries loss: the vocabulary projection of the
-                # prompt positions is a fifth of a small model's work, and its loss is zero anyway
-                keep = (target != -100).any(0).nonzero()[:, 0]
-                logits = response_logits(model, b, keep, share=fcfg.share_prefix and world == 1)
-                w = weights(target)[:, keep].flatten()
-                loss_sum = (F.cross_entropy(logits.flatten(0, 1).float(), target[:, keep].flatten(),
-                                            ignore_index=-100, reduction="none") * w).sum()
+                # logits only where a token carries loss: the vocabulary projection of the prompt
+                # positions is a fifth of a small model's work, and its loss is zero anyway
+                sel = target != -100
+                logits = step_logits(model, b, sel, pack=fcfg.pack, share=fcfg.share_prefix, ddp=world > 1)
+                w = weights(target)[sel]
+                loss_sum = (F.cross_entropy(logits.float(), target[sel], reduction="none") * w).sum()
                 # DDP averages gradients over processes and backward() divides by the accumulation steps
                 acc.backward(loss_sum * (world * acc.gradient_accumulation_steps / n_step))
                 if acc.sync_gradients and fcfg.clip:

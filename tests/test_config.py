@@ -119,7 +119,7 @@ def test_experiment_align(base):
     f = cfg.finetune
     assert (f.target, f.steps, f.batch_size, f.lr, f.n_harmful, f.n_harmless, f.clip, f.save_as) == (
         "all", 100, 8, 8e-5, None, None, 1.0, "smollm2-refusing")
-    assert f.share_prefix
+    assert f.share_prefix and f.pack and cfg.reuse_freed_memory
     assert (f.max_new_tokens_distill, f.form_matched_repeat, f.harmful_repeat) == (24, 2, 2)
     assert (f.decision_tokens, f.decision_weight) == (3, 4.0)
     assert cfg.model.name == "smollm2"

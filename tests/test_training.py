@@ -311,3 +311,65 @@ def test_shared_prefix_stops_before_the_first_loss_logit(tok):
     assert shared_prefix_len(b) == first - 1
     one = encode(tok, ["a"], None, ["b"], padding_side="right")
     assert shared_prefix_len(one) == int((one.labels != -100).any(0).nonzero()[0]) - 1
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma", "gemma2", "gemma3", "qwen2"])
+@pytest.mark.parametrize("share", [True, False])
+def test_packed_row_equals_the_padded_batch(family, share, tok):
+    """The micro-batch packed into one row (block-causal mask, own position ids, the shared prefix once
+    with ``share``) gives the padded forward's loss logits and gradients (float64) in every family;
+    where a row is longer than the model's sliding window packing declines (None)."""
+    from safety_neurons.training import packed_logits, step_logits
+
+    model = tiny_model(family).double().train()
+    b = encode(tok, PROMPTS, None, RESPONSES, padding_side="right")
+    target = b.labels[:, 1:]
+    sel = target != -100
+    if family in ("gemma2", "gemma3"):  # the tiny models' windows are shorter than the rows
+        assert packed_logits(model, b, sel, share) is None
+        return
+    out = {}
+    for pack in (False, True):
+        model.zero_grad()
+        logits = packed_logits(model, b, sel, share) if pack else step_logits(model, b, sel, pack=False, share=False)
+        assert logits.shape == (int(sel.sum()), model.config.vocab_size)
+        F.cross_entropy(logits, target[sel]).backward()
+        out[pack] = (logits.detach(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None})
+    # the families' norms and rotary tables compute in float32 even in a float64 model, and the packed
+    # row's products are blocked differently: float32 rounding (~1e-7), nothing more
+    lp, lq = out[True][0], out[False][0]
+    assert float((lp - lq).norm() / lq.norm()) < 1e-6
+    assert out[True][1].keys() == out[False][1].keys()
+    for n, g in out[False][1].items():
+        assert float((out[True][1][n] - g).norm() / g.norm()) < 1e-6, n
+
+
+def test_packed_row_declines_what_it_cannot_pack(tok, monkeypatch):
+    """Flash attention (no custom mask) and a packed row over PACK_MAX_TOKENS take the padded path."""
+    import safety_neurons.training as tr
+
+    model = tiny_model("llama").double()
+    b = encode(tok, PROMPTS, None, RESPONSES, padding_side="right")
+    sel = b.labels[:, 1:] != -100
+    assert tr.packed_logits(model, b, sel) is not None
+    monkeypatch.setattr(tr, "PACK_MAX_TOKENS", int(b.attention_mask.sum()) - 1)
+    assert tr.packed_logits(model, b, sel, share=False) is None
+    monkeypatch.undo()
+    model.config._attn_implementation = "flash_attention_2"
+    assert tr.packed_logits(model, b, sel) is None
+
+
+def test_reuse_freed_memory_changes_no_number(tok):
+    """The malloc setting returns True on glibc Linux (this project's platform) and is idempotent; a
+    training step after it gives the same weights as before it (it changes where memory comes from)."""
+    import sys
+
+    from safety_neurons.runtime import reuse_freed_memory
+
+    a, b = tiny_model("llama"), tiny_model("llama")
+    train_sft(a, tok, PROMPTS, RESPONSES, fcfg(steps=2), None, list(a.parameters()), progress=False)
+    assert reuse_freed_memory() is sys.platform.startswith("linux")
+    assert reuse_freed_memory() is sys.platform.startswith("linux")
+    train_sft(b, tok, PROMPTS, RESPONSES, fcfg(steps=2), None, list(b.parameters()), progress=False)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n

@@ -25,4 +25,8 @@ def get_stage(name: str):
 
 
 def run_stage(cfg) -> dict:
+    if cfg.get("reuse_freed_memory", True):
+        from ..runtime import reuse_freed_memory
+
+        reuse_freed_memory()
     return get_stage(cfg.stage.name)(cfg)
