@@ -200,8 +200,8 @@ class Config:
     store_dir: str = MISSING
     run_dir: str = MISSING
     device: str = "auto"
-    # glibc keeps memory torch frees for reuse instead of faulting fresh pages in (runtime.py): CPU
-    # training steps ~1.2x faster in VMs; the process holds its peak memory until it exits
+    # glibc keeps memory torch frees for reuse instead of faulting fresh pages in (runtime.py): fewer
+    # page faults in CPU training steps; the process holds its peak memory until it exits
     reuse_freed_memory: bool = True
     stages: list[str] = field(default_factory=list)  # for experiment presets that chain stages
 
