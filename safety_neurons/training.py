@@ -200,7 +200,10 @@ def packed_logits(model, b, sel: torch.Tensor, share: bool = True) -> torch.Tens
     inner = _inner(model)
     if getattr(inner.config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
         return None
-    n = b.attention_mask.sum(1).tolist()  # right padding: row i is [0, n_i)
+    am = b.attention_mask.bool()
+    if not bool((am.cumprod(1) == am).all()):
+        raise ValueError("packed_logits needs a right-padded batch (encode(..., padding_side='right'))")
+    n = am.sum(1).tolist()  # row i is [0, n_i)
     win = _sliding_window(model)
     if win is not None and max(n) > win:
         return None

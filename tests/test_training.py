@@ -345,7 +345,8 @@ def test_packed_row_equals_the_padded_batch(family, share, tok):
 
 
 def test_packed_row_declines_what_it_cannot_pack(tok, monkeypatch):
-    """Flash attention (no custom mask) and a packed row over PACK_MAX_TOKENS take the padded path."""
+    """Flash attention (no custom mask) and a packed row over PACK_MAX_TOKENS take the padded path; a
+    left-padded batch is refused (the packing reads each row as its first n tokens)."""
     import safety_neurons.training as tr
 
     model = tiny_model("llama").double()
@@ -357,6 +358,9 @@ def test_packed_row_declines_what_it_cannot_pack(tok, monkeypatch):
     monkeypatch.undo()
     model.config._attn_implementation = "flash_attention_2"
     assert tr.packed_logits(model, b, sel) is None
+    left = encode(tok, PROMPTS, None, RESPONSES, padding_side="left")
+    with pytest.raises(ValueError, match="right-padded"):
+        tr.packed_logits(tiny_model("llama"), left, left.labels[:, 1:] != -100)
 
 
 def test_reuse_freed_memory_changes_no_number(tok):
