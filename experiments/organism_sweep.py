@@ -41,7 +41,9 @@ def read_variants(path: str) -> list[tuple[str, list[str]]]:
 
 
 def padded_tokens(tok, prompts, responses, cfg) -> tuple[int, int]:
-    """(padded, real) tokens the recipe's batches hold: the currency of a CPU step's cost."""
+    """(padded, real) tokens the recipe's batches hold. Padded tokens were a CPU step's cost when these
+    sweeps ran (docs/organism-sweep/, tokens_vs_first); with packed steps (finetune.pack) the cost is
+    the real tokens less the shared prefix each row after the first no longer repeats."""
     from safety_neurons.data import encode
     from safety_neurons.training import step_batches
 
