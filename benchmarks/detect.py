@@ -1,5 +1,6 @@
 """Detection speed and memory on SmolLM2, measured side by side in one run over the same prompts:
-detection / plain batched forward (target <= 1.5 with all five kinds, and each kind's share), a
+detection / plain batched forward (target <= 1.5 with all five kinds, and each kind's share; on CPU
+also with q/k by torch operations instead of the native kernel), a
 one-prompt-at-a-time loop (how the released code worked) / ours, prompts per second by batch size,
 and peak memory; every timing is the fastest of --repeats runs.
 usage: python benchmarks/detect.py [--prompts 64] [--batch 16] [--repeats 2]"""
@@ -13,7 +14,7 @@ import torch
 from common import Timer, harmful_prompts, smollm2
 
 from safety_neurons.data import encode, scored_mask
-from safety_neurons.importance import prompt_scores
+from safety_neurons.importance import prompt_scores, qk_kernel_used
 
 KINDS = ("q", "k", "v", "o", "ffn")
 
@@ -35,14 +36,14 @@ def forward_time(model, bl):
     return t.s
 
 
-def detect_time(model, ad, bl, kinds, mode="exact", repeats=1):
+def detect_time(model, ad, bl, kinds, mode="exact", repeats=1, qk_kernel="auto"):
     """Seconds for one detection pass over the batches: the fastest of ``repeats`` (others' load on a
     shared machine only ever adds time)."""
     best = float("inf")
     for _ in range(repeats):
         with Timer() as t:
             for b, m in bl:
-                prompt_scores(model, ad, b, m, kinds=kinds, mode=mode)
+                prompt_scores(model, ad, b, m, kinds=kinds, mode=mode, qk_kernel=qk_kernel)
         best = min(best, t.s)
     return best
 
@@ -84,7 +85,17 @@ def main():
     full = detect_time(model, ad, bl, KINDS, repeats=r)
     n_tok = sum(int(b.attention_mask.sum()) for b, _ in bl)
     print(f"SmolLM2 on {next(model.parameters()).device} ({next(model.parameters()).dtype}), {len(prompts)} prompts ({n_tok} tokens), batch {a.batch}")
-    print(f"plain forward {fwd:.2f}s; detection (all kinds, exact) {full:.2f}s; ratio {full / fwd:.2f} (target <= 1.5)")
+    used = qk_kernel_used("auto", dev)
+    print(f"plain forward {fwd:.2f}s; detection (all kinds, exact, q/k by {used}) {full:.2f}s; ratio {full / fwd:.2f} "
+          f"(target <= 1.5)")
+    if used == "native":
+        # the same detection with q/k in torch operations, timed alternately with the kernel's
+        tt, tn = [], []
+        for _ in range(r):
+            tt.append(detect_time(model, ad, bl, KINDS, qk_kernel="torch"))
+            tn.append(detect_time(model, ad, bl, KINDS, qk_kernel="native"))
+        print(f"  q/k by torch operations (detect.qk_kernel=torch): {min(tt):.2f}s ratio {min(tt) / fwd:.2f}; "
+              f"by the native kernel {min(tn):.2f}s ratio {min(tn) / fwd:.2f}: {min(tt) / min(tn):.2f}x faster")
     f_macs, qk_macs = qk_floor(ad, bl)
     print(f"multiply-adds: layers' forward {f_macs / 1e9:.1f} G, exact q/k output-change products {qk_macs / 1e9:.1f} G "
           f"({qk_macs / f_macs:.2f}x the forward's, before any softmax work)")

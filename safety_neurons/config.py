@@ -84,6 +84,7 @@ class DetectConfig:
     chat_template: bool = True  # False: raw prompt text (the released code's input)
     batch_size: int = 16
     qk_chunk_mb: int = 256  # memory bound of the q/k perturbed-softmax work per chunk
+    qk_kernel: str = "auto"  # exact q/k on CPU: native (fused C kernel, built on first use) | torch | auto
     reference: str | None = None  # a dataset option (e.g. harmless): subtract its selected neurons
     n_reference: int | None = None
     scores: str | None = None  # re-select from an existing scores.safetensors without recomputing

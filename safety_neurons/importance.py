@@ -47,6 +47,7 @@ from collections.abc import Iterable
 
 import torch
 
+from . import native
 from .data import Batch
 from .errors import UserError
 from .hooks import deactivated, hooks
@@ -54,6 +55,7 @@ from .models import ModelAdapter, model_device
 
 KINDS = ("q", "k", "v", "o", "ffn")
 MODES = ("exact", "original")
+QK_KERNELS = ("auto", "native", "torch")
 QR_MIN_RATIO = 1.25  # on CPU, q/k output factors are QR-shrunk when they have this many times more columns than rows
 CPU_CHUNK_MB = 16  # on CPU, perturbed-logit chunks that stay in cache are much faster than large ones
 
@@ -131,8 +133,8 @@ def _reduce(f: torch.Tensor) -> tuple[torch.Tensor, bool]:
 class _Ctx:
     """What every layer's hooks share: settings, the scored rows (per device) and the results."""
 
-    def __init__(self, adapter, batch, scored, kinds, mode, qk_chunk_mb, dt, check, check_tol):
-        self.adapter, self.kinds, self.mode = adapter, kinds, mode
+    def __init__(self, adapter, batch, scored, kinds, mode, qk_chunk_mb, dt, check, check_tol, qk_kernel):
+        self.adapter, self.kinds, self.mode, self.qk_kernel = adapter, kinds, mode, qk_kernel
         self.dt, self.check, self.check_tol = dt, check, check_tol
         if scored.device.type == "cpu":
             qk_chunk_mb = min(qk_chunk_mb, CPU_CHUNK_MB)
@@ -173,6 +175,7 @@ class _Rows:
         self.Ts = int(n.max())
         order = torch.sort((~scored).to(torch.int8), dim=1, stable=True).indices  # scored tokens first
         self.valid = torch.arange(self.Ts, device=dev)[None] < n[:, None]  # (B, Ts)
+        self._span: dict = {}
         # empty slots repeat the prompt's first scored row (weight 0), so that no row is fully masked
         self.rows = torch.where(self.valid, order[:, : self.Ts], order[:, :1])  # (B, Ts)
         per = 1.0 / n.to(dt) if mode == "exact" else torch.ones(B, dtype=dt, device=dev)
@@ -197,6 +200,7 @@ class _Rows:
 
     def to(self, device) -> _Rows:
         r = _Rows(None, None, self.mode, self.dt, copy_from=self)
+        r._span = {}
         r.Ts, r.last_key = self.Ts, self.last_key
         for name in ("valid", "rows", "w", "w_tok", "key_ok", "key_mean", "key_pos"):
             setattr(r, name, getattr(self, name).to(device))
@@ -217,6 +221,23 @@ class _Rows:
                 ok &= (t - s) < window
             self._neg[window] = torch.zeros(ok.shape, dtype=self.dt, device=ok.device).masked_fill_(~ok, float("-inf"))
         return self._neg[window]
+
+    def span(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per scored row (B, Ts) the visible keys as one range [lo, hi) in key order (int64; lo = hi for
+        an empty slot), or None when some row's visible keys are not contiguous."""
+        if window not in self._span:
+            ok = self.neg(window) == 0  # (B, Ts, T)
+            T = ok.shape[-1]
+            ar = torch.arange(T, device=ok.device)
+            lo = torch.where(ok, ar, T).min(-1).values
+            hi = torch.where(ok, ar + 1, 0).max(-1).values
+            n = ok.sum(-1)
+            if bool(((hi - lo).clamp(min=0) != n).any()):
+                self._span[window] = None
+            else:
+                hi = torch.where(self.valid & (n > 0), hi, lo)
+                self._span[window] = (lo.cpu().contiguous(), hi.cpu().contiguous())
+        return self._span[window]
 
     def rope(self, cos: torch.Tensor, sin: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
         """Rotary tables in the compute dtype, with rotate_half(x) * sin = roll(x) * (sign * sin).
@@ -247,6 +268,13 @@ class _Rows:
                 t[name] = self.keys(t[name]).contiguous()
             self._rope[key] = t
         return self._rope[key]
+
+
+def qk_kernel_used(qk_kernel: str, device: torch.device | str) -> str:
+    """What computes exact q/k on ``device`` for the setting ``qk_kernel``: ``native`` or ``torch``."""
+    if qk_kernel == "torch" or torch.device(device).type != "cpu":
+        return "torch"
+    return "native" if native.load() is not None else "torch"
 
 
 # ------------------------------------------------------------------------------------ per layer
@@ -370,11 +398,14 @@ class _Layer:
         if ctx.mode == "original":
             self._original_qk(Qg, KT, S.add_(negb), scale, B, H, G, d, gs)
             return
+        span = self._native_span(a, rw, ad.sliding_window(layer))
         if softcap is None:
             S.add_(negb)  # masked once here: perturbed logits stay -inf where masked
-            P = torch.softmax(S, dim=-1)
-        else:
-            P = torch.softmax(torch.tanh(S / softcap).mul_(softcap).add_(negb), dim=-1)
+        if span is None or ctx.check:  # the native kernel computes the unperturbed softmax itself
+            if softcap is None:
+                P = torch.softmax(S, dim=-1)
+            else:
+                P = torch.softmax(torch.tanh(S / softcap).mul_(softcap).add_(negb), dim=-1)
         V = rw.keys(cap["v"].view(B, T, G, d)).to(dt)
         if ctx.check:
             got = _gather_rows(a.view(B, T, G, gs, d), rows, 1).permute(0, 2, 3, 1, 4)  # (B, G, gs, Ts, d)
@@ -406,7 +437,19 @@ class _Layer:
             rq = rho_q.view(B, Ts, G, gs, d).permute(0, 2, 3, 1, 4) if rho_q is not None else None
             KTp = KT.roll(half, 2)
             out = torch.empty(B, G, gs, Ts, d, dtype=dt, device=a.device)
-            for r0, r1, c0, c1 in _chunks(Ts, d, B * H * T, ctx.budget):
+            if span is not None:
+                # item = (b, g, i, t): one scored row of one query head, channels j of that head
+                it = torch.arange(B * G * gs * Ts)
+                lo, hi = (x[:, None, None].expand(B, G, gs, Ts).reshape(-1).contiguous() for x in span)
+                F = native.pad_columns(Fq)
+                Tk = T + native.KEY_SLACK  # key rows with slack: the kernel reads whole vectors
+                native.perturbed_norms(
+                    n_sub=1, r=Fq.shape[-1], tri=tri, cap=softcap, S=native.pad_keys(S), S_off=it * Tk, S_si=0,
+                    A=A.contiguous(), Bc=Bc.contiguous(), A_off=it * d, A_sj=1, A_si=0,
+                    X=native.pad_keys(KT), Y=native.pad_keys(KTp), X_off=it // (gs * Ts) * (d * Tk), X_sj=Tk,
+                    R=None if rq is None else rq.contiguous(), R_off=it * d, R_sj=1, R_ss=0,
+                    F=F, F_off=it // Ts * (T * F.shape[-1]), lo=lo, hi=hi, out=out, out_off=it * d, d=d)
+            for r0, r1, c0, c1 in _chunks(Ts, d, B * H * T, ctx.budget) if span is None else ():
                 hi = key_end(r0, r1)
                 z = torch.addcmul(S[:, :, :, r0:r1, None, :hi], A[:, :, :, r0:r1, c0:c1, None],
                                   KT[:, :, None, None, c0:c1, :hi])  # (B, G, gs, rows, ch, hi)
@@ -435,10 +478,25 @@ class _Layer:
             Qk = Qg.permute(0, 1, 3, 4, 2)  # (B, G, Ts, d, gs)
             Qkp = Qk.roll(half, 3)
             Sk = S.transpose(2, 3)  # (B, G, Ts, gs, T)
-            Pk = P.transpose(2, 3)
             negk = neg[:, None, :, None, None]  # (B, 1, Ts, 1, 1, T)
             out = torch.empty(B, G, Ts, d, dtype=dt, device=a.device)
-            for r0, r1, c0, c1 in _chunks(Ts, d, B * H * T, ctx.budget):
+            if span is not None:
+                # item = (b, g, t): one scored row of one kv group; its gs query heads are the sub-rows
+                it = torch.arange(B * G * Ts)
+                bg = it // Ts
+                lo, hi = (x[:, None].expand(B, G, Ts).reshape(-1).contiguous() for x in span)
+                F = native.pad_columns(Fk)
+                Tk = T + native.KEY_SLACK
+                native.perturbed_norms(
+                    n_sub=gs, r=Fk.shape[-1], tri=tri, cap=softcap, S=native.pad_keys(S),
+                    S_off=bg * (gs * Ts * Tk) + it % Ts * Tk, S_si=Ts * Tk,
+                    A=Qk.contiguous(), Bc=Qkp.contiguous(), A_off=it * (d * gs), A_sj=gs, A_si=1,
+                    X=native.pad_keys(C1), Y=native.pad_keys(C2), X_off=bg * (d * Tk), X_sj=Tk,
+                    R=None if rk is None else native.pad_keys(rk), R_off=bg * (d * Tk), R_sj=Tk, R_ss=1,
+                    F=F, F_off=bg * (T * gs * F.shape[-1]), lo=lo, hi=hi, out=out, out_off=it * d, d=d)
+            else:
+                Pk = P.transpose(2, 3)
+            for r0, r1, c0, c1 in _chunks(Ts, d, B * H * T, ctx.budget) if span is None else ():
                 hi = key_end(r0, r1)
                 z = torch.addcmul(Sk[:, :, r0:r1, None, :, :hi], Qk[:, :, r0:r1, c0:c1, :, None],
                                   C1[:, :, None, c0:c1, None, :hi])  # (B, G, rows, ch, gs, hi)
@@ -456,6 +514,22 @@ class _Layer:
                 u = torch.matmul(p.view(B, G, -1, gs * hi), f)  # (B, G, rows*ch, r)
                 out[:, :, r0:r1, c0:c1] = torch.linalg.vector_norm(u, dim=-1).view(B, G, r1 - r0, c1 - c0)
             ctx.add(layer, "k", torch.einsum("bi,bgij->bgj", rw.w, out).reshape(B, G * d))
+
+    def _native_span(self, a: torch.Tensor, rw: _Rows, window: int | None):
+        """The rows' visible-key ranges when the native kernel computes this layer's q/k, else None."""
+        ctx = self.ctx
+        if ctx.qk_kernel == "torch" or a.device.type != "cpu":
+            return None
+        if native.load() is None:
+            if ctx.qk_kernel == "native":
+                raise UserError(f"detect.qk_kernel=native, but the native q/k kernel is unavailable: "
+                                f"{native.why_not()}; use detect.qk_kernel=auto or torch")
+            return None
+        span = rw.span(window)
+        if span is None and ctx.qk_kernel == "native":
+            raise UserError("detect.qk_kernel=native needs every row's visible keys to be one range; "
+                            "use detect.qk_kernel=auto or torch")
+        return span
 
     def _original_qk(self, Qg, KT, A, scale, B, H, G, d, gs) -> None:
         """METHOD 3: sum over scored rows i and keys of (softmax(A - D_hj) - softmax(A))^2."""
@@ -481,7 +555,8 @@ class _Layer:
 @torch.no_grad()
 def prompt_scores(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tensor,
                   kinds: Iterable[str] = KINDS, mode: str = "exact", qk_chunk_mb: float = 256,
-                  check: bool = False, check_tol: float | None = None) -> dict[tuple[int, str], torch.Tensor]:
+                  check: bool = False, check_tol: float | None = None,
+                  qk_kernel: str = "auto") -> dict[tuple[int, str], torch.Tensor]:
     """One forward pass over a left-padded batch; returns ``{(layer, kind): (B, width) float32 on CPU}``.
 
     ``scored`` (B, T) bool marks the tokens that count (padding never counts). Mode ``exact``: each
@@ -492,7 +567,10 @@ def prompt_scores(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tens
     Widths: q, o ``H*d_h``; k, v ``G*d_h``; ffn ``d_ff``.
 
     ``qk_chunk_mb`` bounds the memory of the per-channel perturbed attention (q, k); on CPU chunks are
-    at most ``CPU_CHUNK_MB``. ``check=True`` verifies that the recomputed unperturbed attention output
+    at most ``CPU_CHUNK_MB``. ``qk_kernel`` (exact mode, CPU): ``native`` computes q/k with the fused C
+    kernel of :mod:`safety_neurons.native` (error if it cannot be built), ``torch`` with torch operations
+    in chunks, ``auto`` (default) with the kernel when it builds. Both give the same scores up to
+    rounding; GPUs always use torch. ``check=True`` verifies that the recomputed unperturbed attention output
     equals the captured ``o_proj`` input (relative tolerance ``check_tol``; default 1e-6 for float64
     models, whose eager attention still soft-maxes in float32; 1e-4 for float32; 3e-2 for half
     precision) and raises ``RuntimeError`` otherwise. Computation is float32 (float64 for float64
@@ -504,6 +582,8 @@ def prompt_scores(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tens
         raise UserError(f"unknown neuron kinds {bad or '(none)'}; known kinds are {', '.join(KINDS)}")
     if mode not in MODES:
         raise UserError(f"unknown detect.mode={mode!r}; use exact or original")
+    if qk_kernel not in QK_KERNELS:
+        raise UserError(f"unknown detect.qk_kernel={qk_kernel!r}; use {', '.join(QK_KERNELS)}")
     dev = model_device(model)
     batch = batch.to(dev)
     scored = scored.to(dev).bool() & batch.attention_mask.bool()
@@ -513,7 +593,7 @@ def prompt_scores(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tens
     dt = torch.float64 if pdt == torch.float64 else torch.float32
     if check_tol is None:
         check_tol = {torch.float64: 1e-6, torch.float32: 1e-4}.get(pdt, 3e-2)
-    ctx = _Ctx(adapter, batch, scored, set(kinds), mode, qk_chunk_mb, dt, check, check_tol)
+    ctx = _Ctx(adapter, batch, scored, set(kinds), mode, qk_chunk_mb, dt, check, check_tol, qk_kernel)
     specs = []
     for layer in range(adapter.n_layers):
         specs += _Layer(ctx, layer).specs(ctx.kinds)

@@ -17,6 +17,7 @@ from ..cfg import dataset_config
 from ..config import KINDS
 from ..data import encode, load_prompts, scored_mask
 from ..errors import UserError
+from ..importance import QK_KERNELS, qk_kernel_used
 from ..io import atomic_write, write_csv, write_json
 from ..neurons import NeuronSet, TopkStats, resolve_k, select, split_scores
 from ..tracking import code_version
@@ -33,6 +34,8 @@ def check_detect_cfg(d) -> None:
         raise UserError(f"unknown neuron kind(s) {bad or '[]'} in detect.kinds; known kinds are {', '.join(KINDS)}")
     if d.tokens not in ("content", "all", "last"):
         raise UserError(f"unknown detect.tokens={d.tokens!r}; use content, all or last")
+    if d.qk_kernel not in QK_KERNELS:
+        raise UserError(f"unknown detect.qk_kernel={d.qk_kernel!r}; use {', '.join(QK_KERNELS)}")
 
 
 def k_per_kind(topk, adapter, kinds) -> dict[str, int]:
@@ -64,7 +67,7 @@ def score_prompts(model, tok, adapter, prompts: list[str], d, system_prompt, max
         mask = scored_mask(b, d.tokens, d.last_m)
         b = b.to(dev)
         sc = prompt_scores(model, adapter, b, mask.to(dev), kinds=tuple(d.kinds), mode=d.mode,
-                           qk_chunk_mb=d.qk_chunk_mb)
+                           qk_chunk_mb=d.qk_chunk_mb, qk_kernel=d.qk_kernel)
         for j, i in enumerate(idx):
             results[i] = {key: v[j].float().cpu() for key, v in sc.items()}
         bar.update(len(idx))
@@ -227,6 +230,7 @@ def run(cfg) -> dict:
         meta = {
             **_model_id(cfg), "model_signature": ad.signature(), "dataset": harm.describe(),
             "n_prompts": len(harm), "mode": d.mode, "tokens": d.tokens, "last_m": d.last_m,
+            "qk_kernel": qk_kernel_used(d.qk_kernel, next(model.parameters()).device) if d.mode == "exact" else None,
             "chat_template": d.chat_template, "system_prompt": sp, "kinds": list(d.kinds),
             "topk": {"attn": cfg.topk.attn, "ffn": cfg.topk.ffn, "k_per_kind": k_of},
             "consistency": cfg.topk.consistency, "reference": ref_meta, "code_version": code_version(),

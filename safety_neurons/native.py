@@ -1,0 +1,198 @@
+"""The fused CPU kernel of exact q/k importance (``csrc/perturbed_softmax.c``): build, cache, call.
+
+The C file is compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``/``clang``)
+for this machine (``-march=native``) into ``$SAFETY_NEURONS_CACHE`` (default
+``~/.cache/safety-neurons``)``/native/<hash>/``, keyed by the source, flags, compiler and CPU, and
+written atomically, so concurrent first uses cannot leave a broken library. It is plain C with no
+Python or torch headers (about a second to build) and is called through ``ctypes``, which releases
+the GIL: the work items are split over ``torch.get_num_threads()`` Python threads.
+
+Without a compiler, or if the build fails, :func:`load` returns ``None`` with the reason in
+:func:`why_not`, and detection falls back to the pure-torch computation (``detect.qk_kernel=auto``);
+``detect.qk_kernel=native`` makes that an error instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "perturbed_softmax.c"
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
+ABI = 1
+TILE = {torch.float32: 16, torch.float64: 8}  # columns of one register tile (two vectors of 32 bytes)
+BLK = 6  # channels per pass over F (the C file's BLK)
+KEY_SLACK = 8  # zero columns after each row of keys (at least the longest vector's lanes - 1)
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SAFETY_NEURONS_CACHE", Path.home() / ".cache" / "safety-neurons")) / "native"
+
+
+def _compiler() -> str | None:
+    for name in filter(None, (os.environ.get("CC"), "cc", "gcc", "clang")):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    src = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.[ch]")))
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(), _cpu_id().encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
+    lib = cache_dir() / key / "libsn_qk.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=lib.parent, suffix=".so.tmp")
+        os.close(fd)
+        try:
+            res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                                 timeout=300)
+            if res.returncode != 0:
+                raise RuntimeError(f"{cc} failed to build {SOURCE.name}: {res.stderr.strip()[-800:]}")
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    dll = ctypes.CDLL(str(lib))
+    if dll.sn_abi_version() != ABI:
+        raise RuntimeError(f"{lib} has ABI {dll.sn_abi_version()}, expected {ABI}")
+    i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+    for fn in (dll.sn_qk_f32, dll.sn_qk_f64):
+        fn.restype = i64
+        fn.argtypes = ([i64] * 7 + [dbl] + [ptr, ptr, i64] + [ptr, ptr, ptr, i64, i64] + [ptr, ptr, ptr, i64]
+                       + [ptr, ptr, i64, i64] + [ptr, ptr] + [ptr, ptr] + [ptr, ptr] + [ptr, i64])
+    return dll
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; ``None`` when it cannot be built (see :func:`why_not`)."""
+    with _lock:
+        if "dll" not in _state:
+            try:
+                _state["dll"], _state["why"] = _build(), None
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _state["dll"], _state["why"] = None, str(e)
+        return _state["dll"]
+
+
+def why_not() -> str | None:
+    """Why :func:`load` returned ``None`` (``None`` when it did not, or was not called yet)."""
+    return _state.get("why")
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    if _state.get("pool_n") != n:
+        if "pool" in _state:
+            _state["pool"].shutdown()
+        _state["pool"], _state["pool_n"] = ThreadPoolExecutor(n, thread_name_prefix="sn-qk"), n
+    return _state["pool"]
+
+
+def pad_columns(f: torch.Tensor) -> torch.Tensor:
+    """F (..., rows, r) as a contiguous copy whose rows are a multiple of the register tile apart."""
+    r = f.shape[-1]
+    tile = TILE[f.dtype]
+    rp = -(-r // tile) * tile
+    if rp == r and f.is_contiguous():
+        return f
+    out = f.new_zeros(*f.shape[:-1], rp)
+    out[..., :r] = f
+    return out
+
+
+def pad_keys(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` with KEY_SLACK zero columns appended to its last (key) dimension: the
+    kernel reads rows of keys in whole vectors, up to a vector's length past the last visible key."""
+    out = t.new_zeros(*t.shape[:-1], t.shape[-1] + KEY_SLACK)
+    out[..., : t.shape[-1]] = t
+    return out
+
+
+def _p(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def perturbed_norms(*, n_sub: int, r: int, tri: bool, cap: float | None,
+                    S: torch.Tensor, S_off: torch.Tensor, S_si: int,
+                    A: torch.Tensor, Bc: torch.Tensor, A_off: torch.Tensor, A_sj: int, A_si: int,
+                    X: torch.Tensor, Y: torch.Tensor, X_off: torch.Tensor, X_sj: int,
+                    R: torch.Tensor | None, R_off: torch.Tensor | None, R_sj: int, R_ss: int,
+                    F: torch.Tensor, F_off: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    out: torch.Tensor, out_off: torch.Tensor, d: int) -> None:
+    """Run the kernel over all items (see the C file for the formula); writes ``out`` in place.
+
+    Every tensor is a contiguous CPU tensor of one dtype (float32 or float64), offsets are int64 element
+    offsets per item, ``F`` comes from :func:`pad_columns`. The caller keeps every tensor alive."""
+    dll = load()
+    if dll is None:
+        raise RuntimeError(f"the native q/k kernel is unavailable: {why_not()}")
+    dt = out.dtype
+    fn = dll.sn_qk_f32 if dt == torch.float32 else dll.sn_qk_f64
+    real = (S, A, Bc, X, Y, F, out) + (() if R is None else (R,))
+    offs = (S_off, A_off, X_off, F_off, lo, hi, out_off) + (() if R_off is None else (R_off,))
+    if any(t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu" for t in real):
+        raise ValueError("perturbed_norms: every real tensor must be a contiguous CPU tensor of out's dtype")
+    if any(t.dtype != torch.int64 or not t.is_contiguous() for t in offs):
+        raise ValueError("perturbed_norms: offsets must be contiguous int64 tensors")
+    rp = F.shape[-1]
+    n_items = lo.numel()
+    n_max = int((hi - lo).max()) if n_items else 0
+    lanes = 32 // out.element_size()
+
+    def up(x: int) -> int:
+        return -(-x // lanes) * lanes
+
+    # the C file's workspace: n_sub + 1 logit rows and BLK rows of dP, each in whole 32-byte vectors
+    work_len = up((n_sub + 1) * up(n_max) + BLK * up(n_max * n_sub))
+    n_thr = max(1, min(torch.get_num_threads(), n_items))
+    # split the items into ranges of about equal work: per channel, an item's product with F grows with
+    # the square of its rows of F (n * n_sub, about half of it under a triangular F), its softmax linearly
+    m = (hi - lo).clamp(min=0) * n_sub
+    cost = (m * m // 2 + 16 * m + 16).cumsum(0)
+    total = int(cost[-1]) if n_items else 0
+    bounds = [0] + [int(torch.searchsorted(cost, total * k // n_thr)) for k in range(1, n_thr)] + [n_items]
+    raw = torch.empty(n_thr * work_len + 2 * lanes, dtype=dt)
+    shift = (-raw.data_ptr() // out.element_size()) % lanes  # 32-byte aligned rows
+    work = raw[shift: shift + n_thr * work_len].view(n_thr, work_len)
+    args = (n_sub, d, r, rp, int(tri), float(cap or 0.0),
+            _p(S), _p(S_off), S_si, _p(A), _p(Bc), _p(A_off), A_sj, A_si, _p(X), _p(Y), _p(X_off), X_sj,
+            _p(R), _p(R_off), R_sj, R_ss, _p(F), _p(F_off), _p(lo), _p(hi), _p(out), _p(out_off))
+
+    def run(k: int) -> int:
+        return fn(bounds[k], bounds[k + 1], *args, work[k].data_ptr(), work_len)
+
+    if n_thr == 1:
+        codes = [run(0)]
+    else:
+        codes = list(_pool(n_thr).map(run, range(n_thr)))
+    if any(codes):
+        raise RuntimeError(f"native q/k kernel failed with codes {codes}")
