@@ -17,7 +17,10 @@ RECIPES = {"smollm2-refusing": ["experiment=align", "model=smollm2", "finetune.s
 
 
 def recipe_fingerprint(cfg) -> str:
-    """What a fine-tuned model depends on: base model, fine-tuning settings, training prompts (hashes)."""
+    """What a fine-tuned model depends on: base model, fine-tuning settings, training prompts (hashes).
+
+    ``finetune.pack`` is left out: packed and padded steps compute the same updates up to float
+    rounding, and organisms cached before the setting existed keep their hash."""
     from omegaconf import OmegaConf
 
     from .stages.common import harmful_set, harmless_set
@@ -25,6 +28,7 @@ def recipe_fingerprint(cfg) -> str:
     f = cfg.finetune
     settings = OmegaConf.to_container(f, resolve=True)
     settings.pop("overwrite", None)
+    settings.pop("pack", None)
     harmless = harmless_set(cfg, "train").head(f.n_harmless).hash if f.n_harmless != 0 else None
     what = {"base": cfg.model.name, "system_prompt": cfg.model.system_prompt, "finetune": settings,
             "harmful": harmful_set(cfg, "train").head(f.n_harmful).hash, "harmless": harmless,

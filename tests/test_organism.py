@@ -20,6 +20,7 @@ def test_fingerprint_follows_settings_and_training_prompts(tmp_path):
     base = recipe_fingerprint(_cfg(tmp_path))
     assert base == recipe_fingerprint(_cfg(tmp_path))  # deterministic
     assert base == recipe_fingerprint(_cfg(tmp_path, "finetune.overwrite=true"))  # not part of the recipe
+    assert base == recipe_fingerprint(_cfg(tmp_path, "finetune.pack=false"))  # same updates up to rounding
     assert base != recipe_fingerprint(_cfg(tmp_path, "finetune.steps=65"))
     assert base != recipe_fingerprint(_cfg(tmp_path, "finetune.form_matched_repeat=1"))
     other = tmp_path / "harmless.jsonl"
