@@ -141,6 +141,32 @@ def _p(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _check_bounds(n_sub, d, rp, S, S_off, S_si, A, A_off, A_sj, A_si, X, X_off, X_sj, R, R_off, R_sj, R_ss,
+                  F, F_off, lo, hi, out, out_off) -> None:
+    """Every element the kernel will touch lies inside its tensor (C does not check): a wrong offset is a
+    ValueError here, not a crash or a silent read of other memory."""
+    if lo.numel() == 0:
+        return
+    if lo.numel() != hi.numel() or bool((lo < 0).any()):
+        raise ValueError("perturbed_norms: lo and hi must have one entry per item, lo >= 0")
+    busy = hi > lo
+    slack = KEY_SLACK - 1  # rows of keys are read in whole vectors, up to this far past hi
+
+    def last(off, *extent):  # the largest index used by a busy item
+        return int((off + sum(extent))[busy].max()) if bool(busy.any()) else -1
+
+    checks = [("S", S, last(S_off, (n_sub - 1) * S_si, hi - 1 + slack)),
+              ("A/Bc", A, last(A_off, (d - 1) * A_sj, (n_sub - 1) * A_si)),
+              ("X/Y", X, last(X_off, (d - 1) * X_sj, hi - 1 + slack)),
+              ("F", F, last(F_off, hi * n_sub * rp - 1)),
+              ("out", out, int((out_off + d - 1).max()))]
+    if R is not None:
+        checks.append(("R", R, last(R_off, (d - 1) * R_sj, (hi - 1 + slack) * R_ss)))
+    for name, t, top in checks:
+        if top >= t.numel():
+            raise ValueError(f"perturbed_norms: the offsets reach element {top} of {name}, which has {t.numel()}")
+
+
 def perturbed_norms(*, n_sub: int, r: int, tri: bool, cap: float | None,
                     S: torch.Tensor, S_off: torch.Tensor, S_si: int,
                     A: torch.Tensor, Bc: torch.Tensor, A_off: torch.Tensor, A_sj: int, A_si: int,
@@ -165,6 +191,12 @@ def perturbed_norms(*, n_sub: int, r: int, tri: bool, cap: float | None,
         raise ValueError("perturbed_norms: offsets must be contiguous int64 tensors")
     rp = F.shape[-1]
     n_items = lo.numel()
+    if rp % TILE[dt] or r > rp:
+        raise ValueError(f"perturbed_norms: F's rows must be padded to a multiple of {TILE[dt]} (pad_columns)")
+    if Bc.numel() != A.numel() or Y.numel() != X.numel():
+        raise ValueError("perturbed_norms: A and Bc, X and Y must have the same sizes (they share offsets)")
+    _check_bounds(n_sub, d, rp, S, S_off, S_si, A, A_off, A_sj, A_si, X, X_off, X_sj, R, R_off, R_sj, R_ss,
+                  F, F_off, lo, hi, out, out_off)
     n_max = int((hi - lo).max()) if n_items else 0
     lanes = 32 // out.element_size()
 

@@ -83,6 +83,14 @@ def test_kernel_formula(dt, n_sub, cap, rho, tri):
         tol = 1e-10 if dt == torch.float64 else 2e-4
         torch.testing.assert_close(out[k].double(), ref, rtol=tol, atol=tol * float(ref.abs().max().clamp(min=1)))
     assert bool((out[3] == 0).all())  # an empty item scores 0, not NaN
+    # offsets that would read past a tensor are refused before the C code runs
+    with pytest.raises(ValueError, match="reach element"):
+        native.perturbed_norms(
+            n_sub=n_sub, r=r, tri=tri, cap=cap, S=native.pad_keys(S.to(dt)), S_off=it * n_sub * Tk + Tk, S_si=Tk,
+            A=A.to(dt), Bc=Bc.to(dt), A_off=it * d * n_sub, A_sj=n_sub, A_si=1,
+            X=native.pad_keys(X.to(dt)), Y=native.pad_keys(Y.to(dt)), X_off=it * 0, X_sj=Tk,
+            R=None, R_off=None, R_sj=0, R_ss=0,
+            F=Fp, F_off=it * (T * n_sub * Fp.shape[-1]), lo=lo, hi=hi, out=out, out_off=it * d, d=d)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
