@@ -57,6 +57,11 @@ KINDS = ("q", "k", "v", "o", "ffn")
 MODES = ("exact", "original")
 QK_KERNELS = ("auto", "native", "torch")
 QR_MIN_RATIO = 1.25  # on CPU, q/k output factors are QR-shrunk when they have this many times more columns than rows
+# the same for the native kernel, whose product with a factor runs near the core's peak, so that a QR
+# (LAPACK, about as slow as the products it saves at 1.25-2x) pays only for much wider factors: on
+# SmolLM2 (16 prompts, factors 1.6x wider than tall) detection took 3.96 s without QRs, 4.06 s with k's
+# and 4.47 s with q's and k's (fastest of 3, alternating)
+NATIVE_QR_MIN_RATIO = 3.0
 CPU_CHUNK_MB = 16  # on CPU, perturbed-logit chunks that stay in cache are much faster than large ones
 
 
@@ -118,14 +123,14 @@ def _softcap_(z: torch.Tensor, cap: float | None) -> torch.Tensor:
     return z if cap is None else z.div_(cap).tanh_().mul_(cap)
 
 
-def _reduce(f: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def _reduce(f: torch.Tensor, min_ratio: float | None = None) -> tuple[torch.Tensor, bool]:
     """A contiguous factor with the same F F^T and at most as many columns as rows (F: (..., n, r)), and
     whether it is lower-triangular (then rows [0, m) of it have no entries beyond column m).
 
     The QR costs about as much as a few chunks' products, so it is only taken when it removes at least
     a fifth of the columns."""
     n, r = f.shape[-2:]
-    if r <= QR_MIN_RATIO * n:
+    if r <= (QR_MIN_RATIO if min_ratio is None else min_ratio) * n:
         return f.contiguous(), False
     return torch.linalg.qr(f.transpose(-1, -2), mode="r").R.transpose(-1, -2).contiguous(), True  # (..., n, n)
 
@@ -417,10 +422,19 @@ class _Layer:
                                    f"by {float(err):.3g} (tolerance {float(tol):.3g})")
         # dP sums to zero over keys: centering V removes a common component and its rounding error
         Vc = V - torch.einsum("bt,btgd->bgd", rw.key_mean, V)[:, None]  # (B, T, G, d)
+        # keys past the last one a scored row sees (the template's closing tokens, padding) get dP = 0 in
+        # every row: the output factors (and their QR) leave them out
+        Vc = Vc[:, : max(rw.last_key) + 1]
         Wo = self.m.o.weight
-        # only F F^T matters: on CPU a QR shrinks F to at most T (k: gs*T) columns, which pays for itself;
-        # on CUDA batched small QRs cost more than they save
-        reduce = _reduce if a.device.type == "cpu" else (lambda f: (f.contiguous(), False))
+        # only F F^T matters: on CPU a QR shrinks F to at most T (k: gs*T) columns, which pays for itself
+        # in the torch path and, for much wider factors, in the native kernel; on CUDA batched small QRs
+        # cost more than they save
+        if span is not None:
+            reduce = lambda f: _reduce(f, NATIVE_QR_MIN_RATIO)  # noqa: E731
+        elif a.device.type == "cpu":
+            reduce = _reduce
+        else:
+            reduce = lambda f: (f.contiguous(), False)  # noqa: E731
 
         def key_end(r0, r1):
             """Keys [0, hi) are all that rows r0:r1 can see (causal mask): the rest have dP = 0 exactly."""
@@ -448,7 +462,7 @@ class _Layer:
                     A=A.contiguous(), Bc=Bc.contiguous(), A_off=it * d, A_sj=1, A_si=0,
                     X=native.pad_keys(KT), Y=native.pad_keys(KTp), X_off=it // (gs * Ts) * (d * Tk), X_sj=Tk,
                     R=None if rq is None else rq.contiguous(), R_off=it * d, R_sj=1, R_ss=0,
-                    F=F, F_off=it // Ts * (T * F.shape[-1]), lo=lo, hi=hi, out=out, out_off=it * d, d=d)
+                    F=F, F_off=it // Ts * (F.shape[-2] * F.shape[-1]), lo=lo, hi=hi, out=out, out_off=it * d, d=d)
             for r0, r1, c0, c1 in _chunks(Ts, d, B * H * T, ctx.budget) if span is None else ():
                 hi = key_end(r0, r1)
                 z = torch.addcmul(S[:, :, :, r0:r1, None, :hi], A[:, :, :, r0:r1, c0:c1, None],
@@ -470,7 +484,7 @@ class _Layer:
             Rb = _derived(Wo, "k", dt, lambda w: _tri(w.view(-1, G, gs * d).transpose(0, 1))
                           .view(G, gs * d, gs, d).permute(0, 2, 3, 1).contiguous())  # (G, gs, d, gs*d)
             # rows in (key, head) order, so that the keys [0, hi) are a prefix (and a triangle after a QR)
-            Fk, tri = reduce(torch.einsum("btgd,gidr->bgtir", Vc, Rb).reshape(B, G, T * gs, gs * d))  # (.., r)
+            Fk, tri = reduce(torch.einsum("btgd,gidr->bgtir", Vc, Rb).reshape(B, G, -1, gs * d))  # (.., r)
             ykT = yk.permute(0, 2, 3, 1)  # (B, G, d, T)
             C1 = ykT * rt["kc"].transpose(1, 2)[:, None]  # coefficient of the scaled Q[:, j]
             C2 = ykT * rt["kp"].transpose(1, 2)[:, None]  # of Q[:, p(j)]
@@ -493,7 +507,7 @@ class _Layer:
                     A=Qk.contiguous(), Bc=Qkp.contiguous(), A_off=it * (d * gs), A_sj=gs, A_si=1,
                     X=native.pad_keys(C1), Y=native.pad_keys(C2), X_off=bg * (d * Tk), X_sj=Tk,
                     R=None if rk is None else native.pad_keys(rk), R_off=bg * (d * Tk), R_sj=Tk, R_ss=1,
-                    F=F, F_off=bg * (T * gs * F.shape[-1]), lo=lo, hi=hi, out=out, out_off=it * d, d=d)
+                    F=F, F_off=bg * (F.shape[-2] * F.shape[-1]), lo=lo, hi=hi, out=out, out_off=it * d, d=d)
             else:
                 Pk = P.transpose(2, 3)
             for r0, r1, c0, c1 in _chunks(Ts, d, B * H * T, ctx.budget) if span is None else ():

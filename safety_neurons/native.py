@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -29,9 +30,11 @@ import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "perturbed_softmax.c"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
-ABI = 1
+OPENMP = ["-fopenmp"]  # tried first: the library then runs on torch's own OpenMP threads
+ABI = 2
 TILE = {torch.float32: 16, torch.float64: 8}  # columns of one register tile (two vectors of 32 bytes)
 BLK = 6  # channels per pass over F (the C file's BLK)
+PIECES = 4  # work ranges per thread
 KEY_SLACK = 8  # zero columns after each row of keys (at least the longest vector's lanes - 1)
 
 _lock = threading.Lock()
@@ -74,9 +77,12 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(dir=lib.parent, suffix=".so.tmp")
         os.close(fd)
         try:
-            res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                                 timeout=300)
-            if res.returncode != 0:
+            for extra in (OPENMP, []):  # without OpenMP (a compiler that lacks it) Python threads split the work
+                res = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                                     text=True, timeout=300)
+                if res.returncode == 0:
+                    break
+            else:
                 raise RuntimeError(f"{cc} failed to build {SOURCE.name}: {res.stderr.strip()[-800:]}")
             os.replace(tmp, lib)
         finally:
@@ -86,10 +92,13 @@ def _build() -> ctypes.CDLL:
     if dll.sn_abi_version() != ABI:
         raise RuntimeError(f"{lib} has ABI {dll.sn_abi_version()}, expected {ABI}")
     i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
-    for fn in (dll.sn_qk_f32, dll.sn_qk_f64):
+    common = ([i64] * 5 + [dbl] + [ptr, ptr, i64] + [ptr, ptr, ptr, i64, i64] + [ptr, ptr, ptr, i64]
+              + [ptr, ptr, i64, i64] + [ptr, ptr] + [ptr, ptr] + [ptr, ptr] + [ptr, i64])
+    for name in ("sn_qk_f32", "sn_qk_f64", "sn_qk_par_f32", "sn_qk_par_f64"):
+        fn = getattr(dll, name)
         fn.restype = i64
-        fn.argtypes = ([i64] * 7 + [dbl] + [ptr, ptr, i64] + [ptr, ptr, ptr, i64, i64] + [ptr, ptr, ptr, i64]
-                       + [ptr, ptr, i64, i64] + [ptr, ptr] + [ptr, ptr] + [ptr, ptr] + [ptr, i64])
+        fn.argtypes = ([ptr, ptr, i64] if "par" in name else [i64, i64]) + common
+    dll.sn_threads.restype = ctypes.c_int
     return dll
 
 
@@ -147,21 +156,23 @@ def _check_bounds(n_sub, d, rp, S, S_off, S_si, A, A_off, A_sj, A_si, X, X_off, 
     ValueError here, not a crash or a silent read of other memory."""
     if lo.numel() == 0:
         return
-    if lo.numel() != hi.numel() or bool((lo < 0).any()):
+    if lo.numel() != hi.numel() or int(lo.min()) < 0:
         raise ValueError("perturbed_norms: lo and hi must have one entry per item, lo >= 0")
-    busy = hi > lo
     slack = KEY_SLACK - 1  # rows of keys are read in whole vectors, up to this far past hi
+    # a bound on the largest index any item uses (the largest offset plus the largest extent; cheap, and
+    # exact for the layouts importance.py builds, where every row of keys has room for the longest)
+    h, nv = int(hi.max()), int((hi > lo).sum())
 
-    def last(off, *extent):  # the largest index used by a busy item
-        return int((off + sum(extent))[busy].max()) if bool(busy.any()) else -1
+    def last(off, *extent):
+        return int(off.max()) + sum(extent) if nv else -1
 
-    checks = [("S", S, last(S_off, (n_sub - 1) * S_si, hi - 1 + slack)),
+    checks = [("S", S, last(S_off, (n_sub - 1) * S_si, h - 1 + slack)),
               ("A/Bc", A, last(A_off, (d - 1) * A_sj, (n_sub - 1) * A_si)),
-              ("X/Y", X, last(X_off, (d - 1) * X_sj, hi - 1 + slack)),
-              ("F", F, last(F_off, hi * n_sub * rp - 1)),
-              ("out", out, int((out_off + d - 1).max()))]
+              ("X/Y", X, last(X_off, (d - 1) * X_sj, h - 1 + slack)),
+              ("F", F, last(F_off, h * n_sub * rp - 1)),
+              ("out", out, int(out_off.max()) + d - 1)]
     if R is not None:
-        checks.append(("R", R, last(R_off, (d - 1) * R_sj, (hi - 1 + slack) * R_ss)))
+        checks.append(("R", R, last(R_off, (d - 1) * R_sj, (h - 1 + slack) * R_ss)))
     for name, t, top in checks:
         if top >= t.numel():
             raise ValueError(f"perturbed_norms: the offsets reach element {top} of {name}, which has {t.numel()}")
@@ -182,7 +193,6 @@ def perturbed_norms(*, n_sub: int, r: int, tri: bool, cap: float | None,
     if dll is None:
         raise RuntimeError(f"the native q/k kernel is unavailable: {why_not()}")
     dt = out.dtype
-    fn = dll.sn_qk_f32 if dt == torch.float32 else dll.sn_qk_f64
     real = (S, A, Bc, X, Y, F, out) + (() if R is None else (R,))
     offs = (S_off, A_off, X_off, F_off, lo, hi, out_off) + (() if R_off is None else (R_off,))
     if any(t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu" for t in real):
@@ -205,26 +215,44 @@ def perturbed_norms(*, n_sub: int, r: int, tri: bool, cap: float | None,
 
     # the C file's workspace: n_sub + 1 logit rows and BLK rows of dP, each in whole 32-byte vectors
     work_len = up((n_sub + 1) * up(n_max) + BLK * up(n_max * n_sub))
-    n_thr = max(1, min(torch.get_num_threads(), n_items))
-    # split the items into ranges of about equal work: per channel, an item's product with F grows with
-    # the square of its rows of F (n * n_sub, about half of it under a triangular F), its softmax linearly
+    omp = dll.sn_threads()  # > 0: built with OpenMP, the team size of a parallel region
+    n_thr = max(1, min(omp or torch.get_num_threads(), n_items))
+    # PIECES ranges per thread of about equal work (per channel, an item's product with F grows with the
+    # square of its rows of F, n * n_sub, about half of it under a triangular F; its softmax linearly),
+    # handed out in turn: a thread that starts late or runs slow takes fewer
     m = (hi - lo).clamp(min=0) * n_sub
     cost = (m * m // 2 + 16 * m + 16).cumsum(0)
     total = int(cost[-1]) if n_items else 0
-    bounds = [0] + [int(torch.searchsorted(cost, total * k // n_thr)) for k in range(1, n_thr)] + [n_items]
-    raw = torch.empty(n_thr * work_len + 2 * lanes, dtype=dt)
+    n_pieces = 1 if n_thr == 1 else n_thr * PIECES
+    cuts = torch.searchsorted(cost, torch.arange(1, n_pieces, dtype=cost.dtype) * total // n_pieces).tolist()
+    bounds = torch.tensor([0, *cuts, n_items], dtype=torch.int64)
+    n_rows = max(n_thr, omp)
+    raw = torch.empty(n_rows * work_len + 2 * lanes, dtype=dt)
     shift = (-raw.data_ptr() // out.element_size()) % lanes  # 32-byte aligned rows
-    work = raw[shift: shift + n_thr * work_len].view(n_thr, work_len)
+    work = raw[shift: shift + n_rows * work_len].view(n_rows, work_len)
     args = (n_sub, d, r, rp, int(tri), float(cap or 0.0),
             _p(S), _p(S_off), S_si, _p(A), _p(Bc), _p(A_off), A_sj, A_si, _p(X), _p(Y), _p(X_off), X_sj,
             _p(R), _p(R_off), R_sj, R_ss, _p(F), _p(F_off), _p(lo), _p(hi), _p(out), _p(out_off))
-
-    def run(k: int) -> int:
-        return fn(bounds[k], bounds[k + 1], *args, work[k].data_ptr(), work_len)
-
-    if n_thr == 1:
-        codes = [run(0)]
+    if omp:
+        # one call; its OpenMP team is torch's own threads (the same libgomp), which are already awake
+        par = dll.sn_qk_par_f32 if dt == torch.float32 else dll.sn_qk_par_f64
+        codes = [par(n_pieces, bounds.data_ptr(), n_rows, *args, work.data_ptr(), work_len)]
     else:
-        codes = list(_pool(n_thr).map(run, range(n_thr)))
+        fn = dll.sn_qk_f32 if dt == torch.float32 else dll.sn_qk_f64
+        turn = itertools.count()  # next() on a count is atomic under the GIL
+        bl = bounds.tolist()
+
+        def worker(k: int) -> list[int]:
+            codes = []
+            while (i := next(turn)) < n_pieces:
+                if bl[i] < bl[i + 1]:
+                    codes.append(fn(bl[i], bl[i + 1], *args, work[k].data_ptr(), work_len))
+            return codes
+
+        if n_thr == 1:
+            codes = worker(0)
+        else:
+            others = [_pool(n_thr - 1).submit(worker, k) for k in range(1, n_thr)]
+            codes = worker(0) + [c for f in others for c in f.result()]
     if any(codes):
         raise RuntimeError(f"native q/k kernel failed with codes {codes}")

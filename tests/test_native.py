@@ -106,6 +106,7 @@ def test_native_equals_torch_path(family, monkeypatch):
         for key in ref:
             torch.testing.assert_close(got[key], ref[key], rtol=1e-6, atol=1e-9 * float(ref[key].abs().max()))
     monkeypatch.setattr(imp, "QR_MIN_RATIO", 0.0)
+    monkeypatch.setattr(imp, "NATIVE_QR_MIN_RATIO", 0.0)
     sc = scored_mask(batch, "content")
     ref = prompt_scores(m, ad, batch, sc, kinds=["q", "k"], qk_kernel="torch")
     got = prompt_scores(m, ad, batch, sc, kinds=["q", "k"], qk_kernel="native")

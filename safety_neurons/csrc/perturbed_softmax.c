@@ -22,7 +22,16 @@
 #define BLK 6 /* channels whose output-change products share one pass over F */
 #define NEG_FILL (-1e30) /* logit of a padding lane: exp() of it is 0 after the clamp's 1e-38 */
 
-int sn_abi_version(void) { return 1; }
+int sn_abi_version(void) { return 2; }
+
+#ifdef _OPENMP
+#include <omp.h>
+#define SN_THREAD_NUM() omp_get_thread_num()
+int sn_threads(void) { return omp_get_max_threads(); } /* what a parallel region of this runtime gets */
+#else
+#define SN_THREAD_NUM() 0
+int sn_threads(void) { return 0; } /* built without OpenMP: the caller splits the work over threads */
+#endif
 
 /* the kernel, once per precision: perturbed_softmax_impl.h reads REAL, IREAL (same-size integer),
  * LANES (32-byte vectors), NAME and the exp constants */

@@ -215,3 +215,34 @@ int64_t NAME(sn_qk)(int64_t i0, int64_t i1, int64_t n_sub, int64_t d, int64_t r,
     }
     return 0;
 }
+
+/* All items, split into n_pieces ranges (bounds[0..n_pieces]) shared out dynamically over the OpenMP
+ * threads, thread t using work + t * work_len (n_work_rows such rows). Built with OpenMP, this runs on the
+ * OpenMP runtime torch already loaded (same libgomp.so.1), so it reuses torch's threads; without it, one
+ * thread does everything. */
+int64_t NAME(sn_qk_par)(int64_t n_pieces, const int64_t *bounds, int64_t n_work_rows,
+                        int64_t n_sub, int64_t d, int64_t r, int64_t rp, int64_t tri, double cap_d,
+                        const REAL *S, const int64_t *S_off, int64_t S_si,
+                        const REAL *A, const REAL *Bc, const int64_t *A_off, int64_t A_sj, int64_t A_si,
+                        const REAL *X, const REAL *Y, const int64_t *X_off, int64_t X_sj,
+                        const REAL *R, const int64_t *R_off, int64_t R_sj, int64_t R_ss,
+                        const REAL *F, const int64_t *F_off,
+                        const int64_t *lo_, const int64_t *hi_,
+                        REAL *out, const int64_t *out_off,
+                        REAL *work, int64_t work_len) {
+    int64_t err = 0;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t p = 0; p < n_pieces; p++) {
+        const int64_t t = SN_THREAD_NUM();
+        const int64_t c = t >= n_work_rows ? -4
+            : NAME(sn_qk)(bounds[p], bounds[p + 1], n_sub, d, r, rp, tri, cap_d, S, S_off, S_si, A, Bc, A_off,
+                          A_sj, A_si, X, Y, X_off, X_sj, R, R_off, R_sj, R_ss, F, F_off, lo_, hi_, out, out_off,
+                          work + t * work_len, work_len);
+        if (c) {
+#pragma omp atomic write
+            err = c;
+        }
+    }
+    return err;
+}
+
