@@ -425,6 +425,7 @@ class _Layer:
         # keys past the last one a scored row sees (the template's closing tokens, padding) get dP = 0 in
         # every row: the output factors (and their QR) leave them out
         Vc = Vc[:, : max(rw.last_key) + 1]
+        VcT = Vc.permute(0, 2, 1, 3)  # (B, G, T, d)
         Wo = self.m.o.weight
         # only F F^T matters: on CPU a QR shrinks F to at most T (k: gs*T) columns, which pays for itself
         # in the torch path and, for much wider factors, in the native kernel; on CUDA batched small QRs
@@ -444,7 +445,7 @@ class _Layer:
             # ||dP V_h W_o,h^T|| = ||dP V_h R_h^T|| with W_o,h = Q_h R_h
             RqT = _derived(Wo, "q", dt, lambda w: _tri(w.view(-1, G, gs, d).permute(1, 2, 0, 3))
                            .transpose(-1, -2).contiguous())  # (G, gs, d, d)
-            Fq, tri = reduce(torch.einsum("btgd,gide->bgite", Vc, RqT))  # (B, G, gs, T, r)
+            Fq, tri = reduce(torch.matmul(VcT[:, :, None], RqT))  # (B, G, gs, T, r)
             yqg = yq.view(B, Ts, G, gs, d).permute(0, 2, 3, 1, 4)  # (B, G, gs, Ts, d)
             A = yqg * rt["qc"][:, None, None]  # coefficient of K[:, j]
             Bc = yqg * rt["qp"][:, None, None]  # coefficient of K[:, p(j)]
@@ -481,10 +482,11 @@ class _Layer:
 
         if "k" in ctx.kinds:
             # ||sum_i dP_i V_g W_o,h_i^T|| = ||[dP_1 .. dP_gs] F||, F stacked from V_g and the group's R
+            # the group's R, rows (head i, channel e) -> (G, e, (i, r)): Vc_g @ it is F in (key, head) rows
             Rb = _derived(Wo, "k", dt, lambda w: _tri(w.view(-1, G, gs * d).transpose(0, 1))
-                          .view(G, gs * d, gs, d).permute(0, 2, 3, 1).contiguous())  # (G, gs, d, gs*d)
+                          .view(G, gs * d, gs, d).permute(0, 3, 2, 1).reshape(G, d, gs * gs * d).contiguous())
             # rows in (key, head) order, so that the keys [0, hi) are a prefix (and a triangle after a QR)
-            Fk, tri = reduce(torch.einsum("btgd,gidr->bgtir", Vc, Rb).reshape(B, G, -1, gs * d))  # (.., r)
+            Fk, tri = reduce(torch.matmul(VcT, Rb).view(B, G, -1, gs * d))  # (B, G, T*gs, r)
             ykT = yk.permute(0, 2, 3, 1)  # (B, G, d, T)
             C1 = ykT * rt["kc"].transpose(1, 2)[:, None]  # coefficient of the scaled Q[:, j]
             C2 = ykT * rt["kp"].transpose(1, 2)[:, None]  # of Q[:, p(j)]
