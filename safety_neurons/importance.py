@@ -505,6 +505,8 @@ class _Layer:
                 Tk = T + native.KEY_SLACK
                 native.perturbed_norms(
                     n_sub=gs, r=Fk.shape[-1], tri=tri, cap=softcap, S=native.pad_keys(S),
+                    # head i's rows of the unreduced factor end at column (i + 1) * d_h (R is triangular)
+                    sub_cols=d if d % native.TILE[dt] == 0 else 0,
                     S_off=bg * (gs * Ts * Tk) + it % Ts * Tk, S_si=Ts * Tk,
                     A=Qk.contiguous(), Bc=Qkp.contiguous(), A_off=it * (d * gs), A_sj=gs, A_si=1,
                     X=native.pad_keys(C1), Y=native.pad_keys(C2), X_off=bg * (d * Tk), X_sj=Tk,

@@ -31,7 +31,7 @@ import torch
 SOURCE = Path(__file__).with_name("csrc") / "perturbed_softmax.c"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
 OPENMP = ["-fopenmp"]  # tried first: the library then runs on torch's own OpenMP threads
-ABI = 2
+ABI = 3
 TILE = {torch.float32: 16, torch.float64: 8}  # columns of one register tile (two vectors of 32 bytes)
 BLK = 6  # channels per pass over F (the C file's BLK)
 PIECES = 4  # work ranges per thread
@@ -92,7 +92,7 @@ def _build() -> ctypes.CDLL:
     if dll.sn_abi_version() != ABI:
         raise RuntimeError(f"{lib} has ABI {dll.sn_abi_version()}, expected {ABI}")
     i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
-    common = ([i64] * 5 + [dbl] + [ptr, ptr, i64] + [ptr, ptr, ptr, i64, i64] + [ptr, ptr, ptr, i64]
+    common = ([i64] * 6 + [dbl] + [ptr, ptr, i64] + [ptr, ptr, ptr, i64, i64] + [ptr, ptr, ptr, i64]
               + [ptr, ptr, i64, i64] + [ptr, ptr] + [ptr, ptr] + [ptr, ptr] + [ptr, i64])
     for name in ("sn_qk_f32", "sn_qk_f64", "sn_qk_par_f32", "sn_qk_par_f64"):
         fn = getattr(dll, name)
@@ -178,7 +178,7 @@ def _check_bounds(n_sub, d, rp, S, S_off, S_si, A, A_off, A_sj, A_si, X, X_off, 
             raise ValueError(f"perturbed_norms: the offsets reach element {top} of {name}, which has {t.numel()}")
 
 
-def perturbed_norms(*, n_sub: int, r: int, tri: bool, cap: float | None,
+def perturbed_norms(*, n_sub: int, r: int, tri: bool, cap: float | None, sub_cols: int = 0,
                     S: torch.Tensor, S_off: torch.Tensor, S_si: int,
                     A: torch.Tensor, Bc: torch.Tensor, A_off: torch.Tensor, A_sj: int, A_si: int,
                     X: torch.Tensor, Y: torch.Tensor, X_off: torch.Tensor, X_sj: int,
@@ -188,7 +188,9 @@ def perturbed_norms(*, n_sub: int, r: int, tri: bool, cap: float | None,
     """Run the kernel over all items (see the C file for the formula); writes ``out`` in place.
 
     Every tensor is a contiguous CPU tensor of one dtype (float32 or float64), offsets are int64 element
-    offsets per item, ``F`` comes from :func:`pad_columns`. The caller keeps every tensor alive."""
+    offsets per item, ``F`` comes from :func:`pad_columns`. ``sub_cols`` > 0 promises that (for a full,
+    not triangular F) sub-row i's rows of F are zero from column (i + 1) * sub_cols on, a multiple of the
+    register tile; the kernel then skips those products. The caller keeps every tensor alive."""
     dll = load()
     if dll is None:
         raise RuntimeError(f"the native q/k kernel is unavailable: {why_not()}")
@@ -201,6 +203,8 @@ def perturbed_norms(*, n_sub: int, r: int, tri: bool, cap: float | None,
         raise ValueError("perturbed_norms: offsets must be contiguous int64 tensors")
     rp = F.shape[-1]
     n_items = lo.numel()
+    if sub_cols % TILE[dt]:
+        raise ValueError(f"perturbed_norms: sub_cols must be a multiple of {TILE[dt]}")
     if rp % TILE[dt] or r > rp:
         raise ValueError(f"perturbed_norms: F's rows must be padded to a multiple of {TILE[dt]} (pad_columns)")
     if Bc.numel() != A.numel() or Y.numel() != X.numel():
@@ -230,7 +234,7 @@ def perturbed_norms(*, n_sub: int, r: int, tri: bool, cap: float | None,
     raw = torch.empty(n_rows * work_len + 2 * lanes, dtype=dt)
     shift = (-raw.data_ptr() // out.element_size()) % lanes  # 32-byte aligned rows
     work = raw[shift: shift + n_rows * work_len].view(n_rows, work_len)
-    args = (n_sub, d, r, rp, int(tri), float(cap or 0.0),
+    args = (n_sub, d, r, rp, int(tri), int(sub_cols), float(cap or 0.0),
             _p(S), _p(S_off), S_si, _p(A), _p(Bc), _p(A_off), A_sj, A_si, _p(X), _p(Y), _p(X_off), X_sj,
             _p(R), _p(R_off), R_sj, R_ss, _p(F), _p(F_off), _p(lo), _p(hi), _p(out), _p(out_off))
     if omp:

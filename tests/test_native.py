@@ -48,11 +48,13 @@ def _naive(n_sub, d, cap, S, A, Bc, X, Y, R, r_per_key, F, lo, hi):
 
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n_sub,cap,rho,tri", [(1, None, None, False), (1, 20.0, "scalar", True),
-                                               (3, None, "key", True), (2, 5.0, "key", False)])
-def test_kernel_formula(dt, n_sub, cap, rho, tri):
+@pytest.mark.parametrize("n_sub,cap,rho,tri,sub_cols", [(1, None, None, False, 0), (1, 20.0, "scalar", True, 0),
+                                                        (3, None, "key", True, 0), (2, 5.0, "key", False, 0),
+                                                        (3, None, None, False, 16)])
+def test_kernel_formula(dt, n_sub, cap, rho, tri, sub_cols):
     """Items with various visible ranges (a window start, an empty item, odd lengths around the vector
-    width), sub-rows, soft-capping, both kinds of rho, a triangular and a full F."""
+    width), sub-rows, soft-capping, both kinds of rho, a triangular and a full F, and a full F whose
+    sub-rows end at staggered columns (k's factor)."""
     g = torch.Generator().manual_seed(n_sub)
     T, d, n_items = 21, 11, 7
     lo = torch.tensor([0, 3, 0, 5, 0, 2, 9])
@@ -62,16 +64,19 @@ def test_kernel_formula(dt, n_sub, cap, rho, tri):
     A, Bc = rnd(n_items, d, n_sub), rnd(n_items, d, n_sub)
     X, Y = rnd(d, T), rnd(d, T)
     R = None if rho is None else (rnd(d, T).abs() + 0.5 if rho == "key" else rnd(n_items, d).abs() + 0.5)
-    r = T * n_sub if tri else 13
+    r = T * n_sub if tri else (n_sub * sub_cols or 13)
     F = rnd(n_items, T * n_sub, r)
     if tri:
         F = F.tril()
+    for i in range(n_sub if sub_cols else 0):
+        F[:, i::n_sub, (i + 1) * sub_cols:] = 0
     Tk = T + native.KEY_SLACK
     it = torch.arange(n_items)
     out = torch.full((n_items, d), float("nan"), dtype=dt)
     Fp = native.pad_columns(F.to(dt))
     native.perturbed_norms(
-        n_sub=n_sub, r=r, tri=tri, cap=cap, S=native.pad_keys(S.to(dt)), S_off=it * n_sub * Tk, S_si=Tk,
+        n_sub=n_sub, r=r, tri=tri, cap=cap, sub_cols=sub_cols, S=native.pad_keys(S.to(dt)),
+        S_off=it * n_sub * Tk, S_si=Tk,
         A=A.to(dt), Bc=Bc.to(dt), A_off=it * d * n_sub, A_sj=n_sub, A_si=1,
         X=native.pad_keys(X.to(dt)), Y=native.pad_keys(Y.to(dt)), X_off=it * 0, X_sj=Tk,
         R=None if R is None else (native.pad_keys(R.to(dt)) if rho == "key" else R.to(dt).contiguous()),

@@ -12,7 +12,9 @@
  *     out_j = || sum_{s, i} dP_is F[s * n_sub + i, :] ||_2
  *
  * F's rows are in (key, sub-row) order; with tri != 0, F is lower-triangular (row m has no entries past
- * column m). F's rows are rp columns apart, rp a multiple of the vector tile, zero past its r columns.
+ * column m); with sub_cols > 0 (and a full F), the rows of sub-row i have no entries in columns
+ * >= (i + 1) * sub_cols (k's factor: the group's R is triangular), and those are skipped. F's rows
+ * are rp columns apart, rp a multiple of the vector tile, zero past its r columns.
  * Both precisions come from one template (REAL = float / double). The code uses GCC/Clang vector
  * extensions only, so it builds on any target the compiler knows (x86 AVX2/AVX-512, ARM NEON/SVE). */
 #include <math.h>
@@ -22,7 +24,7 @@
 #define BLK 6 /* channels whose output-change products share one pass over F */
 #define NEG_FILL (-1e30) /* logit of a padding lane: exp() of it is 0 after the clamp's 1e-38 */
 
-int sn_abi_version(void) { return 2; }
+int sn_abi_version(void) { return 3; }
 
 #ifdef _OPENMP
 #include <omp.h>

@@ -131,7 +131,7 @@ static inline void NAME(row_softmax)(REAL *restrict p, int64_t n, const REAL *s,
 }
 
 int64_t NAME(sn_qk)(int64_t i0, int64_t i1, int64_t n_sub, int64_t d, int64_t r, int64_t rp, int64_t tri,
-                    double cap_d,
+                    int64_t sub_cols, double cap_d,
                     const REAL *S, const int64_t *S_off, int64_t S_si,
                     const REAL *A, const REAL *Bc, const int64_t *A_off, int64_t A_sj, int64_t A_si,
                     const REAL *X, const REAL *Y, const int64_t *X_off, int64_t X_sj,
@@ -197,15 +197,21 @@ int64_t NAME(sn_qk)(int64_t i0, int64_t i1, int64_t n_sub, int64_t d, int64_t r,
             for (int64_t c0 = 0; c0 < cols; c0 += 2 * LANES) {
                 vec acc[BLK][2];
                 memset(acc, 0, sizeof(acc));
-                /* a triangular F has no entries in columns >= c0 in rows < c0 */
+                /* a triangular F has no entries in columns >= c0 in rows < c0; with sub_cols, sub-row i
+                 * has none in columns >= (i + 1) * sub_cols */
                 const int64_t m0 = tri && c0 > row0 ? c0 - row0 : 0;
-                for (int64_t m = m0; m < M; m++) {
-                    const REAL *f = Fb + m * rp + c0;
-                    const vec f0 = *(const uvec *)f, f1 = *(const uvec *)(f + LANES);
-                    for (int64_t jj = 0; jj < BLK; jj++) {
-                        const REAL pv = pb[jj * Mp + m];
-                        acc[jj][0] += pv * f0;
-                        acc[jj][1] += pv * f1;
+                const int64_t i_min = !tri && sub_cols > 0 ? c0 / sub_cols : 0;
+                for (int64_t s = m0 / n_sub; s < n; s++) {
+                    for (int64_t i = i_min; i < n_sub; i++) {
+                        const int64_t m = s * n_sub + i;
+                        if (m < m0) continue;
+                        const REAL *f = Fb + m * rp + c0;
+                        const vec f0 = *(const uvec *)f, f1 = *(const uvec *)(f + LANES);
+                        for (int64_t jj = 0; jj < BLK; jj++) {
+                            const REAL pv = pb[jj * Mp + m];
+                            acc[jj][0] += pv * f0;
+                            acc[jj][1] += pv * f1;
+                        }
                     }
                 }
                 for (int64_t jj = 0; jj < BLK; jj++) ss[jj] += acc[jj][0] * acc[jj][0] + acc[jj][1] * acc[jj][1];
@@ -221,7 +227,8 @@ int64_t NAME(sn_qk)(int64_t i0, int64_t i1, int64_t n_sub, int64_t d, int64_t r,
  * OpenMP runtime torch already loaded (same libgomp.so.1), so it reuses torch's threads; without it, one
  * thread does everything. */
 int64_t NAME(sn_qk_par)(int64_t n_pieces, const int64_t *bounds, int64_t n_work_rows,
-                        int64_t n_sub, int64_t d, int64_t r, int64_t rp, int64_t tri, double cap_d,
+                        int64_t n_sub, int64_t d, int64_t r, int64_t rp, int64_t tri, int64_t sub_cols,
+                        double cap_d,
                         const REAL *S, const int64_t *S_off, int64_t S_si,
                         const REAL *A, const REAL *Bc, const int64_t *A_off, int64_t A_sj, int64_t A_si,
                         const REAL *X, const REAL *Y, const int64_t *X_off, int64_t X_sj,
@@ -235,7 +242,7 @@ int64_t NAME(sn_qk_par)(int64_t n_pieces, const int64_t *bounds, int64_t n_work_
     for (int64_t p = 0; p < n_pieces; p++) {
         const int64_t t = SN_THREAD_NUM();
         const int64_t c = t >= n_work_rows ? -4
-            : NAME(sn_qk)(bounds[p], bounds[p + 1], n_sub, d, r, rp, tri, cap_d, S, S_off, S_si, A, Bc, A_off,
+            : NAME(sn_qk)(bounds[p], bounds[p + 1], n_sub, d, r, rp, tri, sub_cols, cap_d, S, S_off, S_si, A, Bc, A_off,
                           A_sj, A_si, X, Y, X_off, X_sj, R, R_off, R_sj, R_ss, F, F_off, lo_, hi_, out, out_off,
                           work + t * work_len, work_len);
         if (c) {
