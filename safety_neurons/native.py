@@ -5,7 +5,9 @@ for this machine (``-march=native``) into ``$SAFETY_NEURONS_CACHE`` (default
 ``~/.cache/safety-neurons``)``/native/<hash>/``, keyed by the source, flags, compiler and CPU, and
 written atomically, so concurrent first uses cannot leave a broken library. It is plain C with no
 Python or torch headers (about a second to build) and is called through ``ctypes``, which releases
-the GIL: the work items are split over ``torch.get_num_threads()`` Python threads.
+the GIL. Built with ``-fopenmp``, it links ``libgomp.so.1``, which resolves to the copy torch has
+already loaded, so its parallel loop runs on torch's own threads (``torch.set_num_threads`` applies);
+a compiler without OpenMP gets a serial library, and Python threads split the work instead.
 
 Without a compiler, or if the build fails, :func:`load` returns ``None`` with the reason in
 :func:`why_not`, and detection falls back to the pure-torch computation (``detect.qk_kernel=auto``);

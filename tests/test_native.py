@@ -135,6 +135,32 @@ def test_native_float32_against_brute_force(family):
             assert bool(((got - bf).abs() <= 1e-3 * bf.abs() + 1e-6 * bf.abs().max()).all()), (layer, kind)
 
 
+def test_python_threads_give_the_same_scores(monkeypatch):
+    """A library built without OpenMP is driven by Python threads over the same pieces: same scores."""
+    m, ad = _model("qwen2")
+    batch = encode(tiny_tokenizer(), PROMPTS)
+    sc = scored_mask(batch, "all")
+    ref = prompt_scores(m, ad, batch, sc, kinds=["q", "k"], qk_kernel="native")
+    real = native.load()
+
+    class Serial:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def sn_threads(self):
+            return 0
+
+    monkeypatch.setattr(native, "_state", {"dll": Serial(), "why": None})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # more threads than cores: pieces are shared
+    called = []
+    real_pool = native._pool
+    monkeypatch.setattr(native, "_pool", lambda n: (called.append(n), real_pool(n))[1])
+    got = prompt_scores(m, ad, batch, sc, kinds=["q", "k"], qk_kernel="native")
+    assert called and called[0] == 2
+    for key in ref:
+        assert torch.equal(got[key], ref[key])
+
+
 def test_fallback_and_errors(monkeypatch):
     m, ad = _model("llama")
     batch = encode(tiny_tokenizer(), PROMPTS)
