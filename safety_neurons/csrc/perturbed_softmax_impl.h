@@ -3,6 +3,17 @@
  * entries, whose padding lanes get probability exactly 0. Inputs with a key dimension (S, X, Y, a
  * per-key R) are read in whole vectors too, so each row must be readable LANES - 1 entries past hi. */
 
+/* the arrays of both entry points (see perturbed_softmax.c), and their names to pass them on */
+#define SN_QK_INPUTS                                                                                \
+    const REAL *S, const int64_t *S_off, int64_t S_si,                                              \
+    const REAL *A, const REAL *Bc, const int64_t *A_off, int64_t A_sj, int64_t A_si,                \
+    const REAL *X, const REAL *Y, const int64_t *X_off, int64_t X_sj,                               \
+    const REAL *R, const int64_t *R_off, int64_t R_sj, int64_t R_ss,                                \
+    const REAL *F, const int64_t *F_off, const int64_t *lo_, const int64_t *hi_,                    \
+    REAL *out, const int64_t *out_off
+#define SN_QK_INPUT_NAMES \
+    S, S_off, S_si, A, Bc, A_off, A_sj, A_si, X, Y, X_off, X_sj, R, R_off, R_sj, R_ss, F, F_off, lo_, hi_, out, out_off
+
 typedef REAL NAME(vec) __attribute__((vector_size(LANES * sizeof(REAL))));
 typedef REAL NAME(uvec) __attribute__((vector_size(LANES * sizeof(REAL)), aligned(sizeof(REAL))));
 typedef IREAL NAME(ivec) __attribute__((vector_size(LANES * sizeof(REAL))));
@@ -132,13 +143,7 @@ static inline void NAME(row_softmax)(REAL *restrict p, int64_t n, const REAL *s,
 
 int64_t NAME(sn_qk)(int64_t i0, int64_t i1, int64_t n_sub, int64_t d, int64_t r, int64_t rp, int64_t tri,
                     int64_t sub_cols, double cap_d,
-                    const REAL *S, const int64_t *S_off, int64_t S_si,
-                    const REAL *A, const REAL *Bc, const int64_t *A_off, int64_t A_sj, int64_t A_si,
-                    const REAL *X, const REAL *Y, const int64_t *X_off, int64_t X_sj,
-                    const REAL *R, const int64_t *R_off, int64_t R_sj, int64_t R_ss,
-                    const REAL *F, const int64_t *F_off,
-                    const int64_t *lo_, const int64_t *hi_,
-                    REAL *out, const int64_t *out_off,
+                    SN_QK_INPUTS,
                     REAL *work, int64_t work_len) {
     typedef NAME(vec) vec;
     typedef NAME(uvec) uvec;
@@ -229,21 +234,14 @@ int64_t NAME(sn_qk)(int64_t i0, int64_t i1, int64_t n_sub, int64_t d, int64_t r,
 int64_t NAME(sn_qk_par)(int64_t n_pieces, const int64_t *bounds, int64_t n_work_rows,
                         int64_t n_sub, int64_t d, int64_t r, int64_t rp, int64_t tri, int64_t sub_cols,
                         double cap_d,
-                        const REAL *S, const int64_t *S_off, int64_t S_si,
-                        const REAL *A, const REAL *Bc, const int64_t *A_off, int64_t A_sj, int64_t A_si,
-                        const REAL *X, const REAL *Y, const int64_t *X_off, int64_t X_sj,
-                        const REAL *R, const int64_t *R_off, int64_t R_sj, int64_t R_ss,
-                        const REAL *F, const int64_t *F_off,
-                        const int64_t *lo_, const int64_t *hi_,
-                        REAL *out, const int64_t *out_off,
+                        SN_QK_INPUTS,
                         REAL *work, int64_t work_len) {
     int64_t err = 0;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t p = 0; p < n_pieces; p++) {
         const int64_t t = SN_THREAD_NUM();
         const int64_t c = t >= n_work_rows ? -4
-            : NAME(sn_qk)(bounds[p], bounds[p + 1], n_sub, d, r, rp, tri, sub_cols, cap_d, S, S_off, S_si, A, Bc, A_off,
-                          A_sj, A_si, X, Y, X_off, X_sj, R, R_off, R_sj, R_ss, F, F_off, lo_, hi_, out, out_off,
+            : NAME(sn_qk)(bounds[p], bounds[p + 1], n_sub, d, r, rp, tri, sub_cols, cap_d, SN_QK_INPUT_NAMES,
                           work + t * work_len, work_len);
         if (c) {
 #pragma omp atomic write
@@ -253,3 +251,5 @@ int64_t NAME(sn_qk_par)(int64_t n_pieces, const int64_t *bounds, int64_t n_work_
     return err;
 }
 
+#undef SN_QK_INPUTS
+#undef SN_QK_INPUT_NAMES
