@@ -22,7 +22,7 @@
 #include <string.h>
 
 #define BLK 6 /* channels whose output-change products share one pass over F */
-#define NEG_FILL (-1e30) /* logit of a padding lane: exp() of it is 0 after the clamp's 1e-38 */
+#define NEG_FILL (-1e30) /* logit of a padding lane (past the row's keys): it cannot be the max; its probability is masked to 0 */
 
 int sn_abi_version(void) { return 3; }
 
