@@ -172,6 +172,7 @@ class _Rows:
         self.mode, self.dt = mode, dt
         self._neg: dict = {}
         self._rope: dict = {}
+        self._span: dict = {}
         if copy_from is not None:
             return
         dev = scored.device
@@ -180,7 +181,6 @@ class _Rows:
         self.Ts = int(n.max())
         order = torch.sort((~scored).to(torch.int8), dim=1, stable=True).indices  # scored tokens first
         self.valid = torch.arange(self.Ts, device=dev)[None] < n[:, None]  # (B, Ts)
-        self._span: dict = {}
         # empty slots repeat the prompt's first scored row (weight 0), so that no row is fully masked
         self.rows = torch.where(self.valid, order[:, : self.Ts], order[:, :1])  # (B, Ts)
         per = 1.0 / n.to(dt) if mode == "exact" else torch.ones(B, dtype=dt, device=dev)
@@ -205,7 +205,6 @@ class _Rows:
 
     def to(self, device) -> _Rows:
         r = _Rows(None, None, self.mode, self.dt, copy_from=self)
-        r._span = {}
         r.Ts, r.last_key = self.Ts, self.last_key
         for name in ("valid", "rows", "w", "w_tok", "key_ok", "key_mean", "key_pos"):
             setattr(r, name, getattr(self, name).to(device))
@@ -432,6 +431,9 @@ class _Layer:
         # cost more than they save
         if span is not None:
             reduce = lambda f: _reduce(f, NATIVE_QR_MIN_RATIO)  # noqa: E731
+            # the logits with slack after each row of keys (the kernel reads whole vectors), for q and k
+            Tk = T + native.KEY_SLACK
+            S_pad = native.pad_keys(S)
         elif a.device.type == "cpu":
             reduce = _reduce
         else:
@@ -457,9 +459,8 @@ class _Layer:
                 it = torch.arange(B * G * gs * Ts)
                 lo, hi = (x[:, None, None].expand(B, G, gs, Ts).reshape(-1).contiguous() for x in span)
                 F = native.pad_columns(Fq)
-                Tk = T + native.KEY_SLACK  # key rows with slack: the kernel reads whole vectors
                 native.perturbed_norms(
-                    n_sub=1, r=Fq.shape[-1], tri=tri, cap=softcap, S=native.pad_keys(S), S_off=it * Tk, S_si=0,
+                    n_sub=1, r=Fq.shape[-1], tri=tri, cap=softcap, S=S_pad, S_off=it * Tk, S_si=0,
                     A=A.contiguous(), Bc=Bc.contiguous(), A_off=it * d, A_sj=1, A_si=0,
                     X=native.pad_keys(KT), Y=native.pad_keys(KTp), X_off=it // (gs * Ts) * (d * Tk), X_sj=Tk,
                     R=None if rq is None else rq.contiguous(), R_off=it * d, R_sj=1, R_ss=0,
@@ -502,9 +503,8 @@ class _Layer:
                 bg = it // Ts
                 lo, hi = (x[:, None].expand(B, G, Ts).reshape(-1).contiguous() for x in span)
                 F = native.pad_columns(Fk)
-                Tk = T + native.KEY_SLACK
                 native.perturbed_norms(
-                    n_sub=gs, r=Fk.shape[-1], tri=tri, cap=softcap, S=native.pad_keys(S),
+                    n_sub=gs, r=Fk.shape[-1], tri=tri, cap=softcap, S=S_pad,
                     # head i's rows of the unreduced factor end at column (i + 1) * d_h (R is triangular)
                     sub_cols=d if d % native.TILE[dt] == 0 else 0,
                     S_off=bg * (gs * Ts * Tk) + it % Ts * Tk, S_si=Ts * Tk,
