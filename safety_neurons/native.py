@@ -128,24 +128,24 @@ def _pool(n: int) -> ThreadPoolExecutor:
     return _state["pool"]
 
 
+def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
+    """A contiguous copy of ``t`` with zeros appended to its last dimension up to ``width``."""
+    out = t.new_zeros(*t.shape[:-1], width)
+    out[..., : t.shape[-1]] = t
+    return out
+
+
 def pad_columns(f: torch.Tensor) -> torch.Tensor:
     """F (..., rows, r) as a contiguous copy whose rows are a multiple of the register tile apart."""
     r = f.shape[-1]
-    tile = TILE[f.dtype]
-    rp = -(-r // tile) * tile
-    if rp == r and f.is_contiguous():
-        return f
-    out = f.new_zeros(*f.shape[:-1], rp)
-    out[..., :r] = f
-    return out
+    rp = -(-r // TILE[f.dtype]) * TILE[f.dtype]
+    return f if rp == r and f.is_contiguous() else _pad_last(f, rp)
 
 
 def pad_keys(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``t`` with KEY_SLACK zero columns appended to its last (key) dimension: the
     kernel reads rows of keys in whole vectors, up to a vector's length past the last visible key."""
-    out = t.new_zeros(*t.shape[:-1], t.shape[-1] + KEY_SLACK)
-    out[..., : t.shape[-1]] = t
-    return out
+    return _pad_last(t, t.shape[-1] + KEY_SLACK)
 
 
 def _p(t: torch.Tensor | None) -> int | None:
