@@ -64,7 +64,8 @@ def fastest(fn, reps: int = 5) -> float:
 
 def packed_attention(cfg, T: int, rows: int):
     """Forward and backward of one layer's attention over a packed row of ``rows`` equal rows after a
-    shared prefix of 30 tokens (SmolLM2's chat template with its default system prompt: 24), with the block-causal mask the packed step uses."""
+    shared prefix of 30 tokens (SmolLM2's chat template with its default system prompt: 24), with the
+    block-causal mask the packed step uses."""
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     p = 30
