@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from .config import register
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "conf"
+# the config tree ships inside the package, so a non-editable install has it too
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def output_root() -> Path:
+    """Where ``outputs/`` goes: ``$SAFETY_NEURONS_ROOT``, else the directory the command runs in
+    (never beside an installed package)."""
+    return Path(os.environ.get("SAFETY_NEURONS_ROOT") or Path.cwd()).resolve()
 
 
 def setup() -> None:
     register()
     if not OmegaConf.has_resolver("sn_root"):
-        OmegaConf.register_new_resolver("sn_root", lambda: str(ROOT))
+        OmegaConf.register_new_resolver("sn_root", lambda: str(output_root()))
 
 
 def compose(overrides: list[str] | None = None):

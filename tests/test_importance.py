@@ -86,7 +86,7 @@ def test_exact_equals_brute_force_float32(family):
 def test_exact_with_triangular_factors_equals_brute_force(family, monkeypatch):
     """With a QR on every q/k output factor (on SmolLM2-sized prompts it is taken; on these byte-level
     tiny prompts it is not), the causally truncated triangle of the factor still gives exact scores."""
-    import safety_neurons.importance as imp
+    import safety_neurons.importance.plnd as imp
 
     tok = tiny_tokenizer()
     m, ad = _model(family)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-import safety_neurons.importance as imp
+import safety_neurons.importance.plnd as imp
 from safety_neurons import native
 from safety_neurons.data import encode, scored_mask
 from safety_neurons.errors import UserError

@@ -34,10 +34,10 @@ def build_report(src: Path, out: Path, of: str) -> tuple:
 
 
 def run(cfg) -> dict:
-    from ..cfg import ROOT
+    from ..cfg import output_root
 
     rc = cfg.report
-    src = Path(rc.dir) if rc.dir else latest_sweep(ROOT / "outputs", rc.of, cfg.model.name)
+    src = Path(rc.dir) if rc.dir else latest_sweep(output_root() / "outputs", rc.of, cfg.model.name)
     with tracked(cfg) as (tr, box):
         df, paths = build_report(src, tr.dir, rc.of)
         tr.log_table("report", df)

@@ -47,11 +47,11 @@ from collections.abc import Iterable
 
 import torch
 
-from . import native
-from .data import Batch
-from .errors import UserError
-from .hooks import deactivated, hooks
-from .models import ModelAdapter, model_device
+from .. import native
+from ..data import Batch
+from ..errors import UserError
+from ..hooks import deactivated, hooks
+from ..models import ModelAdapter, model_device
 
 KINDS = ("q", "k", "v", "o", "ffn")
 MODES = ("exact", "original")
