@@ -240,3 +240,39 @@ def test_kinds_restriction_and_errors():
     with pytest.raises(UserError):
         prompt_scores(m, ad, batch, sc, mode="fast")
     assert n_hooks(m) == 0
+
+
+# A kv group wider than the hidden size (group size x head_dim > hidden: multi-query models with wide
+# heads, e.g. Gemma-3-270m's 4 x 256 > 640): the QR of the group's W_o columns has fewer rows than columns
+WIDE_GROUPS = {"llama": dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=1, head_dim=16),
+               "gemma": dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=1, head_dim=24)}
+
+
+@pytest.mark.parametrize("qr", [False, True])
+@pytest.mark.parametrize("qk_kernel", ["torch", "native"])
+@pytest.mark.parametrize("family", sorted(WIDE_GROUPS))
+def test_exact_wide_kv_group_equals_brute_force(family, qk_kernel, qr, monkeypatch):
+    """Both q/k paths, with the output factors as built (the native kernel's zero-block skip of k's
+    factor applies) and with a QR on every factor (triangular F)."""
+    import safety_neurons.importance.plnd as imp
+    from safety_neurons import native
+
+    if qk_kernel == "native" and native.load() is None:
+        pytest.skip(f"the native kernel cannot be built here: {native.why_not()}")
+    if qr:
+        monkeypatch.setattr(imp, "QR_MIN_RATIO", 0.0)
+        monkeypatch.setattr(imp, "NATIVE_QR_MIN_RATIO", 0.0)
+    tok = tiny_tokenizer()
+    m = tiny_model(family, vocab=len(tok), **WIDE_GROUPS[family]).double()
+    m.set_attn_implementation("eager64")
+    ad = ModelAdapter(m)
+    assert ad.n_heads // ad.n_kv * ad.head_dim > m.config.hidden_size
+    batch = encode(tok, PROMPTS)
+    sc = scored_mask(batch, "content")
+    res = prompt_scores(m, ad, batch, sc, check=True, qk_kernel=qk_kernel)
+    for layer in range(ad.n_layers):
+        for kind in KINDS:
+            idx = list(range(0, ad.width(kind), 5))
+            bf = brute_force_importance(m, ad, batch, sc, layer, kind, idx)
+            got = res[(layer, kind)][:, idx].double()
+            assert bool(((got - bf).abs() <= 1e-4 * bf.abs() + 1e-7 * bf.abs().max()).all()), (layer, kind)

@@ -98,6 +98,16 @@ def _derived(weight: torch.Tensor, name: str, dt: torch.dtype, fn):
     return val
 
 
+def _group_factor(w: torch.Tensor, G: int, gs: int, d: int) -> torch.Tensor:
+    """k's output factor of each kv group from W_o (D, H*d): R of the group's columns (QR, (G, m, gs*d),
+    m = min(D, gs*d)), laid out as (G, e, (i, r)) = R[g, r, i*d + e]. R is upper trapezoidal (R[r, c] =
+    0 for r > c), so head i's columns have no entries in rows r >= (i + 1) * d: the rows of F that
+    belong to head i are zero from column (i + 1) * d on (the native kernel's ``sub_cols`` skip)."""
+    R = _tri(w.view(-1, G, gs * d).transpose(0, 1))
+    m = R.shape[1]
+    return R.view(G, m, gs, d).permute(0, 3, 2, 1).reshape(G, d, gs * m).contiguous()
+
+
 def _gather_rows(x: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
     """x indexed along ``dim`` (size T) by rows (B, n), dim 0 being the batch."""
     shape = [1] * x.dim()
@@ -483,11 +493,12 @@ class _Layer:
 
         if "k" in ctx.kinds:
             # ||sum_i dP_i V_g W_o,h_i^T|| = ||[dP_1 .. dP_gs] F||, F stacked from V_g and the group's R
-            # the group's R, rows (head i, channel e) -> (G, e, (i, r)): Vc_g @ it is F in (key, head) rows
-            Rb = _derived(Wo, "k", dt, lambda w: _tri(w.view(-1, G, gs * d).transpose(0, 1))
-                          .view(G, gs * d, gs, d).permute(0, 3, 2, 1).reshape(G, d, gs * gs * d).contiguous())
+            # the group's R (G, m, gs*d), columns (head i, channel e) -> (G, e, (i, r)): Vc_g @ it is F in
+            # (key, head) rows. R has m = min(hidden, gs*d) rows: a multi-query group wider than the
+            # hidden size (Gemma-3-270m: 4 heads x 256 > 640) has fewer rows than columns
+            Rb = _derived(Wo, "k", dt, lambda w: _group_factor(w, G, gs, d))  # (G, d, gs*m)
             # rows in (key, head) order, so that the keys [0, hi) are a prefix (and a triangle after a QR)
-            Fk, tri = reduce(torch.matmul(VcT, Rb).view(B, G, -1, gs * d))  # (B, G, T*gs, r)
+            Fk, tri = reduce(torch.matmul(VcT, Rb).view(B, G, -1, Rb.shape[-1] // gs))  # (B, G, T*gs, r)
             ykT = yk.permute(0, 2, 3, 1)  # (B, G, d, T)
             C1 = ykT * rt["kc"].transpose(1, 2)[:, None]  # coefficient of the scaled Q[:, j]
             C2 = ykT * rt["kp"].transpose(1, 2)[:, None]  # of Q[:, p(j)]
