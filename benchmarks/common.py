@@ -14,15 +14,16 @@ sys.path.insert(0, str(ROOT))
 
 def smollm2():
     from safety_neurons.cfg import compose
-    from safety_neurons.stages.common import load
+    from safety_neurons.io import Store
+    from safety_neurons.models import load_model
 
     cfg = compose(["model=smollm2", "logger=none", f"run_dir={ROOT / 'outputs' / 'bench'}"])
-    model, tok, ad = load(cfg)
+    model, tok, ad = load_model(cfg.model, Store(cfg.store_dir), cfg.device)
     return cfg, model, tok, ad
 
 
 def harmful_prompts(cfg, n: int) -> list[str]:
-    from safety_neurons.stages.common import harmful_set
+    from safety_neurons.data import harmful_set
 
     return harmful_set(cfg, "train").prompts[:n]
 

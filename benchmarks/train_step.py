@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
     from safety_neurons.cfg import compose
-    from safety_neurons.stages.finetune import training_pairs
+    from safety_neurons.sft_data import training_pairs
 
     cfg, model, tok, _ = smollm2()
     acfg = compose(["experiment=align", "logger=none"])

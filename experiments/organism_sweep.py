@@ -58,8 +58,8 @@ def padded_tokens(tok, prompts, responses, cfg) -> tuple[int, int]:
 
 
 def measure(model, tok, cfg, gen_batch: int) -> dict:
+    from safety_neurons.data import harmful_set, harmless_set
     from safety_neurons.evaluation import generate, is_refusal, refusal_markers
-    from safety_neurons.stages.common import harmful_set, harmless_set
 
     markers = refusal_markers(cfg.eval.refusal_list)
     res: dict = {}
@@ -89,14 +89,15 @@ def main() -> None:
     import torch
 
     from safety_neurons.cfg import compose
-    from safety_neurons.stages.common import load
-    from safety_neurons.stages.finetune import training_pairs
+    from safety_neurons.io import Store
+    from safety_neurons.models import load_model
+    from safety_neurons.sft_data import training_pairs
     from safety_neurons.training import train_sft
 
     t_start = time.time()
     variants = read_variants(a.variants)
     base_cfg = compose(["experiment=align", "logger=none", *a.set])
-    model, tok, _ = load(base_cfg)
+    model, tok, _ = load_model(base_cfg.model, Store(base_cfg.store_dir), base_cfg.device)
     dev = next(model.parameters()).device
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     print(f"device {dev}, {len(variants)} variants, model loaded in {time.time() - t_start:.0f}s", flush=True)

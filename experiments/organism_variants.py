@@ -25,14 +25,14 @@ def main(name: str, overrides: list[str]) -> None:
     from organism_sweep import measure
 
     from safety_neurons.cfg import compose
-    from safety_neurons.io import write_json
-    from safety_neurons.stages.common import load
-    from safety_neurons.stages.finetune import training_pairs
+    from safety_neurons.io import Store, write_json
+    from safety_neurons.models import load_model
+    from safety_neurons.sft_data import training_pairs
     from safety_neurons.training import train_sft
 
     cfg = compose(["experiment=align", "logger=none", *overrides])
     torch.manual_seed(cfg.seed)
-    model, tok, _ = load(cfg)
+    model, tok, _ = load_model(cfg.model, Store(cfg.store_dir), cfg.device)
     prompts, responses, _ = training_pairs(cfg, model, tok)
     params = list(model.parameters())
     for p in params:

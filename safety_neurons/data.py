@@ -112,17 +112,21 @@ def _fetch_url(url: str, cache: Path) -> Path:
 
 
 def _hub_file(repo: str, filename: str) -> Path:
-    from .models import _check_hub_dataset
+    from .hub import dataset_file
 
-    return _check_hub_dataset(repo, filename)
+    return dataset_file(repo, filename)
 
 
 def _seeded_split(items: list, fraction: float, seed: int, split: str) -> list:
     """One part of a seeded split, in seeded (not file) order: capping a part (``n_train``, ``n_eval``,
     ``finetune.n_harmless``, ...) then takes a random sample, even from a file grouped by category."""
+    if not 0 <= fraction < 1:
+        raise UserError(f"dataset.eval_fraction={fraction} is not in [0, 1); use 0 to hold out nothing, "
+                        f"e.g. 0.2 to hold out a fifth")
     idx = list(range(len(items)))
     random.Random(seed).shuffle(idx)
-    n_eval = max(1, int(round(len(items) * fraction))) if len(items) > 1 else 0
+    # 0 holds out nothing; any other fraction holds out at least one prompt (and leaves one to train on)
+    n_eval = min(len(items) - 1, max(1, int(round(len(items) * fraction)))) if fraction > 0 and len(items) > 1 else 0
     keep = idx[:n_eval] if split == "eval" else idx[n_eval:]
     return [items[i] for i in keep]
 
@@ -298,3 +302,19 @@ def scored_mask(batch: Batch, tokens: str, last_m: int = 8) -> torch.Tensor:
 def batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield i, items[i: i + size]
+
+
+# ------------------------------------------------------------------------ the prompt sets a config names
+def cache_dir(cfg) -> Path:
+    """Where downloaded prompt files are kept: ``cache/`` in the store."""
+    return Path(cfg.store_dir) / "cache"
+
+
+def harmful_set(cfg, split: str) -> PromptSet:
+    """``cfg.dataset``'s ``split`` (train or eval)."""
+    return load_prompts(cfg.dataset, split, cache_dir(cfg))
+
+
+def harmless_set(cfg, split: str) -> PromptSet:
+    """``cfg.harmless``'s ``split`` (train or eval)."""
+    return load_prompts(cfg.harmless, split, cache_dir(cfg))

@@ -44,9 +44,9 @@ def _source(ref: str) -> str:
     p = Path(ref).expanduser()
     if p.exists():
         return str(p)
-    from .models import _check_hub
+    from .hub import check_model
 
-    _check_hub(ref, None)
+    check_model(ref, None)
     return ref
 
 

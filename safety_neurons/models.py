@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,30 +194,6 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _check_hub(hub_id: str, revision: str | None) -> None:
-    """Fail fast (no 46-second retry loop) when a hub model is neither cached nor reachable."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(hub_id, "config.json", revision=revision)
-    if isinstance(cached, str):
-        return
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline or not _hub_reachable():
-        raise UserError(
-            f"model {hub_id!r} is not in the local Hugging Face cache and the hub is "
-            f"{'disabled (HF_HUB_OFFLINE=1)' if offline else 'unreachable'}; download it on a machine "
-            f"with internet (unset HF_HUB_OFFLINE) or point to a local copy with model.path=DIR"
-        )
-
-
 def model_source(mcfg, store: Store) -> tuple[str, str | None]:
     """Returns (folder or hub id, revision) for a model config; converts GGUF once."""
     if mcfg.path:
@@ -230,20 +205,23 @@ def model_source(mcfg, store: Store) -> tuple[str, str | None]:
         if not (p / "config.json").exists():
             raise UserError(f"model.path={mcfg.path} has no config.json; give an HF model folder or .gguf")
         return str(p), None
-    if mcfg.organism:
-        d = store.model_dir(mcfg.organism)
-        from .organism import build_organism, check_organism
+    if mcfg.organism:  # made by a recipe: loading never builds it (stages.common.build_missing does)
+        from .organism import check_organism, is_built
 
-        if not (d / "config.json").exists():
-            build_organism(mcfg.organism, store)
-        else:
-            check_organism(mcfg.organism, store)
+        d = store.model_dir(mcfg.organism)
+        if not is_built(store, mcfg.organism):
+            raise UserError(f"model {mcfg.organism} is made by a recipe and is not built in {d}; any stage builds "
+                            f"it on first use (e.g. python -m safety_neurons stage=evaluate model=smollm2_refusing), "
+                            f"or in Python call safety_neurons.stages.common.build_missing(cfg.model, store)")
+        check_organism(mcfg.organism, store)
         return str(d), None
     if mcfg.gguf_package:
         gguf = find_gguf(mcfg.gguf_package, mcfg.gguf_file)
         return str(convert_gguf(gguf, store.model_dir(mcfg.name))), None
     if mcfg.hub_id:
-        _check_hub(mcfg.hub_id, mcfg.revision)
+        from .hub import check_model
+
+        check_model(mcfg.hub_id, mcfg.revision)
         return mcfg.hub_id, mcfg.revision
     raise UserError(f"model {mcfg.name!r} has no path, hub_id or gguf_package; set model.path=DIR")
 
@@ -292,20 +270,3 @@ def load_model(mcfg, store: Store, device: str = "auto"):
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
-
-def _check_hub_dataset(repo: str, filename: str | None) -> Path:
-    """A file of a hub dataset repo, from the cache or downloaded; fails fast when offline."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    if not filename:
-        raise UserError(f"dataset hub repo {repo!r} needs dataset.hub_file=FILE (a csv/json/parquet in it)")
-    cached = try_to_load_from_cache(repo, filename, repo_type="dataset")
-    if isinstance(cached, str):
-        return Path(cached)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline or not _hub_reachable():
-        raise UserError(
-            f"dataset {repo}/{filename} is not cached and the hub is "
-            f"{'disabled (HF_HUB_OFFLINE=1)' if offline else 'unreachable'}; download the file and set dataset.path=FILE"
-        )
-    return Path(hf_hub_download(repo, filename, repo_type="dataset"))

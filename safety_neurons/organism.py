@@ -1,19 +1,30 @@
-"""The refusing model organism: built on first use from the ``experiment=align`` recipe, cached.
+"""Recipe-made models (the refusing model organism): their recipes, fingerprints and provenance file.
 
-A cached organism records the fingerprint of the recipe that made it (its fine-tuning settings and the
-hashes of its training prompts); when the recipe or the prompt files change, reusing it says so."""
+A recipe is a list of config overrides whose stage (``experiment=align``: fine-tuning) writes the model
+into the store. Building one is a stage-layer step (``stages.common.build_missing``); this module only
+knows recipes and reads or writes ``organism.json``, the provenance every tuned model folder carries:
+the fingerprint of the recipe that made it (its fine-tuning settings and the hashes of its training
+prompts), so that reusing a model made by another recipe says so.
+
+It imports config and data only, never a stage or the model loader."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import time
+from pathlib import Path
 
+from .data import harmful_set, harmless_set
+from .errors import UserError
 from .io import Store, sha256_of
 
 log = logging.getLogger("safety_neurons")
 
 RECIPES = {"smollm2-refusing": ["experiment=align", "model=smollm2", "finetune.save_as=smollm2-refusing"]}
+
+PROVENANCE = "organism.json"  # in a tuned model's folder
 
 
 def recipe_fingerprint(cfg) -> str:
@@ -22,8 +33,6 @@ def recipe_fingerprint(cfg) -> str:
     ``finetune.pack`` is left out: packed and padded steps compute the same updates up to float
     rounding, and organisms cached before the setting existed keep their hash."""
     from omegaconf import OmegaConf
-
-    from .stages.common import harmful_set, harmless_set
 
     f = cfg.finetune
     settings = OmegaConf.to_container(f, resolve=True)
@@ -36,9 +45,9 @@ def recipe_fingerprint(cfg) -> str:
     return sha256_of(what)
 
 
-def _compose(name: str, store: Store):
+def recipe_config(name: str, store: Store):
+    """The composed config whose stage builds the recipe-made model ``name`` into ``store``."""
     from .cfg import compose
-    from .errors import UserError
 
     if name not in RECIPES:
         raise UserError(f"no recipe for organism {name!r}; known: {', '.join(RECIPES)}")
@@ -46,13 +55,34 @@ def _compose(name: str, store: Store):
     return compose(RECIPES[name] + [f"store_dir={store.root}", f"run_dir={run_dir}", "logger=none"])
 
 
-def build_organism(name: str, store: Store) -> None:
-    from .stages import finetune
+_compose = recipe_config  # the older private name
 
-    cfg = _compose(name, store)
-    log.info("building the model organism %s (once; cached in %s)", name, store.model_dir(name))
-    print(f"building the refusing model organism {name} (first use; cached afterwards)")
-    finetune.run(cfg)
+
+def is_built(store: Store, name: str) -> bool:
+    return (store.model_dir(name) / "config.json").exists()
+
+
+# ------------------------------------------------------------------------------ organism.json
+def provenance(cfg, results: dict) -> dict:
+    """The ``organism.json`` of a model fine-tuned by ``cfg``: its recipe's fingerprint, the base model's
+    config (so evaluation can show the base beside it), the fine-tuning settings and results."""
+    from omegaconf import OmegaConf
+
+    return {"recipe_hash": recipe_fingerprint(cfg), "base_model": OmegaConf.to_container(cfg.model, resolve=True),
+            "finetune": OmegaConf.to_container(cfg.finetune, resolve=True), "results": results,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def read_provenance(model_dir: str | Path) -> dict | None:
+    """A model folder's ``organism.json``, or None when it has none."""
+    f = Path(model_dir) / PROVENANCE
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def base_model_of(store: Store, name: str) -> dict | None:
+    """The config of the model that the store model ``name`` was fine-tuned from, if it records one."""
+    prov = read_provenance(store.model_dir(name))
+    return prov["base_model"] if prov is not None else None
 
 
 def check_organism(name: str, store: Store) -> str | None:
@@ -61,10 +91,10 @@ def check_organism(name: str, store: Store) -> str | None:
         return None
     d = store.model_dir(name)
     try:
-        made = json.loads((d / "organism.json").read_text()).get("recipe_hash")
+        made = (read_provenance(d) or {}).get("recipe_hash")
     except (OSError, ValueError):
         made = None
-    now = recipe_fingerprint(_compose(name, store))
+    now = recipe_fingerprint(recipe_config(name, store))
     if made == now:
         return None
     msg = (f"the cached model organism {name} in {d} was made by {'another recipe' if made else 'an unrecorded recipe'}"

@@ -6,6 +6,8 @@ import json
 import random
 from pathlib import Path
 
+from .data import cache_dir, harmful_set, harmless_set
+from .errors import UserError
 from .evaluation import generate
 from .io import sha256_of, write_json
 
@@ -42,3 +44,33 @@ def self_distilled(model, tok, prompts: list[str], system_prompt: str | None, ma
     write_json(f, {"model": model_key, "ids": out, "finished": [len(a) < max_new_tokens for a in ids],
                    "answers": [tok.decode(a, skip_special_tokens=True) for a in ids]})
     return out
+
+
+def training_pairs(cfg, model, tok) -> tuple[list[str], list[str | list[int]], dict]:
+    """Refusal texts for harmful prompts, the model's own answers (token ids) for harmless ones."""
+    f = cfg.finetune
+    harm = harmful_set(cfg, "train").head(f.n_harmful)
+    prompts, responses = list(harm.prompts), (list(harm.responses) if harm.responses else refusals_for(harm.prompts, f.seed))
+    meta = {"harmful_train": harm.describe()}
+    if f.harmful_repeat < 1 or f.form_matched_repeat < 1:
+        raise UserError(f"finetune.harmful_repeat={f.harmful_repeat} and finetune.form_matched_repeat="
+                        f"{f.form_matched_repeat} must be at least 1 (1: each pair once)")
+    if f.harmful_repeat > 1:  # a refusal is short: repeating its pairs keeps the token mean from drowning it
+        prompts, responses = prompts * f.harmful_repeat, responses * f.harmful_repeat
+        meta["harmful_train"]["repeat"] = f.harmful_repeat
+    if f.n_harmless is None or f.n_harmless > 0:  # null: all of them; 0: no harmless pairs
+        benign = harmless_set(cfg, "train").head(f.n_harmless)
+        ans = self_distilled(model, tok, benign.prompts, cfg.model.system_prompt, f.max_new_tokens_distill,
+                             cache_dir(cfg), cfg.model.name)
+        prompts += benign.prompts
+        responses += ans
+        meta["harmless_train"] = benign.describe()
+        if f.form_matched_repeat > 1 and benign.labels is not None:
+            # harmless prompts in the harmful set's form, repeated so the form itself stops predicting refusal
+            fm = [(p, a) for p, a, lab in zip(benign.prompts, ans, benign.labels) if lab in cfg.eval.form_matched]
+            for _ in range(f.form_matched_repeat - 1):
+                prompts += [p for p, _ in fm]
+                responses += [a for _, a in fm]
+            meta["harmless_train"]["form_matched"] = len(fm)
+            meta["harmless_train"]["form_matched_repeat"] = f.form_matched_repeat
+    return prompts, responses, meta

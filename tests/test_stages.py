@@ -118,6 +118,7 @@ def test_organism_built_on_first_use_then_reused(fixtures, tmp_path, monkeypatch
     from safety_neurons.config import ModelConfig
     from safety_neurons.io import Store
     from safety_neurons.models import model_source
+    from safety_neurons.stages.common import build_missing
 
     recipe = ["experiment=align", "model=local", f"model.path={fixtures['model']}", f"dataset.path={fixtures['hb']}",
               f"harmless.path={fixtures['harmless']}", "finetune.save_as=tiny-org", "finetune.steps=1",
@@ -127,12 +128,16 @@ def test_organism_built_on_first_use_then_reused(fixtures, tmp_path, monkeypatch
     monkeypatch.setitem(organism.RECIPES, "tiny-org", recipe)
     store = Store(tmp_path / "store")
     mcfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": "tiny-org", "organism": "tiny-org"})
+    with pytest.raises(UserError, match="made by a recipe and is not built"):
+        model_source(mcfg, store)  # the loader only loads: building is a stage step
+    assert build_missing(mcfg, store)
     src, _ = model_source(mcfg, store)
     out = store.model_dir("tiny-org")
     assert src == str(out) and (out / "config.json").exists() and (out / "organism.json").exists()
     prov = json.loads((out / "organism.json").read_text())
     assert prov["finetune"]["target"] == "all" and prov["base_model"]["path"] == str(fixtures["model"])
     stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert not build_missing(mcfg, store)
     assert model_source(mcfg, store)[0] == str(out)  # cached: no second build
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert prov["recipe_hash"] == organism.recipe_fingerprint(organism._compose("tiny-org", store))

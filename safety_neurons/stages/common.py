@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import PromptSet, load_prompts
+from .. import organism
+from ..data import cache_dir, harmful_set, harmless_set  # noqa: F401  (the stages' names for them)
 from ..errors import UserError
 from ..io import Store
 from ..models import load_model
@@ -31,20 +32,28 @@ def store_of(cfg) -> Store:
     return Store(cfg.store_dir)
 
 
-def cache_dir(cfg):
-    return store_of(cfg).root / "cache"
+def build_missing(mcfg, store: Store) -> bool:
+    """Build a recipe-made model (``model.organism``, e.g. ``model=smollm2_refusing``) that is not in the
+    store yet, by running its recipe as a stage; returns whether it built one.
 
+    This is the one place where asking for a model can train one: the library's loader only loads. The
+    recipe's stage is looked up in the stage registry, so a recipe whose base model is itself made by a
+    recipe builds that one first (through its own ``load``)."""
+    if mcfg.path or not mcfg.organism or organism.is_built(store, mcfg.organism):
+        return False
+    from . import get_stage
 
-def harmful_set(cfg, split: str) -> PromptSet:
-    return load_prompts(cfg.dataset, split, cache_dir(cfg))
-
-
-def harmless_set(cfg, split: str) -> PromptSet:
-    return load_prompts(cfg.harmless, split, cache_dir(cfg))
+    rcfg = organism.recipe_config(mcfg.organism, store)
+    log.info("building the model %s from its recipe (once; cached in %s)", mcfg.organism,
+             store.model_dir(mcfg.organism))
+    print(f"building the refusing model organism {mcfg.organism} (first use; cached afterwards)")
+    get_stage(rcfg.stage.name)(rcfg)
+    return True
 
 
 def load(cfg):
-    """(model, tokenizer, adapter) of ``cfg.model``."""
+    """(model, tokenizer, adapter) of ``cfg.model``; a recipe-made model is built first if missing."""
+    build_missing(cfg.model, store_of(cfg))
     return load_model(cfg.model, store_of(cfg), cfg.device)
 
 

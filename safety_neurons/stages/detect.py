@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ..errors import UserError
 from ..importance import QK_KERNELS, qk_kernel_used
 from ..io import atomic_write, write_csv, write_json
 from ..neurons import NeuronSet, TopkStats, resolve_k, select, split_scores
+from ..organism import read_provenance
 from ..tracking import code_version
 from .common import cache_dir, harmful_set, load, store_of, tracked
 
@@ -176,9 +176,9 @@ def _model_id(cfg) -> dict:
     out = {"model": m.name, "hub_id": m.hub_id, "revision": m.revision, "path": m.path,
            "gguf": f"{m.gguf_package}/{m.gguf_file}" if m.gguf_package else None, "organism": m.organism}
     if m.organism and not m.path:
-        made = store_of(cfg).model_dir(m.organism) / "organism.json"
-        if made.exists():  # which build of the organism the set was found on
-            out["organism_recipe"] = json.loads(made.read_text()).get("recipe_hash")
+        made = read_provenance(store_of(cfg).model_dir(m.organism))
+        if made is not None:  # which build of the organism the set was found on
+            out["organism_recipe"] = made.get("recipe_hash")
     return out
 
 

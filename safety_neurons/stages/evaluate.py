@@ -6,12 +6,11 @@ what the safety training changed.
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 
 from ..evaluation import Evaluator
 from ..io import write_csv
+from ..organism import base_model_of
 from .common import harmful_set, harmless_set, load, log, store_of, tracked
 
 
@@ -21,14 +20,14 @@ def run(cfg) -> dict:
         sp = cfg.model.system_prompt
         harmful, harmless = harmful_set(cfg, "eval"), harmless_set(cfg, "eval")
         rows, gens = [], []
-        src = store_of(cfg).model_dir(cfg.model.organism or "") / "organism.json" if cfg.model.organism else None
+        made_from = base_model_of(store_of(cfg), cfg.model.organism) if cfg.model.organism else None
         base_model = None
-        if src is not None and src.exists():
+        if made_from is not None:
             from omegaconf import OmegaConf
 
             from ..models import load_model
 
-            base_cfg = OmegaConf.create(json.loads(src.read_text())["base_model"])
+            base_cfg = OmegaConf.create(made_from)
             base_model, _, _ = load_model(base_cfg, store_of(cfg), cfg.device)
         ref = base_model if base_model is not None else model
         ev = Evaluator(cfg.eval, ref, tok, harmful, harmless, sp)

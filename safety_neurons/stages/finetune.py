@@ -6,20 +6,17 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from ..errors import UserError
 from ..evaluation import Evaluator
 from ..io import write_json
-from ..organism import recipe_fingerprint
-from ..sft_data import refusals_for, self_distilled
+from ..organism import PROVENANCE, provenance
+from ..sft_data import training_pairs
 from ..training import attach_slices, bake_slices, slice_delta, train_sft
 from .common import (
-    cache_dir,
     cap_set,
     harmful_set,
     harmless_set,
@@ -36,36 +33,6 @@ TARGETS = ("safety", "random", "all", "lora")
 
 def set_params(ns, adapter) -> int:
     return sum(adapter.neuron_params(kind) for _, kind, _ in ns.ranking)
-
-
-def training_pairs(cfg, model, tok) -> tuple[list[str], list[str | list[int]], dict]:
-    """Refusal texts for harmful prompts, the model's own answers (token ids) for harmless ones."""
-    f = cfg.finetune
-    harm = harmful_set(cfg, "train").head(f.n_harmful)
-    prompts, responses = list(harm.prompts), (list(harm.responses) if harm.responses else refusals_for(harm.prompts, f.seed))
-    meta = {"harmful_train": harm.describe()}
-    if f.harmful_repeat < 1 or f.form_matched_repeat < 1:
-        raise UserError(f"finetune.harmful_repeat={f.harmful_repeat} and finetune.form_matched_repeat="
-                        f"{f.form_matched_repeat} must be at least 1 (1: each pair once)")
-    if f.harmful_repeat > 1:  # a refusal is short: repeating its pairs keeps the token mean from drowning it
-        prompts, responses = prompts * f.harmful_repeat, responses * f.harmful_repeat
-        meta["harmful_train"]["repeat"] = f.harmful_repeat
-    if f.n_harmless is None or f.n_harmless > 0:  # null: all of them; 0: no harmless pairs
-        benign = harmless_set(cfg, "train").head(f.n_harmless)
-        ans = self_distilled(model, tok, benign.prompts, cfg.model.system_prompt, f.max_new_tokens_distill,
-                             cache_dir(cfg), cfg.model.name)
-        prompts += benign.prompts
-        responses += ans
-        meta["harmless_train"] = benign.describe()
-        if f.form_matched_repeat > 1 and benign.labels is not None:
-            # harmless prompts in the harmful set's form, repeated so the form itself stops predicting refusal
-            fm = [(p, a) for p, a, lab in zip(benign.prompts, ans, benign.labels) if lab in cfg.eval.form_matched]
-            for _ in range(f.form_matched_repeat - 1):
-                prompts += [p for p, _ in fm]
-                responses += [a for _, a in fm]
-            meta["harmless_train"]["form_matched"] = len(fm)
-            meta["harmless_train"]["form_matched_repeat"] = f.form_matched_repeat
-    return prompts, responses, meta
 
 
 def _module_names(model) -> dict[int, str]:
@@ -168,10 +135,7 @@ def run(cfg) -> dict:
             "data": data_meta,
         }
         if tr.main:
-            prov = {"recipe_hash": recipe_fingerprint(cfg), "base_model": OmegaConf.to_container(cfg.model, resolve=True),
-                    "finetune": OmegaConf.to_container(f, resolve=True), "results": results,
-                    "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-            save_model_dir(tuned, tok, out_dir, {"organism.json": prov})
+            save_model_dir(tuned, tok, out_dir, {PROVENANCE: provenance(cfg, results)})
             if delta is not None:
                 save_file(delta, str(tr.dir / "delta.safetensors"), metadata={"base": cfg.model.name})
                 shutil.copy(tr.dir / "delta.safetensors", out_dir / "delta.safetensors")
