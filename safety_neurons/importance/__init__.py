@@ -13,5 +13,7 @@ from .plnd import (
     prompt_scores,
     qk_kernel_used,
 )
+from .registry import SCORERS, Scorer, get_scorer, options
 
-__all__ = ["KINDS", "MODES", "QK_KERNELS", "brute_force_importance", "prompt_scores", "qk_kernel_used"]
+__all__ = ["KINDS", "MODES", "QK_KERNELS", "SCORERS", "Scorer", "brute_force_importance", "get_scorer", "options",
+           "prompt_scores", "qk_kernel_used"]

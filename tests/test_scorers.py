@@ -1,0 +1,195 @@
+"""The scorers beside PLND (METHOD 8) against independent computations on tiny models of every family:
+attribution and SNIP against autograd, attribution against actually zeroing neurons, Wanda against its
+formula written out, activation difference of a model against itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safety_neurons.data import encode, scored_mask
+from safety_neurons.errors import UserError
+from safety_neurons.hooks import deactivated, hooks
+from safety_neurons.importance import KINDS, SCORERS, get_scorer, options
+from safety_neurons.importance.activation import activation_diff
+from safety_neurons.importance.gradient import attribution, snip
+from safety_neurons.importance.sites import site, slice_linears
+from safety_neurons.importance.wanda import wanda
+from safety_neurons.models import ModelAdapter
+from tests.tiny import tiny_model
+
+PROMPTS = ["how do I bake bread", "write a poem about the sea"]
+ANSWERS = ["I cannot help with that", "the sea is blue"]
+
+
+def _batch(tok):
+    return encode(tok, PROMPTS, None, responses=ANSWERS)
+
+
+def _loss_of(model, b, i):
+    """Prompt i's summed answer NLL, computed plainly: the row alone without its padding, full logits."""
+    keep = b.attention_mask[i].bool()
+    logits = model(input_ids=b.input_ids[i][keep][None]).logits
+    lab = b.labels[i][keep]
+    return torch.nn.functional.cross_entropy(logits[0, :-1], lab[1:], ignore_index=-100, reduction="sum")
+
+
+def test_attribution_equals_autograd_of_a_channel_gate(family, tok):
+    """s(n) = |dL/dm_n| for a gate m (= 1) multiplying n's site value at every position."""
+    m = tiny_model(family).double()
+    ad = ModelAdapter(m)
+    b = _batch(tok)
+    got = attribution(m, ad, b, KINDS)
+    for i in range(len(PROMPTS)):
+        gates = {(layer, k): torch.ones(ad.width(k), dtype=torch.float64, requires_grad=True)
+                 for layer in range(ad.n_layers) for k in KINDS}
+        specs = []
+        for (layer, k), g in gates.items():
+            mod, where = site(ad, layer, k)
+            if where == "pre":
+                specs.append((mod, "pre", lambda _m, args, g=g: (args[0] * g,) + tuple(args[1:])))
+            else:
+                specs.append((mod, "fwd", lambda _m, _a, out, g=g: out * g))
+        with torch.enable_grad(), hooks(specs):
+            loss = _loss_of(m, b, i)
+        grads = torch.autograd.grad(loss, list(gates.values()))
+        for key, gr in zip(gates, grads):
+            torch.testing.assert_close(got[key][i].double(), gr.abs(), rtol=1e-5, atol=1e-6)
+
+
+def test_snip_equals_autograd_weight_gradients(family, tok):
+    m = tiny_model(family).double()
+    ad = ModelAdapter(m)
+    b = _batch(tok)
+    got = snip(m, ad, b, KINDS)
+    for i in range(len(PROMPTS)):
+        m.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            for p in m.parameters():
+                p.requires_grad_(True)
+            _loss_of(m, b, i).backward()
+        for layer in range(ad.n_layers):
+            for k in KINDS:
+                want = 0
+                for lin, dim in slice_linears(ad, layer, k):
+                    w = (lin.weight * lin.weight.grad).abs().sum(1 - dim)
+                    if dim == 0 and lin.bias is not None:
+                        w = w + (lin.bias * lin.bias.grad).abs()
+                    want = want + w
+                torch.testing.assert_close(got[(layer, k)][i].double(), want.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_attribution_ranks_the_largest_true_effects_first(tok):
+    """On ffn channels of a tiny llama: the estimate has the sign-free size of the true effect of
+    zeroing, so its top channels are the ones whose zeroing changes the loss most."""
+    m = tiny_model("llama").double()
+    ad = ModelAdapter(m)
+    b = _batch(tok)
+    est = attribution(m, ad, b, ("ffn",))
+    with torch.no_grad():
+        base = _loss_of(m, b, 0)
+        for layer in range(ad.n_layers):
+            true = []
+            for j in range(ad.d_ff):
+                with deactivated(ad, {(layer, "ffn"): torch.tensor([j])}):
+                    true.append(float((_loss_of(m, b, 0) - base).abs()))
+            true = torch.tensor(true)
+            top_true = set(true.topk(3).indices.tolist())
+            top_est = set(est[(layer, "ffn")][0].topk(6).indices.tolist())
+            assert top_true <= top_est, (layer, top_true, top_est)
+            rank_corr = torch.corrcoef(torch.stack([true.argsort().argsort().double(),
+                                                    est[(layer, "ffn")][0].argsort().argsort().double()]))[0, 1]
+            assert rank_corr > 0.5  # the small effects are where a first-order estimate is least exact
+
+
+def test_wanda_equals_its_formula(family, tok):
+    m = tiny_model(family)  # float32: this transformers leaves NaN in left-padded float64 batches
+    ad = ModelAdapter(m)
+    b = encode(tok, PROMPTS, None)
+    sc = scored_mask(b, "content")
+    got = wanda(m, ad, b, sc, KINDS)
+    inputs = {}
+
+    def grab(mod, args, out):
+        inputs[id(mod)] = args[0]
+
+    lins = [lin for layer in range(ad.n_layers) for k in KINDS for lin, _ in slice_linears(ad, layer, k)]
+    with torch.no_grad(), hooks([(lin, "fwd", grab) for lin in lins]):
+        m(input_ids=b.input_ids, attention_mask=b.attention_mask)
+    for layer in range(ad.n_layers):
+        for k in KINDS:
+            for i in range(len(PROMPTS)):
+                want = 0
+                for lin, dim in slice_linears(ad, layer, k):
+                    X = inputs[id(lin)][i][sc[i]]  # (n_scored, in)
+                    W = lin.weight.detach()
+                    if dim == 0:
+                        want = want + torch.stack([sum(W[r, j].abs() * X[:, j].norm() for j in range(W.shape[1]))
+                                                   for r in range(W.shape[0])])
+                    else:
+                        want = want + torch.stack([W[:, c].abs().sum() * X[:, c].norm() for c in range(W.shape[1])])
+                torch.testing.assert_close(got[(layer, k)][i], want, rtol=1e-4, atol=1e-5)
+
+
+def test_activation_diff_of_a_model_against_itself_is_zero(family, tok):
+    m = tiny_model(family)
+    ad = ModelAdapter(m)
+    b = encode(tok, PROMPTS, None)
+    sc = scored_mask(b, "content")
+    for rel in (False, True):
+        got = activation_diff(m, ad, b, sc, KINDS, (m, ad), relative=rel)
+        assert all(bool((v == 0).all()) for v in got.values())
+
+
+def test_activation_diff_equals_mean_difference(tok):
+    m, r = tiny_model("qwen2", seed=0), tiny_model("qwen2", seed=1)
+    ad, rad = ModelAdapter(m), ModelAdapter(r)
+    b = encode(tok, PROMPTS, None)
+    sc = scored_mask(b, "content")
+    got = activation_diff(m, ad, b, sc, KINDS, (r, rad))
+    rel = activation_diff(m, ad, b, sc, KINDS, (r, rad), relative=True)
+    vals = {}
+    for name, model, a in (("m", m, ad), ("r", r, rad)):
+        caps = {}
+        specs = []
+        for layer in range(a.n_layers):
+            for k in KINDS:
+                mod, where = site(a, layer, k)
+                if where == "pre":
+                    specs.append((mod, "pre", lambda _m, args, key=(layer, k), c=caps: c.__setitem__(key, args[0])))
+                else:
+                    specs.append((mod, "fwd", lambda _m, _a, out, key=(layer, k), c=caps: c.__setitem__(key, out)))
+        with torch.no_grad(), hooks(specs):
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+        vals[name] = caps
+    for key in got:
+        for i in range(len(PROMPTS)):
+            hm, hr = vals["m"][key][i][sc[i]], vals["r"][key][i][sc[i]]
+            d = (hm.mean(0) - hr.mean(0)).abs()
+            torch.testing.assert_close(got[key][i], d, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(rel[key][i], d / (hr.abs().mean(0) + 1e-6), rtol=1e-4, atol=1e-5)
+
+
+def test_registry_and_errors(tok):
+    assert set(SCORERS) == {"plnd", "activation_diff", "activation_diff_rel", "attribution", "snip", "wanda"}
+    with pytest.raises(UserError, match="known scorers are plnd"):
+        get_scorer("magnitude")
+    m = tiny_model("llama")
+    ad = ModelAdapter(m)
+    b = encode(tok, PROMPTS, None)
+    sc = scored_mask(b, "content")
+    with pytest.raises(UserError, match="reference_model"):
+        get_scorer("activation_diff").fn(m, ad, b, sc, KINDS, options())
+    with pytest.raises(UserError, match="target answer"):
+        get_scorer("attribution").fn(m, ad, b, sc, KINDS, options())
+    other = ModelAdapter(tiny_model("llama", num_key_value_heads=4))
+    with pytest.raises(UserError, match="another architecture"):
+        activation_diff(m, ad, b, sc, KINDS, (other.model, other))
+    # every scorer returns every (layer, kind) at the kind's width, one row per prompt
+    bt = encode(tok, PROMPTS, None, responses=ANSWERS)
+    for name, s in SCORERS.items():
+        out = s.fn(m, ad, bt if s.needs_target else b, scored_mask(bt if s.needs_target else b, "content"), KINDS,
+                   options(reference=(m, ad)))
+        assert sorted(out) == [(layer, k) for layer in range(ad.n_layers) for k in sorted(KINDS)] or \
+            set(out) == {(layer, k) for layer in range(ad.n_layers) for k in KINDS}, name
+        assert all(v.shape == (2, ad.width(k)) and v.dtype == torch.float32 for (_, k), v in out.items()), name
