@@ -26,7 +26,9 @@ class ModelConfig:
     organism: str | None = None  # name of a store model built by the pipeline (e.g. the refusing variant)
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device_map: str | None = None  # "auto" for models larger than one GPU
-    attn_implementation: str = "sdpa"
+    # None or auto: sdpa where transformers has it for the architecture, else eager (Gemma2); a value
+    # given here (eager, sdpa, flash_attention_2, ...) is used as is
+    attn_implementation: str | None = None
     system_prompt: str | None = None  # None: the chat template's own default
     max_length: int = 512
 
@@ -92,6 +94,9 @@ class DetectConfig:
     overwrite: bool = False
     reuse: bool = False  # an existing set under the same tag is reused instead of an error (pipelines)
     save_prompt_scores: bool = True  # per-prompt scores (float16), so select can use another k
+    scorer: str = "plnd"  # plnd | activation_diff | activation_diff_rel | attribution | snip | wanda
+    reference_model: str | None = None  # activation_diff*: a model preset name or a folder/.gguf path
+    target_tokens: int = 32  # attribution/snip without dataset responses: greedy answer length
 
 
 @dataclass
@@ -111,6 +116,36 @@ class DeactivateConfig:
     ablation: str = "zero"  # zero | mean
     means_from: str = "harmless"  # prompt set whose mean activations mean ablation uses
     region: str | None = None  # label of the split flags in result rows (e.g. "under-attn")
+
+
+@dataclass
+class PlantConfig:
+    share: float = 0.01  # share of each planted (layer, kind)'s neurons in S*
+    kinds: list[str] = field(default_factory=lambda: ["ffn"])
+    layers: list[int] | None = None  # null: all layers; [first, last] inclusive
+    seed: int = 0  # draws S* and orders the training pairs
+    lr: float = 1e-3
+    steps: int = 60  # cap on optimizer steps
+    batch_size: int = 8
+    check_every: int = 6  # steps between held-out refusal checks (early stop)
+    target_refusal: float = 0.9
+    max_over_refusal: float = 0.1
+    n_harmful: int | None = None  # training harmful prompts (null: all)
+    n_harmless: int | None = 160  # training harmless prompts, answered by the model itself
+    max_new_tokens_distill: int = 32
+    save_as: str | None = None  # store name; default planted-<kinds>-<share>-s<seed>
+    overwrite: bool = False
+
+
+@dataclass
+class BenchmarkConfig:
+    organism: str | None = None  # a planted model's save_as; null: effect only, on model=
+    scorers: list[str] = field(default_factory=lambda: ["plnd", "activation_diff", "activation_diff_rel",
+                                                        "attribution", "snip", "wanda"])
+    random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    counts: list[int] = field(default_factory=lambda: [100, 300, 1000])  # effect-only mode: top-n per scorer
+    n_prompts: int | None = 64  # harmful training prompts scored (null: all)
+    deactivate: bool = True  # also measure the effect of deactivating each top set
 
 
 @dataclass
@@ -196,6 +231,8 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    plant: PlantConfig = field(default_factory=PlantConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     experiment: Any = None
     seed: int = 0
     store_dir: str = MISSING
@@ -221,5 +258,7 @@ def register() -> None:
         ("finetune", FinetuneConfig),
         ("eval", EvalConfig),
         ("logger", LoggerConfig),
+        ("plant", PlantConfig),
+        ("benchmark", BenchmarkConfig),
     ]:
         cs.store(group=group, name=f"base_{group}", node=node)

@@ -28,6 +28,10 @@ class PromptSet:
     responses: list[str] | None = None
     meta: dict = field(default_factory=dict)
     labels: list[str] | None = None  # per-prompt label (our harmless set: its category); not hashed
+    n_source: int | None = None  # prompts in the source file (after category filters), before split and cap
+    held_out: int = 0  # of those, how many went to the other part of a seeded split
+    split_key: str | None = None  # the setting of that split (dataset.eval_fraction=0.2)
+    cap: str | None = None  # the setting that capped this set (dataset.n_train=5), if one did
 
     @property
     def hash(self) -> str:
@@ -48,10 +52,28 @@ class PromptSet:
             return self
         r = self.responses[:n] if self.responses is not None else None
         lab = self.labels[:n] if self.labels is not None else None
-        return PromptSet(self.name, self.split, self.prompts[:n], r, dict(self.meta), lab)
+        return PromptSet(self.name, self.split, self.prompts[:n], r, dict(self.meta), lab, self.n_source,
+                         self.held_out, self.cap, self.split_key)
 
     def describe(self) -> dict:
-        return {"name": self.name, "split": self.split, "n": len(self), "hash": self.hash, **self.meta}
+        out = {"name": self.name, "split": self.split, "n": len(self), "hash": self.hash, **self.meta}
+        if self.n_source is not None:
+            out["n_source"] = self.n_source
+        return out
+
+    def shortfall(self) -> str | None:
+        """A sentence saying why this set has fewer prompts than its source file, or None if it has all."""
+        if self.n_source is None or len(self) >= self.n_source:
+            return None
+        why = []
+        if self.held_out:
+            why.append(f"{self.held_out} held out for the {'eval' if self.split == 'train' else 'train'} split "
+                       f"({self.split_key}; 0 holds out none)")
+        capped = self.n_source - self.held_out - len(self)
+        if capped > 0:
+            why.append(f"{capped} left out by {self.cap or 'a cap'}")
+        src = self.meta.get("source", self.name)
+        return f"{self.name} ({self.split}): {len(self)} of the {self.n_source} prompts in {src}: {'; '.join(why)}"
 
 
 # ------------------------------------------------------------------------------------------ readers
@@ -117,11 +139,17 @@ def _hub_file(repo: str, filename: str) -> Path:
     return dataset_file(repo, filename)
 
 
-def _seeded_split(items: list, fraction: float, seed: int, split: str) -> list:
+def _group(dcfg) -> str:
+    """The config key a dataset config sits under (``dataset``, ``harmless``), for messages."""
+    key = getattr(dcfg, "_key", None)
+    return (key() if callable(key) else None) or "dataset"
+
+
+def _seeded_split(items: list, fraction: float, seed: int, split: str, group: str = "dataset") -> list:
     """One part of a seeded split, in seeded (not file) order: capping a part (``n_train``, ``n_eval``,
     ``finetune.n_harmless``, ...) then takes a random sample, even from a file grouped by category."""
     if not 0 <= fraction < 1:
-        raise UserError(f"dataset.eval_fraction={fraction} is not in [0, 1); use 0 to hold out nothing, "
+        raise UserError(f"{group}.eval_fraction={fraction} is not in [0, 1); use 0 to hold out nothing, "
                         f"e.g. 0.2 to hold out a fifth")
     idx = list(range(len(items)))
     random.Random(seed).shuffle(idx)
@@ -144,6 +172,7 @@ def load_prompts(dcfg, split: str = "train", cache_dir: str | Path | None = None
     if split not in ("train", "eval"):
         raise ValueError(split)
     kind = dcfg.kind
+    group = _group(dcfg)
     cache = Path(cache_dir or Path.home() / ".cache" / "safety_neurons") / "data"
     responses = labels = None
     meta: dict = {"kind": kind}
@@ -156,6 +185,7 @@ def load_prompts(dcfg, split: str = "train", cache_dir: str | Path | None = None
             rows = [r for r in rows if r.get("FunctionalCategory") in cats]
         prompts = _column(rows, dcfg.prompt_column or "Behavior", f)
         meta["source"] = f.name
+        n_source, held_out = len(prompts), 0
     elif kind in ("advbench", "circuit_breakers", "custom", "harmless", "jbb", "alpaca"):
         if kind == "harmless" and not dcfg.path:
             f = DATA_DIR / "harmless.jsonl"
@@ -181,7 +211,12 @@ def load_prompts(dcfg, split: str = "train", cache_dir: str | Path | None = None
         elif any("category" in r for r in rows):  # auto-detected: rows without one get ""
             labels = [str(r.get("category") or "") for r in rows]
         triples = list(zip(prompts, responses or [None] * len(prompts), labels or [None] * len(prompts)))
-        triples = _seeded_split(triples, dcfg.eval_fraction, dcfg.seed, split)
+        n_source = len(triples)
+        if split == "eval" and dcfg.eval_fraction == 0:
+            raise UserError(f"{group}.eval_fraction=0 holds out none of {f}, so there is no eval split; set "
+                            f"{group}.eval_fraction=0.2 (or another share) to evaluate on held-out prompts")
+        triples = _seeded_split(triples, dcfg.eval_fraction, dcfg.seed, split, group)
+        held_out = n_source - len(triples)
         prompts = [p for p, _, _ in triples]
         responses = [r for _, r, _ in triples] if responses is not None else None
         labels = [lab for _, _, lab in triples] if labels is not None else None
@@ -190,8 +225,10 @@ def load_prompts(dcfg, split: str = "train", cache_dir: str | Path | None = None
     prompts = [p.strip() for p in prompts]
     if not prompts or not any(prompts):
         raise UserError(f"dataset {dcfg.name!r} has no prompts for split {split!r}; check the file and filters")
-    ps = PromptSet(dcfg.name, split, prompts, responses, meta, labels)
     cap = dcfg.n_train if split == "train" else dcfg.n_eval
+    cap_key = f"{group}.{'n_train' if split == 'train' else 'n_eval'}={cap}"
+    split_key = f"{group}.eval_fraction={dcfg.eval_fraction}" if held_out else None
+    ps = PromptSet(dcfg.name, split, prompts, responses, meta, labels, n_source, held_out, cap_key, split_key)
     return ps.head(cap)
 
 

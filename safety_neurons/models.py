@@ -46,6 +46,43 @@ class LayerModules:
     k_norm: nn.Module | None
 
 
+# The site table (METHOD 1), kind -> (projection holding the neuron, weight dimension that indexes it,
+# hook point, the (projection, dimension) pairs of its trainable slice). Dimension 0 is an output row
+# (with its bias entry), 1 an input column. Hook "pre" reads or sets the projection's input (ffn: the
+# input of down_proj, o: the input of o_proj), "fwd" its output (q, k, v: before rotary).
+SITES = {
+    "q": ("q", 0, "fwd", (("q", 0),)),
+    "k": ("k", 0, "fwd", (("k", 0),)),
+    "v": ("v", 0, "fwd", (("v", 0),)),
+    "o": ("o", 1, "pre", (("o", 1),)),
+    "ffn": ("down", 1, "pre", (("gate", 0), ("up", 0), ("down", 1))),
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where one neuron kind of one layer lives: ``module``'s weight indexes the neuron along ``dim``, its
+    value is read or set at ``hook`` ("pre": the module's input, "fwd": its output), and ``slices`` are
+    the (linear, dim) pairs whose rows (dim 0, with the bias entry) or columns (dim 1) tuning it trains."""
+
+    module: nn.Linear
+    dim: int
+    hook: str
+    slices: tuple[tuple[nn.Linear, int], ...]
+
+    @property
+    def width(self) -> int:
+        """Neurons of this kind in the layer."""
+        return self.module.out_features if self.dim == 0 else self.module.in_features
+
+
+def slice_size(lin: nn.Linear, dim: int) -> int:
+    """Parameters of one row (dim 0, with its bias entry) or one column (dim 1) of ``lin``."""
+    if dim == 0:
+        return lin.in_features + (1 if lin.bias is not None else 0)
+    return lin.out_features
+
+
 class ModelAdapter:
     """Uniform view of a decoder-only chat model of a supported family.
 
@@ -76,6 +113,7 @@ class ModelAdapter:
         self.d_model = text_cfg.hidden_size
         self.d_ff = text_cfg.intermediate_size
         self.group = self.n_heads // self.n_kv
+        self._widths = {kind: self.site(0, kind).width for kind in SITES}
 
     def modules(self, layer: int) -> LayerModules:
         blk = self.layers[layer]
@@ -86,14 +124,20 @@ class ModelAdapter:
             q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None),
         )
 
+    def site(self, layer: int, kind: str) -> Site:
+        """Where neuron kind ``kind`` of ``layer`` lives (the one table hooks, weight zeroing, mean capture
+        and slice training read)."""
+        if kind not in SITES:
+            raise UserError(f"unknown neuron kind {kind!r}; known kinds are {', '.join(SITES)}")
+        m = self.modules(layer)
+        name, dim, hook, slices = SITES[kind]
+        return Site(getattr(m, name), dim, hook, tuple((getattr(m, n), d) for n, d in slices))
+
     def width(self, kind: str) -> int:
-        if kind in ("q", "o"):
-            return self.n_heads * self.head_dim
-        if kind in ("k", "v"):
-            return self.n_kv * self.head_dim
-        if kind == "ffn":
-            return self.d_ff
-        raise UserError(f"unknown neuron kind {kind!r}; known kinds are q, k, v, o, ffn")
+        """Neurons of ``kind`` per layer (q, o: H*d_h; k, v: G*d_h; ffn: d_ff), read from layer 0's site."""
+        if kind not in self._widths:
+            raise UserError(f"unknown neuron kind {kind!r}; known kinds are {', '.join(SITES)}")
+        return self._widths[kind]
 
     def scaling(self, layer: int) -> float:
         return float(self.modules(layer).attn.scaling)
@@ -120,13 +164,7 @@ class ModelAdapter:
 
     def neuron_params(self, kind: str) -> int:
         """Parameters that belong to one neuron of ``kind`` (its trainable slice, METHOD 1)."""
-        m = self.modules(0)
-        if kind == "ffn":
-            return 3 * self.d_model
-        lin = {"q": m.q, "k": m.k, "v": m.v, "o": m.o}[kind]
-        if kind == "o":
-            return lin.out_features
-        return lin.in_features + (1 if lin.bias is not None else 0)
+        return sum(slice_size(lin, dim) for lin, dim in self.site(0, kind).slices)
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -144,6 +182,28 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     except KeyError:
         raise UserError(f"unknown model.dtype={dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+AUTO_ATTN = (None, "auto")  # model.attn_implementation values that let load_model choose
+
+
+def resolve_attn_implementation(requested: str | None, hf_cfg) -> str:
+    """The attention implementation to load ``hf_cfg``'s model with: the user's explicit choice as is
+    (an impossible one is a UserError), else ``sdpa`` where this transformers implements it for the
+    architecture and ``eager`` where it does not (Gemma2: SDPA has no logit soft-capping). The choice
+    does not depend on the dtype: both run in every dtype; ``flash_attention_2`` (half precision on
+    CUDA only) is never chosen automatically. Scores do not depend on it (the importance closed forms
+    recompute attention from the captured q, k, v)."""
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping.get(type(hf_cfg), None)
+    sdpa_ok = getattr(cls, "_supports_sdpa", True) if cls is not None else True
+    if requested not in AUTO_ATTN:
+        if requested == "sdpa" and not sdpa_ok:
+            raise UserError(f"model.attn_implementation=sdpa: this transformers has no SDPA attention for "
+                            f"{cls.__name__}; use model.attn_implementation=eager, or auto to choose")
+        return requested
+    return "sdpa" if sdpa_ok else "eager"
 
 
 def find_gguf(package: str, filename: str | None) -> Path:
@@ -251,7 +311,9 @@ def load_model(mcfg, store: Store, device: str = "auto"):
         )
     dev = resolve_device(device)
     dtype = resolve_dtype(mcfg.dtype, dev)
-    kw = dict(dtype=dtype, revision=revision, attn_implementation=mcfg.attn_implementation)
+    attn = resolve_attn_implementation(mcfg.attn_implementation, hf_cfg)
+    log.info("loading %s (%s, attention %s)", source, dtype, attn)
+    kw = dict(dtype=dtype, revision=revision, attn_implementation=attn)
     if mcfg.device_map:
         kw["device_map"] = mcfg.device_map
     model = AutoModelForCausalLM.from_pretrained(source, **kw)

@@ -353,3 +353,21 @@ def test_harmless_labels_follow_the_split_and_cap():
     assert "harmbench_style" in ev.labels
     bare = PromptSet(ev.name, ev.split, ev.prompts, None, dict(ev.meta))
     assert bare.hash == ev.hash
+
+
+def test_eval_fraction_zero_holds_out_nothing(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"item {i}"}) + "\n" for i in range(7)))
+    train = load_prompts(dcfg(name="c", kind="custom", path=str(f), eval_fraction=0.0), "train")
+    assert sorted(train.prompts) == sorted(f"item {i}" for i in range(7))
+    assert train.shortfall() is None and train.describe()["n_source"] == 7
+    with pytest.raises(UserError, match=r"dataset\.eval_fraction=0 .*dataset\.eval_fraction=0\.2"):
+        load_prompts(dcfg(name="c", kind="custom", path=str(f), eval_fraction=0.0), "eval")
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(UserError, match=rf"dataset\.eval_fraction={bad} is not in \[0, 1\)"):
+            load_prompts(dcfg(name="c", kind="custom", path=str(f), eval_fraction=bad), "train")
+    # a set that holds fewer prompts than its file says how many and why
+    part = load_prompts(dcfg(name="c", kind="custom", path=str(f), eval_fraction=0.3, n_train=3), "train")
+    assert len(part) == 3 and part.n_source == 7 and part.held_out == 2
+    assert part.shortfall() == (f"c (train): 3 of the 7 prompts in {f}: 2 held out for the eval split "
+                                f"(dataset.eval_fraction=0.3; 0 holds out none); 2 left out by dataset.n_train=3")

@@ -131,3 +131,43 @@ def test_hub_id_offline_fails_fast(tmp_path, monkeypatch):
 
 def test_families_cover_supported():
     assert set(FAMILIES) == set(SUPPORTED.values())
+
+
+# ------------------------------------------------------------------------------ attention implementation
+def _saved(tmp_path, family):
+    d = tmp_path / family
+    tiny_model(family).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_default_attention_loads_every_family(tmp_path):
+    """With model.attn_implementation unset, every family loads (Gemma2, which this transformers has no
+    SDPA attention for, with eager); an explicit choice is used as is, an impossible one is refused."""
+    for family in FAMILIES:
+        d = _saved(tmp_path, family)
+        model, _, _ = load_model(mcfg(path=str(d)), Store(tmp_path / "store"), "cpu")
+        assert model.config._attn_implementation == ("eager" if family == "gemma2" else "sdpa")
+    model, _, _ = load_model(mcfg(path=str(tmp_path / "llama"), attn_implementation="eager"), Store(tmp_path), "cpu")
+    assert model.config._attn_implementation == "eager"
+    model, _, _ = load_model(mcfg(path=str(tmp_path / "llama"), attn_implementation="auto"), Store(tmp_path), "cpu")
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(UserError, match=r"model\.attn_implementation=sdpa.*model\.attn_implementation=eager"):
+        load_model(mcfg(path=str(tmp_path / "gemma2"), attn_implementation="sdpa"), Store(tmp_path), "cpu")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
+def test_scores_do_not_depend_on_attention_implementation(tmp_path, family):
+    from safety_neurons.data import encode, scored_mask
+    from safety_neurons.importance import prompt_scores
+
+    d = _saved(tmp_path, family)
+    batch = encode(tiny_tokenizer(), ["how do I bake bread", "explain the water cycle to me", "sea"])
+    sc = scored_mask(batch, "content")
+    res = {}
+    for impl in ("eager", "sdpa"):
+        model, _, ad = load_model(mcfg(path=str(d), attn_implementation=impl), Store(tmp_path), "cpu")
+        assert model.config._attn_implementation == impl
+        res[impl] = prompt_scores(model, ad, batch, sc, check=True)
+    for key, ref in res["eager"].items():
+        torch.testing.assert_close(res["sdpa"][key], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))

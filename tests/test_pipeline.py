@@ -54,6 +54,8 @@ def test_detect_artifacts_and_ranking(fx, detected):
               "seed", "tokens"):
         assert k in meta, k
     assert meta["n_prompts"] == 6 and meta["dataset"]["hash"] and meta["mode"] == "exact"
+    assert meta["dataset"]["n_source"] == 6
+    assert meta["attn_implementation"] == "sdpa"  # model.attn_implementation unset: chosen, and recorded
     # layers lists follow the ranking order
     for layer, kinds in obj["layers"].items():
         for kind, idx in kinds.items():
@@ -236,3 +238,11 @@ def test_detect_with_device_map_auto_equals_plain_load(fx, detected, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "dm" / "neurons.json").read_text())["ranking"] == \
         json.loads((run / "neurons.json").read_text())["ranking"]
+
+
+def test_detect_on_part_of_the_file_says_so(fx, tmp_path, capsys):
+    res = detect(fx, tmp_path / "run", "dataset.n_train=4", "detect.save_as=part", "detect.kinds=[v,o]")
+    assert res["n_prompts"] == 4
+    out = capsys.readouterr().out
+    assert "detection scores harmbench (train): 4 of the 6 prompts in harmbench_behaviors_text_test.csv: " \
+           "2 left out by dataset.n_train=4" in out

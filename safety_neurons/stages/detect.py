@@ -10,15 +10,15 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..cfg import dataset_config
 from ..config import KINDS
-from ..data import encode, load_prompts, scored_mask
+from ..data import load_prompts
 from ..errors import UserError
 from ..importance import QK_KERNELS, qk_kernel_used
 from ..io import atomic_write, write_csv, write_json
 from ..neurons import NeuronSet, TopkStats, resolve_k, select, split_scores
+from ..scoring import score_prompts, target_answers
 from ..organism import read_provenance
 from ..tracking import code_version
 from .common import cache_dir, harmful_set, load, store_of, tracked
@@ -41,46 +41,6 @@ def check_detect_cfg(d) -> None:
 def k_per_kind(topk, adapter, kinds) -> dict[str, int]:
     return {k: resolve_k(topk.ffn if k == "ffn" else topk.attn, adapter.width(k),
                          "topk.ffn" if k == "ffn" else "topk.attn") for k in kinds}
-
-
-def score_prompts(model, tok, adapter, prompts: list[str], d, system_prompt, max_length=512,
-                  accelerator=None, desc="importance") -> dict[tuple[int, str], torch.Tensor]:
-    """Per-prompt importance {(layer, kind): (P, width) float32}, in prompt order.
-
-    Prompts are batched by length (scores do not depend on batch composition); with Accelerate each
-    process scores a shard and the shards are gathered, so the result equals one process's.
-    """
-    from ..importance import prompt_scores
-
-    if not prompts:
-        raise UserError("empty prompt set: nothing to score")
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
-    mine = list(range(rank, len(prompts), world))
-    order = sorted(mine, key=lambda i: len(prompts[i]))
-    dev = next(model.parameters()).device
-    results: dict[int, dict] = {}
-    bar = tqdm(total=len(order), desc=desc, unit="prompt", disable=rank != 0)
-    for s in range(0, len(order), d.batch_size):
-        idx = order[s: s + d.batch_size]
-        b = encode(tok, [prompts[i] for i in idx], system_prompt, template=d.chat_template, max_length=max_length)
-        mask = scored_mask(b, d.tokens, d.last_m)
-        b = b.to(dev)
-        sc = prompt_scores(model, adapter, b, mask.to(dev), kinds=tuple(d.kinds), mode=d.mode,
-                           qk_chunk_mb=d.qk_chunk_mb, qk_kernel=d.qk_kernel)
-        for j, i in enumerate(idx):
-            results[i] = {key: v[j].float().cpu() for key, v in sc.items()}
-        bar.update(len(idx))
-    bar.close()
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        merged: dict[int, dict] = {}
-        for part in gather_object([results]):
-            merged.update(part)
-        results = merged
-    keys = sorted(results[0].keys())
-    return {key: torch.stack([results[i][key] for i in range(len(prompts))]) for key in keys}
 
 
 def stats_from(scores: dict[tuple[int, str], torch.Tensor], k_of: dict[str, int]) -> TopkStats:
@@ -210,6 +170,8 @@ def run(cfg) -> dict:
         model, tok, ad = load(cfg)
         k_of = k_per_kind(cfg.topk, ad, d.kinds)
         harm = harmful_set(cfg, "train")
+        if harm.shortfall() and acc.is_main_process:  # a run on part of a file says so
+            print(f"detection scores {harm.shortfall()}")
         sp = cfg.model.system_prompt
         t0 = time.time()
         scores = score_prompts(model, tok, ad, harm.prompts, d, sp, cfg.model.max_length, acc, "importance (harmful)")
@@ -231,6 +193,7 @@ def run(cfg) -> dict:
             **_model_id(cfg), "model_signature": ad.signature(), "dataset": harm.describe(),
             "n_prompts": len(harm), "mode": d.mode, "tokens": d.tokens, "last_m": d.last_m,
             "qk_kernel": qk_kernel_used(d.qk_kernel, next(model.parameters()).device) if d.mode == "exact" else None,
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "chat_template": d.chat_template, "system_prompt": sp, "kinds": list(d.kinds),
             "topk": {"attn": cfg.topk.attn, "ffn": cfg.topk.ffn, "k_per_kind": k_of},
             "consistency": cfg.topk.consistency, "reference": ref_meta, "code_version": code_version(),
