@@ -7,7 +7,7 @@ import torch
 from .config import KINDS
 from .data import encode
 from .errors import UserError
-from .hooks import hooks
+from .hooks import at_site, hooks
 from .models import ModelAdapter
 from .neurons import NeuronSet
 
@@ -58,17 +58,12 @@ def neuron_means(model, tok, adapter: ModelAdapter, prompts: list[str], system_p
         v = (x.float() * m[..., None]).sum((0, 1)).cpu().double()
         sums[key] = sums[key] + v if key in sums else v
 
-    specs = []
-    for layer in range(adapter.n_layers):
-        m = adapter.modules(layer)
-        specs.append((m.down, "pre", lambda mod, a, L=layer: add((L, "ffn"), a[0])))
-        specs.append((m.o, "pre", lambda mod, a, L=layer: add((L, "o"), a[0])))
-        for kind, lin in (("q", m.q), ("k", m.k), ("v", m.v)):
-            specs.append((lin, "fwd", lambda mod, a, out, L=layer, K=kind: add((L, K), out)))
+    specs = [at_site(adapter.site(layer, kind), lambda x, key=(layer, kind): add(key, x))
+             for layer in range(adapter.n_layers) for kind in KINDS]
     with hooks(specs):
         for i in range(0, len(prompts), batch_size):
             b = encode(tok, prompts[i: i + batch_size], system_prompt).to(dev)
             state["mask"] = b.attention_mask.float()
             model(input_ids=b.input_ids, attention_mask=b.attention_mask)
             count += int(b.attention_mask.sum())
-    return {k: (v / count).float() for k, v in sums.items() if k[1] in KINDS}
+    return {k: (v / count).float() for k, v in sums.items()}

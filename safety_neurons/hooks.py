@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .models import ModelAdapter
+from .models import SITES, ModelAdapter, Site
 
 HookSpec = tuple[nn.Module, str, Callable]  # (module, "pre" | "fwd" | "pre_kw", fn)
 
@@ -49,6 +49,19 @@ def _setter(idx: torch.Tensor, values: torch.Tensor | None) -> Callable[[torch.T
     return apply
 
 
+def at_site(site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> HookSpec:
+    """A hook at ``site`` that calls ``fn`` on the neuron values there ((..., width)): the module's input
+    for a "pre" site, its output for a "fwd" one. A tensor that ``fn`` returns replaces the values; None
+    leaves them as they are."""
+    if site.hook == "pre":
+        def pre(mod, args):
+            out = fn(args[0])
+            return None if out is None else (out,) + tuple(args[1:])
+
+        return site.module, "pre", pre
+    return site.module, "fwd", lambda mod, args, out: fn(out)
+
+
 def deactivation_specs(adapter: ModelAdapter, neurons: dict[tuple[int, str], torch.Tensor],
                        means: dict[tuple[int, str], torch.Tensor] | None = None) -> list[HookSpec]:
     """Hooks that zero (or mean-ablate) ``neurons``: {(layer, kind): LongTensor of indices}.
@@ -61,18 +74,10 @@ def deactivation_specs(adapter: ModelAdapter, neurons: dict[tuple[int, str], tor
         idx = torch.as_tensor(idx, dtype=torch.long)
         if idx.numel() == 0:
             continue
-        vals = means[(layer, kind)][idx] if means is not None else None
-        f = _setter(idx, vals)
-        m = adapter.modules(layer)
-        if kind == "ffn":
-            specs.append((m.down, "pre", lambda mod, args, f=f: (f(args[0]),) + tuple(args[1:])))
-        elif kind == "o":
-            specs.append((m.o, "pre", lambda mod, args, f=f: (f(args[0]),) + tuple(args[1:])))
-        elif kind in ("q", "k", "v"):
-            lin = {"q": m.q, "k": m.k, "v": m.v}[kind]
-            specs.append((lin, "fwd", lambda mod, args, out, f=f: f(out)))
-        else:
+        if kind not in SITES:
             raise ValueError(f"unknown neuron kind {kind!r}")
+        vals = means[(layer, kind)][idx] if means is not None else None
+        specs.append(at_site(adapter.site(layer, kind), _setter(idx, vals)))
     return specs
 
 
@@ -89,16 +94,13 @@ def zero_weights(adapter: ModelAdapter, neurons: dict[tuple[int, str], torch.Ten
     """Edit weights in place so the neurons output zero (the reference for the hook invariant)."""
     for (layer, kind), idx in neurons.items():
         idx = torch.as_tensor(idx, dtype=torch.long)
-        m = adapter.modules(layer)
-        if kind == "ffn":
-            m.down.weight[:, idx] = 0
-        elif kind == "o":
-            m.o.weight[:, idx] = 0
-        else:
-            lin = {"q": m.q, "k": m.k, "v": m.v}[kind]
-            lin.weight[idx, :] = 0
-            if lin.bias is not None:
-                lin.bias[idx] = 0
+        s = adapter.site(layer, kind)
+        if s.dim == 1:  # an input column: the neuron's value is what the module reads
+            s.module.weight[:, idx] = 0
+        else:  # an output row and its bias entry
+            s.module.weight[idx, :] = 0
+            if s.module.bias is not None:
+                s.module.bias[idx] = 0
 
 
 def n_hooks(model: nn.Module) -> int:

@@ -40,14 +40,9 @@ class SliceScatter(nn.Module):
         return x.index_copy(self.dim, self.idx, self.part.to(x.dtype))
 
 
-# (projection, dim of the weight that indexes the neuron, include bias entry)
+# (projection, dim of the weight that indexes the neuron, include bias entry: rows carry one, columns not)
 def _slices(adapter: ModelAdapter, layer: int, kind: str) -> list[tuple[nn.Linear, int, bool]]:
-    m = adapter.modules(layer)
-    if kind == "ffn":
-        return [(m.gate, 0, True), (m.up, 0, True), (m.down, 1, False)]
-    if kind == "o":
-        return [(m.o, 1, False)]
-    return [({"q": m.q, "k": m.k, "v": m.v}[kind], 0, True)]
+    return [(lin, dim, dim == 0) for lin, dim in adapter.site(layer, kind).slices]
 
 
 @dataclass
