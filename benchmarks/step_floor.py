@@ -12,10 +12,9 @@ A real step also normalises, multiplies, clips, embeds and moves memory, and its
 operands that are not in cache, so it is slower than this (``benchmarks/train_step.py``).
 
 Not compared here: numpy's OpenBLAS. Timed next to torch in one process, its idle threads spin while torch
-runs (and torch's while it runs), so each looks slower than it is (a first version of this script made
-torch's MKL look 1.5x slower that way). In a trial with both on torch's threads (OpenBLAS from the
-``scipy-openblas32`` wheel, single-threaded, called from an OpenMP loop in C; not kept) the products
-took 2.02 s a step against torch's 2.05 s.
+runs (and torch's while it runs), so each looks slower than it is (torch's MKL by up to 1.5x). With both
+on torch's threads (OpenBLAS from the ``scipy-openblas32`` wheel, single-threaded, called from an OpenMP
+loop in C, a harness outside this script) the products took 2.02 s a step against torch's 2.05 s.
 
 usage: python benchmarks/step_floor.py [--tokens 380] [--loss-tokens 180] [--rows 8] [--steps 100]
 [--target 240] [--rounds 3]"""

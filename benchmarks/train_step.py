@@ -2,7 +2,7 @@
 side in one run, alternating:
 
 - plain: the padded batch, every row runs the whole chat template; per-tensor AdamW; glibc's default malloc;
-- prefix: the rows' shared system prompt run once through the key/value cache; fused AdamW (2026-11-27's step);
+- prefix: the rows' shared system prompt run once through the key/value cache; fused AdamW (padded rows);
 - packed: the batch packed into one row (no padding, the prefix once, logits only where loss is,
   finetune.pack); fused AdamW;
 - packed + reused memory: the same with malloc keeping freed memory (reuse_freed_memory, the default).

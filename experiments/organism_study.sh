@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issues 3 and 4, the real result: safety neurons of the refusing organism and what switching them
-# off does. Everything lands in the store and under outputs/; the README tables come from these runs.
+# Safety neurons of the refusing organism and what switching them off does. Everything lands in the
+# store and under outputs/; the tables of docs/results-smollm2.md come from these runs.
 set -euo pipefail
 m=${MODEL:-smollm2_refusing}
 py() { python -m safety_neurons "$@" logger=${LOGGER:-none}; }

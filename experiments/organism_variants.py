@@ -1,6 +1,6 @@
 """Train one organism variant from SmolLM2 as shipped and measure refusal on the whole held-out sets
 (41 harmful; harmless split into natural and form-matched), without saving the model: the quick
-loop behind the README's organism table.
+loop for checking a recipe variant on the CPU (docs/organism.md).
 
 usage: python experiments/organism_variants.py NAME [hydra overrides on top of experiment=align]
 e.g.   python experiments/organism_variants.py D finetune.form_matched_repeat=1

@@ -29,7 +29,7 @@ def test_variants_file(tmp_path):
     f.write_text("# nothing but comments\n")
     with pytest.raises(SystemExit, match="no variants"):
         mod.read_variants(str(f))
-    # the committed list (both calls of the README's sweep) parses into overrides of the config
+    # the committed list (both calls of the sweep in docs/organism.md) parses into overrides of the config
     committed = mod.read_variants(str(ROOT / "experiments" / "organism_sweep_variants.txt"))
     assert len(committed) == 38 and all(o.startswith("finetune.") and "=" in o for _, ov in committed for o in ov)
 

@@ -58,9 +58,8 @@ MODES = ("exact", "original")
 QK_KERNELS = ("auto", "native", "torch")
 QR_MIN_RATIO = 1.25  # on CPU, q/k output factors are QR-shrunk when they have this many times more columns than rows
 # the same for the native kernel, whose product with a factor runs near the core's peak, so that a QR
-# (LAPACK, about as slow as the products it saves at 1.25-2x) pays only for much wider factors: on
-# SmolLM2 (16 prompts, factors 1.6x wider than tall) detection took 3.96 s without QRs, 4.06 s with k's
-# and 4.47 s with q's and k's (fastest of 3, alternating)
+# (LAPACK, about as slow as the products it saves at 1.25-2x) pays only for much wider factors; on
+# SmolLM2's factors (about 1.6x wider than tall) QRs made detection slower (docs/benchmarks.md)
 NATIVE_QR_MIN_RATIO = 3.0
 CPU_CHUNK_MB = 16  # on CPU, perturbed-logit chunks that stay in cache are much faster than large ones
 
