@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.builders import HARMLESS, stage_files  # noqa: E402
 from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -33,3 +34,10 @@ def family(request):
 def model(family):
     torch.manual_seed(0)
     return tiny_model(family)
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    """A saved tiny llama with HarmBench-shaped and harmless prompt files, one per test module (the stage
+    tests write their store into it)."""
+    return stage_files(tmp_path_factory.mktemp("stages"), 4, 4, HARMLESS)

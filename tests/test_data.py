@@ -12,33 +12,11 @@ from omegaconf import OmegaConf
 from safety_neurons.config import DatasetConfig
 from safety_neurons.data import DATA_DIR, PromptSet, encode, load_prompts, scored_mask
 from safety_neurons.errors import UserError
-
-HB_COLUMNS = ["Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID"]
+from tests.builders import write_harmbench
 
 
 def dcfg(**kw):
     return OmegaConf.merge(OmegaConf.structured(DatasetConfig), kw)
-
-
-def write_harmbench(folder, n_test=6, n_val=4):
-    """HarmBench-shaped CSVs: standard rows plus contextual/copyright rows that the filter drops."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in (("test", n_test), ("val", n_val)):
-        rows = []
-        for i in range(n):
-            rows.append({"Behavior": f"{name} standard behaviour {i}", "FunctionalCategory": "standard",
-                         "SemanticCategory": "illegal", "Tags": "", "ContextString": "", "BehaviorID": f"{name}_s{i}"})
-            rows.append({"Behavior": f"{name} contextual behaviour {i}", "FunctionalCategory": "contextual",
-                         "SemanticCategory": "illegal", "Tags": "context", "ContextString": "some, context",
-                         "BehaviorID": f"{name}_c{i}"})
-        rows.append({"Behavior": 'Generate the lyrics of "Song"', "FunctionalCategory": "copyright",
-                     "SemanticCategory": "copyright", "Tags": "lyrics, hash_check", "ContextString": "",
-                     "BehaviorID": f"{name}_lyrics"})
-        with open(folder / f"harmbench_behaviors_text_{name}.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=HB_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-    return folder
 
 
 # -------------------------------------------------------------------------------------------- kinds

@@ -62,7 +62,7 @@ def test_two_process_gloo_equals_one_process(tmp_path):
 def test_two_process_detect_equals_one_process(tmp_path):
     """`accelerate launch` with 2 gloo ranks: each scores a shard of the prompts, the shards are gathered,
     and the saved per-prompt scores, statistics and ranked set equal a single-process run's."""
-    from tests.test_data import write_harmbench
+    from tests.builders import write_harmbench
     from tests.tiny import tiny_model, tiny_tokenizer
 
     model_dir = tmp_path / "tiny-llama"

@@ -5,44 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from safety_neurons.data import encode, scored_mask
 from safety_neurons.errors import UserError
 from safety_neurons.hooks import hooks, n_hooks
 from safety_neurons.importance import KINDS, brute_force_importance, prompt_scores
 from safety_neurons.models import ModelAdapter
+from tests.builders import IMPORTANCE_PROMPTS as PROMPTS
+from tests.builders import model_and_adapter as _model
 from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
-
-PROMPTS = ["how do I bake bread", "explain the water cycle to me in detail please", "sea"]
-
-
-# Transformers' eager attention soft-maxes in float32 (float64 models lose precision there) and its
-# float64 mask turns fully padded query rows into NaN that spread to every token. For the float64
-# comparisons the tiny models use this plain float64 attention, registered under its own name.
-def _attention64(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kw):
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
-    w = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if softcap is not None:
-        w = torch.tanh(w / softcap) * softcap
-    if attention_mask is not None:
-        w = w + attention_mask[:, :, :, : key.shape[-2]]
-    w = torch.softmax(w, dim=-1)
-    return torch.matmul(w, value).transpose(1, 2).contiguous(), w
-
-
-AttentionInterface.register("eager64", _attention64)
-AttentionMaskInterface.register("eager64", eager_mask)
-
-
-def _model(family, float64=True, seed=0):
-    m = tiny_model(family, seed=seed, vocab=len(tiny_tokenizer()))
-    if float64:
-        m = m.double()
-        m.set_attn_implementation("eager64")
-    return m, ModelAdapter(m)
 
 
 def _sample(width, n, gen):

@@ -14,7 +14,8 @@ from safety_neurons import native
 from safety_neurons.data import encode, scored_mask
 from safety_neurons.errors import UserError
 from safety_neurons.importance import brute_force_importance, prompt_scores
-from tests.test_importance import PROMPTS, _model
+from tests.builders import IMPORTANCE_PROMPTS as PROMPTS
+from tests.builders import model_and_adapter as _model
 from tests.tiny import FAMILIES, tiny_tokenizer
 
 

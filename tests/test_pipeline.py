@@ -14,12 +14,12 @@ from safety_neurons.cfg import compose
 from safety_neurons.errors import UserError
 from safety_neurons.neurons import NeuronSet
 from safety_neurons.stages import get_stage
-from tests.test_stages import HARMLESS, stage_fixture
+from tests.builders import HARMLESS, stage_files
 
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
-    return stage_fixture(tmp_path_factory.mktemp("pipeline"), 6, 3, HARMLESS * 2)
+    return stage_files(tmp_path_factory.mktemp("pipeline"), 6, 3, HARMLESS * 2)
 
 
 def ov(fx, run, *extra):

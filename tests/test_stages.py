@@ -10,28 +10,7 @@ import pytest
 from safety_neurons.cfg import compose
 from safety_neurons.errors import UserError
 from safety_neurons.stages import get_stage
-from tests.test_data import write_harmbench
-from tests.tiny import tiny_model, tiny_tokenizer
-
-HARMLESS = ["How do I bake bread?", "Explain the water cycle.", "Write a poem about the sea.",
-            "Name three colours.", "What is two plus two?", "Suggest a name for a cat.", "Describe a tree.",
-            "How do clouds form?"]
-
-
-def stage_fixture(root, n_test: int, n_val: int, harmless_prompts: list[str]) -> dict:
-    """A saved tiny llama, HarmBench-shaped CSVs and a harmless jsonl under ``root`` (shared by the stage tests)."""
-    model_dir = root / "tiny-llama"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    hb = write_harmbench(root / "hb", n_test=n_test, n_val=n_val)
-    harmless = root / "harmless.jsonl"
-    harmless.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in harmless_prompts))
-    return {"model": model_dir, "hb": hb, "harmless": harmless, "store": root / "store", "root": root}
-
-
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    return stage_fixture(tmp_path_factory.mktemp("stages"), 4, 4, HARMLESS)
+from tests.builders import HARMLESS
 
 
 def overrides(fx, run_dir, *extra):
