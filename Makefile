@@ -1,5 +1,5 @@
 # Two entry points: `make demo` (main job on the embedded model) and `make test`.
-# Both create .venv on first use. CPU torch is pinned here; GPU users: see README "GPU".
+# Both create .venv on first use. CPU torch is pinned here; GPU users: see README "Supported models".
 PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
