@@ -56,3 +56,24 @@ def dataset_config(name: str):
     raw = OmegaConf.load(f)
     raw.pop("defaults", None)
     return OmegaConf.merge(OmegaConf.structured(DatasetConfig), raw)
+
+
+def model_config(name_or_path: str):
+    """A typed ModelConfig for a ``model`` group option name, or for a model folder or ``.gguf`` path
+    (named after it), e.g. ``detect.reference_model=smollm2`` or ``=/models/base``."""
+    from omegaconf import OmegaConf
+
+    from .config import ModelConfig
+    from .errors import UserError
+
+    f = CONF_DIR / "model" / f"{name_or_path}.yaml"
+    if f.exists():
+        raw = OmegaConf.load(f)
+        raw.pop("defaults", None)
+        return OmegaConf.merge(OmegaConf.structured(ModelConfig), raw)
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        return OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": p.stem or p.name, "path": str(p)})
+    known = sorted(q.stem for q in (CONF_DIR / "model").glob("*.yaml") if q.stem != "local")
+    raise UserError(f"{name_or_path!r} is neither a model preset ({', '.join(known)}) nor an existing folder "
+                    f"or .gguf file")

@@ -114,3 +114,64 @@ def plot_finetune(df: pd.DataFrame, out: Path) -> list[Path]:
     p = _save(fig, Path(out) / "finetune.png")
     plt.close(fig)
     return [p]
+
+
+def plot_benchmark(df: pd.DataFrame, rocs: dict | None, out: Path, title: str) -> list[Path]:
+    """Planted benchmark: ROC curves of every scorer on one axis, and recovery (AUC) against effect
+    (harmful refusal after deactivating the top |S*|; marker area grows with the NLL ratio), with S*
+    and random sets marked. Effect only (no ``rocs``): harmful refusal against the number deactivated,
+    per scorer, with the random sets' range as a band."""
+    plt = _plt()
+    out = Path(out)
+    paths = []
+    if rocs:
+        fig, ax = plt.subplots(figsize=(4.6, 4.2))
+        for name, (fpr, tpr) in rocs.items():
+            auc = df.loc[df.method == name.split(" ")[0], "auc"]
+            label = f"{name} (AUC {float(auc.iloc[0]):.2f})" if len(auc) else name
+            ax.plot(fpr, tpr, label=label, lw=1.4, ls="--" if "ceiling" in name else "-")
+        ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":", label="chance")
+        ax.set_xlabel("false positive rate (unplanted neurons)")
+        ax.set_ylabel("true positive rate (share of S* found)")
+        ax.set_title(f"{title}: recovery of the planted set", fontsize=9)
+        ax.legend(fontsize=6.5, loc="lower right")
+        paths.append(_save(fig, out / "roc.png"))
+        plt.close(fig)
+        if "harmful_refusal" in df:
+            fig, ax = plt.subplots(figsize=(5.2, 4.0))
+            d = df[df.harmful_refusal.notna() & df.auc.notna()]
+            for r in d.itertuples():
+                size = 40 * max(1.0, float(r.nll_ratio or 1.0)) ** 2
+                marker = {"control": "*", "baseline": "s"}.get(r.role, "o")
+                ax.scatter(r.auc, r.harmful_refusal, s=size, marker=marker, label=f"{r.method} (NLL x{r.nll_ratio:.2f})")
+                if r.role == "baseline" and "harmful_refusal_min" in df:
+                    ax.vlines(r.auc, r.harmful_refusal_min, r.harmful_refusal_max, color="0.5", lw=1)
+            intact = df[df.role == "intact"]
+            if len(intact):
+                ax.axhline(float(intact.harmful_refusal.iloc[0]), color="0.6", ls=":", lw=0.8, label="intact")
+            ax.set_xlabel("rank-AUC of S* (recovery)")
+            ax.set_ylabel("harmful refusal after deactivating the top |S*|")
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_title(f"{title}: recovery against effect (marker area: NLL ratio)", fontsize=9)
+            ax.legend(fontsize=6, loc="best")
+            paths.append(_save(fig, out / "recovery_vs_effect.png"))
+            plt.close(fig)
+    elif "n" in df and "harmful_refusal" in df:
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for name, d in df[df.role == "scorer"].groupby("method"):
+            ax.plot(d.n, d.harmful_refusal, marker="o", label=name)
+            rnd = df[(df.role == "baseline") & (df.method == f"random ({name} shape)")]
+            if len(rnd) and "harmful_refusal_min" in rnd:
+                ax.fill_between(rnd.n, rnd.harmful_refusal_min, rnd.harmful_refusal_max, alpha=0.12)
+        intact = df[df.role == "intact"]
+        if len(intact):
+            ax.axhline(float(intact.harmful_refusal.iloc[0]), color="0.6", ls=":", lw=0.8, label="intact")
+        ax.set_xscale("log")
+        ax.set_xlabel("neurons deactivated (top n of each scorer)")
+        ax.set_ylabel("harmful refusal")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"{title}: deactivation by scorer (bands: random sets of the same shape)", fontsize=9)
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out / "effect_vs_count.png"))
+        plt.close(fig)
+    return paths

@@ -263,13 +263,15 @@ def step_batches(n_pairs: int, fcfg):
 
 
 def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], fcfg, system_prompt: str | None,
-              params: list[nn.Parameter], accelerator=None, max_length: int = 512, progress: bool = True) -> dict:
+              params: list[nn.Parameter], accelerator=None, max_length: int = 512, progress: bool = True,
+              on_step=None) -> dict:
     """Chat SFT for ``fcfg.steps`` optimizer steps on (prompt, response) pairs; loss on response tokens.
     A response is text (EOS appended) or token ids taken as they are (see :func:`~.data.encode`).
 
     ``params``: what trains (every other parameter must have requires_grad False). Returns stats
     with the loss curve. Batches are drawn from a seeded shuffle, cycled; with Accelerate each
-    process takes its shard of every global batch.
+    process takes its shard of every global batch. ``on_step(step)``, called after each optimizer step
+    (1-based) with the model in eval mode, stops training early by returning True.
     """
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
@@ -308,6 +310,7 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
     losses = []
     t0 = time.time()
     bar = tqdm(total=total, desc="train", disable=not (progress and acc.is_main_process))
+    done = 0
     for micro in step_batches(len(prompts), fcfg):
         n_step = max(1.0, sum(n_tok[i] for gidx in micro for i in gidx))
         for gidx in micro:
@@ -333,10 +336,17 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
             losses.append(float(tot[:, 0].sum() / tot[:, 1].sum()))  # (weighted) token mean of the global micro-batch
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        done += 1
+        if on_step is not None:
+            model.eval()
+            stop = on_step(done)
+            model.train()
+            if stop:
+                break
     bar.close()
     model = acc.unwrap_model(model)
     model.eval()
-    return {"losses": losses, "train_seconds": time.time() - t0, "steps": total,
+    return {"losses": losses, "train_seconds": time.time() - t0, "steps": done,
             "trainable_params": sum(p.numel() for p in params)}
 
 

@@ -14,6 +14,8 @@ STAGES = {
     "compare": "compare",
     "deactivate": "deactivate",
     "report": "report",
+    "plant": "plant",
+    "benchmark": "benchmark",
 }
 
 

@@ -15,11 +15,11 @@ from ..cfg import dataset_config
 from ..config import KINDS
 from ..data import load_prompts
 from ..errors import UserError
-from ..importance import QK_KERNELS, qk_kernel_used
+from ..importance import QK_KERNELS, get_scorer, qk_kernel_used
 from ..io import atomic_write, write_csv, write_json
 from ..neurons import NeuronSet, TopkStats, resolve_k, select, split_scores
-from ..scoring import score_prompts, target_answers
 from ..organism import read_provenance
+from ..scoring import score_prompts, target_answers
 from ..tracking import code_version
 from .common import cache_dir, harmful_set, load, store_of, tracked
 
@@ -36,6 +36,43 @@ def check_detect_cfg(d) -> None:
         raise UserError(f"unknown detect.tokens={d.tokens!r}; use content, all or last")
     if d.qk_kernel not in QK_KERNELS:
         raise UserError(f"unknown detect.qk_kernel={d.qk_kernel!r}; use {', '.join(QK_KERNELS)}")
+    scorer = get_scorer(d.scorer)
+    if scorer.needs_reference and not d.reference_model:
+        raise UserError(f"detect.scorer={d.scorer} needs detect.reference_model=NAME_OR_PATH (the base model "
+                        f"before alignment, same architecture)")
+
+
+def default_tag(d) -> str:
+    """The store tag of a set: the PLND mode (exact, original) or the scorer's name, then the reference."""
+    base = d.mode if d.scorer == "plnd" else d.scorer
+    return base + (f"-ref{d.reference}" if d.reference else "")
+
+
+def load_reference_model(cfg, adapter):
+    """(model, adapter) of ``detect.reference_model``, checked to have the scored model's architecture."""
+    from ..cfg import model_config
+    from ..importance.activation import check_reference
+    from ..models import load_model
+    from .common import build_missing
+
+    mcfg = model_config(cfg.detect.reference_model)
+    build_missing(mcfg, store_of(cfg))
+    rm, _, rad = load_model(mcfg, store_of(cfg), cfg.device)
+    check_reference(adapter, rad)
+    return rm, rad
+
+
+def scorer_inputs(cfg, model, tok, adapter, prompt_set) -> dict:
+    """What the configured scorer needs besides the prompts: ``reference`` and ``targets``."""
+    d = cfg.detect
+    scorer = get_scorer(d.scorer)
+    out: dict = {}
+    if scorer.needs_reference:
+        out["reference"] = load_reference_model(cfg, adapter)
+    if scorer.needs_target:
+        out["targets"] = target_answers(model, tok, prompt_set.prompts, cfg.model.system_prompt, d.target_tokens,
+                                        cfg.eval.batch_size, prompt_set.responses)
+    return out
 
 
 def k_per_kind(topk, adapter, kinds) -> dict[str, int]:
@@ -148,7 +185,7 @@ def run(cfg) -> dict:
     if d.scores:
         return run_select(cfg)
     store = store_of(cfg)
-    tag = d.save_as or (d.mode + (f"-ref{d.reference}" if d.reference else ""))
+    tag = d.save_as or default_tag(d)
     out_store = store.neuron_dir(cfg.model.name, cfg.dataset.name, tag)
     if (out_store / "neurons.json").exists() and not d.overwrite:
         if d.reuse:
@@ -174,15 +211,19 @@ def run(cfg) -> dict:
             print(f"detection scores {harm.shortfall()}")
         sp = cfg.model.system_prompt
         t0 = time.time()
-        scores = score_prompts(model, tok, ad, harm.prompts, d, sp, cfg.model.max_length, acc, "importance (harmful)")
+        extra = scorer_inputs(cfg, model, tok, ad, harm)
+        scores = score_prompts(model, tok, ad, harm.prompts, d, sp, cfg.model.max_length, acc, "importance (harmful)",
+                               **extra)
         t_detect = time.time() - t0
         st = stats_from(scores, k_of)
         exclude, ref_meta, ref_st = None, None, None
         if d.reference:
             rcfg = _reference_cfg(cfg, d.reference)
             ref = load_prompts(rcfg, "train", cache_dir(cfg)).head(d.n_reference)
+            rextra = scorer_inputs(cfg, model, tok, ad, ref)
+            rextra.pop("reference", None)
             rscores = score_prompts(model, tok, ad, ref.prompts, d, sp, cfg.model.max_length, acc,
-                                    f"importance ({ref.name})")
+                                    f"importance ({ref.name})", reference=extra.get("reference"), **rextra)
             ref_st = stats_from(rscores, k_of)
             rmean, rfreq = split_scores(ref_st.tensors())
             exclude = set(select(rmean, rfreq, cfg.topk.consistency))
@@ -191,8 +232,12 @@ def run(cfg) -> dict:
         ranking = select(mean, freq, cfg.topk.consistency, exclude)
         meta = {
             **_model_id(cfg), "model_signature": ad.signature(), "dataset": harm.describe(),
-            "n_prompts": len(harm), "mode": d.mode, "tokens": d.tokens, "last_m": d.last_m,
-            "qk_kernel": qk_kernel_used(d.qk_kernel, next(model.parameters()).device) if d.mode == "exact" else None,
+            "n_prompts": len(harm), "scorer": d.scorer, "mode": d.mode if d.scorer == "plnd" else None,
+            "reference_model": d.reference_model if get_scorer(d.scorer).needs_reference else None,
+            "target_tokens": d.target_tokens if get_scorer(d.scorer).needs_target else None,
+            "tokens": d.tokens, "last_m": d.last_m,
+            "qk_kernel": qk_kernel_used(d.qk_kernel, next(model.parameters()).device)
+            if d.mode == "exact" and d.scorer == "plnd" else None,
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "chat_template": d.chat_template, "system_prompt": sp, "kinds": list(d.kinds),
             "topk": {"attn": cfg.topk.attn, "ffn": cfg.topk.ffn, "k_per_kind": k_of},

@@ -1,0 +1,159 @@
+"""``stage=plant``: a model whose refusal lives in a known neuron set S* (METHOD 9).
+
+From a model that does not refuse (``model=``, default SmolLM2 as shipped), S* is drawn at random
+(``plant.share`` of each planted (layer, kind), seeded) and only S*'s slices are trained, with the
+neuron-slice tuning of SN-Tune, on refusal templates for harmful training prompts and the model's own
+answers for harmless ones, until held-out refusal >= ``plant.target_refusal`` with over-refusal <=
+``plant.max_over_refusal`` (checked every ``plant.check_every`` steps) or the step cap. Writes the model
+to ``models/<save_as>/`` in the store (with ``delta.safetensors`` and ``plant.json``) and S* as a ranked
+set at ``neurons/<save_as>/planted/truth/neurons.json``. A finished plant is reused, never overwritten
+unless ``plant.overwrite=true``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from ..errors import UserError
+from ..evaluation import generate, is_refusal, refusal_markers
+from ..io import atomic_write, write_json
+from ..models import ModelAdapter
+from ..planted import draw_planted_set, planted_layers
+from ..sft_data import training_pairs
+from ..tracking import code_version
+from ..training import attach_slices, bake_slices, slice_delta, train_sft
+from .common import harmful_set, harmless_set, load, log, store_of, tracked
+from .finetune import _module_names, save_model_dir
+
+PROVENANCE = "plant.json"
+
+
+def default_name(p) -> str:
+    kinds = "".join(p.kinds) if list(p.kinds) != ["q", "k", "v", "o"] else "attn"
+    band = f"-L{p.layers[0]}-{p.layers[1]}" if p.layers else ""
+    return f"planted-{kinds}{p.share * 100:g}pct{band}-s{p.seed}"
+
+
+def check_plant_cfg(p) -> None:
+    for key in ("steps", "batch_size", "check_every"):
+        if getattr(p, key) < 1:
+            raise UserError(f"plant.{key}={getattr(p, key)} must be at least 1")
+    if p.lr <= 0:
+        raise UserError(f"plant.lr={p.lr} must be positive")
+    for key in ("target_refusal", "max_over_refusal"):
+        if not 0 <= getattr(p, key) <= 1:
+            raise UserError(f"plant.{key}={getattr(p, key)} must be a rate between 0 and 1")
+
+
+def refusal_rates(model, tok, harmful: list[str], harmless: list[str], sp, ecfg) -> tuple[float, float]:
+    """(held-out harmful refusal, over-refusal) of greedy answers, by the keyword list."""
+    markers = refusal_markers(ecfg.refusal_list)
+    rate = []
+    for prompts in (harmful, harmless):
+        ans = generate(model, tok, prompts, sp, ecfg.max_new_tokens, ecfg.batch_size, desc="refusal check")
+        rate.append(sum(is_refusal(tok.decode(a, skip_special_tokens=True), markers) for a in ans) / len(ans))
+    return rate[0], rate[1]
+
+
+def planted_paths(cfg, name: str):
+    store = store_of(cfg)
+    return store.model_dir(name), store.neuron_dir(name, "planted", "truth")
+
+
+def read_plant(model_dir) -> dict | None:
+    f = model_dir / PROVENANCE
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def _train_cfg(cfg):
+    """The fine-tuning settings of the plant (finetune's schema, the plant's values)."""
+    p = cfg.plant
+    c = copy.deepcopy(cfg)
+    OmegaConf.update(c, "finetune", {"lr": p.lr, "steps": p.steps, "batch_size": p.batch_size, "seed": p.seed,
+                                     "n_harmful": p.n_harmful, "n_harmless": p.n_harmless, "grad_accum": 1,
+                                     "max_new_tokens_distill": p.max_new_tokens_distill, "weight_decay": 0.0,
+                                     "harmful_repeat": 1, "form_matched_repeat": 1}, merge=True)
+    return c
+
+
+def run(cfg) -> dict:
+    p = cfg.plant
+    check_plant_cfg(p)
+    name = p.save_as or default_name(p)
+    model_dir, truth_dir = planted_paths(cfg, name)
+    done = read_plant(model_dir)
+    if done is not None and (truth_dir / "neurons.json").exists() and not p.overwrite:
+        print(f"reusing the planted model {model_dir} (S* of {done['n_planted']} neurons, refusal "
+              f"{done['refusal']:.2f}); plant.overwrite=true plants it again")
+        return {**done, "reused": True}
+    with tracked(cfg) as (tr, box):
+        model, tok, ad = load(cfg)
+        layers = planted_layers(p.layers, ad.n_layers)
+        truth = draw_planted_set(ad, p.share, list(p.kinds), p.layers, p.seed)
+        tcfg = _train_cfg(cfg)
+        prompts, responses, data_meta = training_pairs(tcfg, model, tok)
+        sp = cfg.model.system_prompt
+        harm = harmful_set(cfg, "eval").head(cfg.eval.n_harmful).prompts
+        benign = harmless_set(cfg, "eval").head(cfg.eval.n_harmless).prompts
+        base_refusal, base_over = refusal_rates(model, tok, harm, benign, sp, cfg.eval)
+        tuned = copy.deepcopy(model)
+        tad = ModelAdapter(tuned)
+        handles = attach_slices(tuned, tad, truth.index_map())
+        history: list[dict] = []
+
+        def check(step: int) -> bool:
+            if step % p.check_every and step != p.steps:
+                return False
+            r, o = refusal_rates(tuned, tok, harm, benign, sp, cfg.eval)
+            history.append({"step": step, "refusal": r, "over_refusal": o})
+            log.info("plant step %d: held-out refusal %.2f, over-refusal %.2f", step, r, o)
+            tr.log({"plant/refusal": r, "plant/over_refusal": o}, step=step)
+            return r >= p.target_refusal and o <= p.max_over_refusal
+
+        params = [h.scatter.part for h in handles]
+        stats = train_sft(tuned, tok, prompts, responses, tcfg.finetune, sp, params,
+                          max_length=cfg.model.max_length, on_step=check)
+        delta = slice_delta(handles, _module_names(tuned))
+        bake_slices(handles)
+        tuned.eval()
+        last = history[-1]
+        reached = last["refusal"] >= p.target_refusal and last["over_refusal"] <= p.max_over_refusal
+        n_params = ad.n_params()
+        trained = sum(x.numel() for x in params)
+        results = {
+            "name": name, "model_dir": str(model_dir), "truth": str(truth_dir / "neurons.json"),
+            "base_model": cfg.model.name, "share": p.share, "kinds": list(p.kinds), "layers": layers, "seed": p.seed,
+            "lr": p.lr, "steps": stats["steps"], "step_cap": p.steps, "n_planted": len(truth),
+            "trained_params": trained, "trained_share": trained / n_params,
+            "refusal": last["refusal"], "over_refusal": last["over_refusal"], "reached": reached,
+            "base_refusal": base_refusal, "base_over_refusal": base_over, "history": history,
+            "train_seconds": round(stats["train_seconds"], 1), "final_loss": stats["losses"][-1], "data": data_meta,
+        }
+        if not reached:
+            print(f"warning: the plant stopped at the step cap ({p.steps}) with held-out refusal "
+                  f"{last['refusal']:.2f} and over-refusal {last['over_refusal']:.2f}, short of the targets "
+                  f"({p.target_refusal}, {p.max_over_refusal}); raise plant.steps or plant.lr")
+        if tr.main:
+            prov = {**results, "plant": OmegaConf.to_container(p, resolve=True),
+                    "base": OmegaConf.to_container(cfg.model, resolve=True), "code_version": code_version(),
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+            save_model_dir(tuned, tok, model_dir, {PROVENANCE: prov})
+            atomic_write(model_dir / "delta.safetensors",
+                         lambda t: save_file(delta, str(t), metadata={"base": cfg.model.name}))
+            truth.meta = {"model": name, "base_model": cfg.model.name, "tag": "truth", "ranked": True,
+                          "scorer": "planted", "model_signature": ad.signature(),
+                          **{k: results[k] for k in ("share", "kinds", "layers", "seed", "steps", "refusal",
+                                                      "over_refusal", "reached", "n_planted")}}
+            truth.save(truth_dir / "neurons.json", overwrite=True)
+            write_json(tr.dir / "plant.json", prov)
+        tr.log({k: v for k, v in results.items() if isinstance(v, (int, float))})
+        print(f"planted {len(truth)} neurons ({100 * trained / n_params:.3f}% of parameters) in {stats['steps']} "
+              f"steps: held-out refusal {base_refusal:.2f} -> {last['refusal']:.2f}, over-refusal "
+              f"{base_over:.2f} -> {last['over_refusal']:.2f} -> {model_dir}")
+        box["results"] = results
+    return box["results"]

@@ -1,0 +1,149 @@
+"""stage=plant and stage=benchmark on a tiny llama: the planted model differs from its base in S*'s
+slices only, is the base function once S* is zeroed, and the benchmark scores recovery correctly."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from safety_neurons.cfg import compose
+from safety_neurons.errors import UserError
+from safety_neurons.hooks import deactivated
+from safety_neurons.importance.sites import slice_linears
+from safety_neurons.models import ModelAdapter
+from safety_neurons.neurons import NeuronSet
+from safety_neurons.planted import changed_neurons, draw_planted_set, rank_auc, recovery
+from safety_neurons.stages import get_stage
+from safety_neurons.training import apply_delta
+from tests.builders import HARMLESS, stage_files
+from tests.test_stages import overrides
+
+PLANT = ["stage=plant", "plant.share=0.1", "plant.kinds=[ffn,q,o]", "plant.lr=5e-2", "plant.steps=3",
+         "plant.check_every=2", "plant.batch_size=2", "plant.n_harmful=4", "plant.n_harmless=4",
+         "plant.max_new_tokens_distill=4", "plant.save_as=planted-tiny"]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    fx = stage_files(tmp_path_factory.mktemp("plant"), 6, 4, HARMLESS)
+    res = get_stage("plant")(compose(overrides(fx, fx["root"] / "run-plant", *PLANT)))
+    return fx, res
+
+
+def _load(path):
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    return m, ModelAdapter(m)
+
+
+def test_plant_changes_only_the_planted_slices(planted):
+    fx, res = planted
+    base, bad = _load(fx["model"])
+    tuned, tad = _load(res["model_dir"])
+    truth = NeuronSet.load(res["truth"])
+    assert len(truth) == res["n_planted"] == 2 * (5 + 3 + 3)  # 10% of ffn 48, q 32, o 32 in each of 2 layers
+    assert truth.meta["share"] == 0.1 and truth.meta["kinds"] == ["ffn", "q", "o"] and truth.meta["seed"] == 0
+    # the recorded S* is exactly the set of neurons whose slices changed
+    assert changed_neurons(bad, tad) == set(truth.ranking)
+    # every tensor outside the slices is bit-identical: zero S*'s slices in both and compare everything
+    idx = truth.index_map()
+    sd_b, sd_t = dict(base.named_parameters()), dict(tuned.named_parameters())
+    for name, p in sd_b.items():
+        q = sd_t[name].detach().clone()
+        p = p.detach().clone()
+        for (layer, kind), i in idx.items():
+            for lin, dim in slice_linears(bad, layer, kind):
+                for pname in ("weight", "bias"):
+                    if getattr(lin, pname, None) is not None and getattr(lin, pname) is sd_b.get(name):
+                        d = dim if pname == "weight" else 0
+                        p.index_fill_(d, i, 0)
+                        q.index_fill_(d, i, 0)
+        assert torch.equal(p, q), name
+    # with S* zeroed the planted model is the base model with S* zeroed
+    ids = torch.randint(3, 300, (2, 9))
+    with torch.no_grad(), deactivated(bad, idx):
+        want = base(input_ids=ids).logits
+    with torch.no_grad(), deactivated(tad, idx):
+        got = tuned(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # and the delta turns the base into the planted model, bit for bit
+    apply_delta(base, load_file(f"{res['model_dir']}/delta.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), tuned.state_dict().values()))
+
+
+def test_plant_provenance_and_reuse(planted, capsys):
+    fx, res = planted
+    prov = json.loads((fx["store"] / "models" / "planted-tiny" / "plant.json").read_text())
+    for k in ("base_model", "share", "kinds", "layers", "seed", "steps", "refusal", "over_refusal", "reached",
+              "base_refusal", "history"):
+        assert k in prov, k
+    assert prov["base_model"] == "local" and prov["layers"] == [0, 1] and 1 <= prov["steps"] <= 3
+    assert [h["step"] for h in prov["history"]][-1] == prov["steps"]
+    again = get_stage("plant")(compose(overrides(fx, fx["root"] / "run-plant2", *PLANT)))
+    assert again["reused"] and again["n_planted"] == res["n_planted"]
+    assert "reusing the planted model" in capsys.readouterr().out
+
+
+def test_benchmark_on_the_planted_model(planted):
+    fx, _ = planted
+    cfg = compose(overrides(fx, fx["root"] / "run-bench", "stage=benchmark", "benchmark.organism=planted-tiny",
+                            "benchmark.n_prompts=3", "detect.target_tokens=3", "benchmark.random_seeds=[0,1]"))
+    res = get_stage("benchmark")(cfg)
+    df = pd.read_csv(fx["root"] / "run-bench" / "benchmark.csv")
+    methods = list(df.method)
+    assert methods[:6] == ["plnd", "activation_diff", "activation_diff_rel", "attribution", "snip", "wanda"]
+    assert methods[6:] == ["weight_diff", "none", "planted_set", "random"]
+    ceil = df[df.method == "weight_diff"].iloc[0]
+    assert ceil.auc == 1.0 and ceil.precision_at_k == 1.0 and ceil.recall_at_5k == 1.0 and ceil.role == "ceiling"
+    for col in ("auc", "precision_at_k", "recall_at_5k", "layer_auc_mean", "harmful_refusal", "over_refusal",
+                "nll_ratio", "kl", "degenerate_share", "breaks_model"):
+        assert df[df.role == "scorer"][col].notna().all(), col
+    assert df[df.method == "random"].iloc[0].seeds == 2
+    assert (fx["root"] / "run-bench" / "roc.png").exists()
+    assert (fx["root"] / "run-bench" / "recovery_vs_effect.png").exists()
+    assert res["auc_weight_diff"] == 1.0
+    # the intact planted model has zero KL to itself
+    assert df[df.method == "none"].iloc[0].kl == pytest.approx(0.0, abs=1e-6)
+
+
+def test_benchmark_errors(planted):
+    fx, _ = planted
+    with pytest.raises(UserError, match="no planted model 'nope'"):
+        get_stage("benchmark")(compose(overrides(fx, fx["root"] / "r1", "stage=benchmark", "benchmark.organism=nope")))
+    with pytest.raises(UserError, match="known scorers"):
+        get_stage("benchmark")(compose(overrides(fx, fx["root"] / "r2", "stage=benchmark", "benchmark.scorers=[bad]")))
+    with pytest.raises(UserError, match="plant.share"):
+        get_stage("plant")(compose(overrides(fx, fx["root"] / "r3", *PLANT[:-1], "plant.share=1.5",
+                                             "plant.save_as=other")))
+
+
+def test_rank_auc_equals_pairwise_count():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 5, (40,), generator=g).double()  # many ties
+    pos = torch.zeros(40, dtype=torch.bool)
+    pos[torch.randperm(40, generator=g)[:9]] = True
+    pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a, b in itertools.product(s[pos], s[~pos])]
+    assert rank_auc(s, pos) == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+
+
+def test_recovery_metrics_by_hand():
+    from tests.tiny import tiny_model
+
+    ad = ModelAdapter(tiny_model("llama"))
+    truth = draw_planted_set(ad, 0.1, ["ffn"], None, 3)
+    inside = truth.index_map()
+    scores = {}
+    for layer in range(ad.n_layers):
+        s = torch.zeros(ad.d_ff)
+        s[inside[(layer, "ffn")]] = 1.0
+        scores[(layer, "ffn")] = s
+    r = recovery(scores, truth)
+    assert r["auc"] == 1.0 and r["precision_at_k"] == 1.0 and set(r["top"].ranking) == set(truth.ranking)
+    flipped = {k: 1 - v for k, v in scores.items()}
+    r = recovery(flipped, truth)
+    assert r["auc"] == 0.0 and r["precision_at_k"] == 0.0 and r["recall_at_5k"] == 0.0  # 5|S*| < the 86 unplanted
