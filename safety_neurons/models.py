@@ -20,7 +20,8 @@ from .io import Store
 
 log = logging.getLogger(__name__)
 
-# model_type -> family name; all six use rotate-half rotary embeddings and a gated MLP
+# model_type -> family name; all seven use rotate-half rotary embeddings and a gated MLP, and the two
+# with q/k norms (gemma3, qwen3) an RMS norm of the form gain * x / rms(x) (importance relies on it)
 SUPPORTED = {
     "llama": "llama",
     "mistral": "mistral",
@@ -29,6 +30,7 @@ SUPPORTED = {
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
     "qwen2": "qwen2",
+    "qwen3": "qwen3",
 }
 
 
