@@ -1,0 +1,161 @@
+"""Stage options end to end on a tiny llama: deactivation per layer, with mean ablation and with split
+regions; neuron tuning of random sets, LoRA at a matched rank, reference-subtracted sets, per-matrix caps
+and the top n. Each checks the invariant the option promises (which neurons, how many parameters)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from safety_neurons.ablation import apply_split
+from safety_neurons.cfg import compose
+from safety_neurons.models import ModelAdapter
+from safety_neurons.neurons import NeuronSet
+from safety_neurons.stages import get_stage
+from safety_neurons.stages.common import cap_set
+from tests.tiny import tiny_model
+
+
+def ov(fx, run, *extra):
+    return [f"run_dir={run}", f"store_dir={fx['store']}", "model=local", f"model.path={fx['model']}",
+            f"dataset.path={fx['hb']}", f"harmless.path={fx['harmless']}", "eval.n_harmful=2", "eval.n_harmless=2",
+            "eval.max_new_tokens=3", "logger=none", "device=cpu", "detect.batch_size=4", *extra]
+
+
+def stage(fx, run, name, *extra):
+    return get_stage(name)(compose(ov(fx, run, f"stage={name}", *extra)))
+
+
+@pytest.fixture(scope="module")
+def sets(fixtures, tmp_path_factory):
+    """The exact set and the reference-subtracted one (harmless prompts subtracted), both in the store."""
+    run = tmp_path_factory.mktemp("det")
+    k = ["topk.attn=0.25", "topk.ffn=0.25", "topk.consistency=0.5"]
+    exact = NeuronSet.load(stage(fixtures, run / "a", "detect", *k)["neurons_json"])
+    rsn = NeuronSet.load(stage(fixtures, run / "b", "detect", *k, "detect.reference=harmless")["neurons_json"])
+    assert len(exact) > 20 and 0 < len(rsn) < len(exact)
+    return exact, rsn
+
+
+@pytest.fixture(scope="module")
+def ad():
+    return ModelAdapter(tiny_model("llama"))
+
+
+def params(ns, ad) -> int:
+    return sum(ad.neuron_params(k) for _, k, _ in ns.ranking)
+
+
+# ------------------------------------------------------------------------------------- deactivate
+def test_deactivate_per_layer(fixtures, sets, ad, tmp_path):
+    exact, _ = sets
+    res = stage(fixtures, tmp_path / "run", "deactivate", "deactivate.set_tag=exact", "deactivate.n=[0,2]",
+                "deactivate.per_layer=true")
+    rows = pd.read_csv(tmp_path / "run" / "sweep.csv")
+    top2 = exact.top(2, per_layer=True)
+    layers = {n[0] for n in exact.ranking}
+    assert len(top2) == sum(min(2, sum(1 for n in exact.ranking if n[0] == layer)) for layer in layers)
+    assert list(rows["n_neurons"]) == [0, len(top2)] and list(rows["per_layer"]) == [True, True]
+    assert res["param_share"] == pytest.approx(params(top2, ad) / ad.n_params(), rel=1e-12)
+    assert rows.iloc[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # n=0: the intact model
+
+
+def test_deactivate_mean_ablation(fixtures, sets, tmp_path):
+    """Mean ablation replaces the channels by their harmless means: at n=0 nothing changes, at n>0 the
+    model differs from the zero-ablated one (same neurons)."""
+    n = min(10, len(sets[0]))
+    zero = stage(fixtures, tmp_path / "z", "deactivate", "deactivate.set_tag=exact", f"deactivate.n=[0,{n}]")
+    mean = stage(fixtures, tmp_path / "m", "deactivate", "deactivate.set_tag=exact", f"deactivate.n=[0,{n}]",
+                 "deactivate.ablation=mean")
+    assert [r["ablation"] for r in mean["rows"]] == ["mean", "mean"]
+    assert mean["rows"][0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert mean["rows"][1]["n_neurons"] == zero["rows"][1]["n_neurons"] == n
+    assert mean["rows"][1]["param_share"] == zero["rows"][1]["param_share"]
+    assert mean["rows"][1]["kl"] != pytest.approx(zero["rows"][1]["kl"], rel=1e-6)
+
+
+def test_deactivate_split_region_flags(fixtures, sets, tmp_path):
+    exact, _ = sets
+    flags = ["split.under=1", "split.gen=0", "split.under_ffn=false", "split.reason_attn=false"]
+    res = stage(fixtures, tmp_path / "run", "deactivate", "deactivate.set_tag=exact", "deactivate.n=all", *flags)
+    want = [n for n in exact.ranking if not (n[0] == 0 and n[1] == "ffn") and not (n[0] >= 1 and n[1] != "ffn")]
+    assert 0 < len(want) < len(exact)
+    cfg = compose(ov(fixtures, tmp_path / "x", *flags))
+    assert apply_split(exact, cfg.split, 2).ranking == want
+    assert res["n_neurons"] == res["set_size"] == len(want)
+    assert res["split"] == "off:under_ffn,reason_attn"
+
+
+# -------------------------------------------------------------------------------------- finetune
+FT = ["stage=finetune", "finetune.steps=1", "finetune.batch_size=2", "finetune.n_harmful=2", "finetune.n_harmless=2",
+      "finetune.max_new_tokens_distill=3", "finetune.lr=1e-2"]
+
+
+def finetune(fx, run, *extra):
+    return get_stage("finetune")(compose(ov(fx, run, *FT, *extra)))
+
+
+def delta_sites(delta: dict) -> dict[tuple[int, str], set[int]]:
+    """{(layer, projection): trained indices} of a compact delta."""
+    out: dict = {}
+    for key, idx in delta.items():
+        if key.endswith(".weight.idx"):
+            parts = key.split(".")
+            out[(int(parts[parts.index("layers") + 1]), parts[-3])] = set(idx.tolist())
+    return out
+
+
+PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "ffn": "down_proj"}
+
+
+def test_finetune_random_set_same_shape_outside_the_set(fixtures, sets, ad, tmp_path):
+    exact, _ = sets
+    res = finetune(fixtures, tmp_path / "run", "finetune.target=random", "finetune.set_tag=exact")
+    assert res["neurons"] == len(exact) and res["trainable_params"] == params(exact, ad)
+    trained = delta_sites(load_file(str(fixtures["store"] / "models" / res["saved_as"] / "delta.safetensors")))
+    for (layer, kind), idx in exact.index_map().items():
+        got, mine = trained[(layer, PROJ[kind])], set(idx.tolist())
+        assert len(got) == len(mine) and not got & mine  # each projection holds one kind: the random draw
+    assert res["saved_as"] == "local-random-sn-s0"
+
+
+def test_finetune_lora_rank_matches_the_set(fixtures, sets, ad, tmp_path):
+    pytest.importorskip("peft")
+    exact, _ = sets
+    res = finetune(fixtures, tmp_path / "run", "finetune.target=lora", "finetune.set_tag=exact")
+    per_rank = sum(lin.in_features + lin.out_features for i in range(ad.n_layers)
+                   for lin in (ad.modules(i).q, ad.modules(i).k, ad.modules(i).v, ad.modules(i).o))
+    assert res["trainable_params"] % per_rank == 0
+    r = res["trainable_params"] // per_rank
+    assert r >= 2  # the set is large enough that the rank is not the floor of 1
+    # the nearest rank: its parameter count is within half a rank of the set's
+    assert abs(r * per_rank - params(exact, ad)) <= per_rank / 2
+
+
+def test_finetune_rsn_uses_the_reference_subtracted_set(fixtures, sets, ad, tmp_path):
+    _, rsn = sets
+    res = finetune(fixtures, tmp_path / "run", "finetune.target=safety", "finetune.set=rsn")
+    assert res["neurons"] == len(rsn) and res["trainable_params"] == params(rsn, ad)
+    assert res["saved_as"] == "local-safety-rsn-s0"
+    trained = delta_sites(load_file(str(fixtures["store"] / "models" / res["saved_as"] / "delta.safetensors")))
+    for (layer, kind), idx in rsn.index_map().items():
+        assert trained[(layer, PROJ[kind])] == set(idx.tolist())
+
+
+def test_finetune_cap_per_matrix_and_top_n(fixtures, sets, ad, tmp_path):
+    exact, _ = sets
+    res = finetune(fixtures, tmp_path / "cap", "finetune.set_tag=exact", "finetune.cap_per_matrix=1",
+                   "finetune.save_as=capped")
+    capped = cap_set(exact, 1)
+    assert res["neurons"] == len(capped) == len(exact.counts())  # one neuron per (layer, kind) matrix
+    assert res["trainable_params"] == params(capped, ad)
+    res = finetune(fixtures, tmp_path / "top", "finetune.set_tag=exact", "finetune.top_n=3", "finetune.save_as=top3")
+    top = exact.top(3)
+    assert res["neurons"] == 3 and res["trainable_params"] == params(top, ad)
+    trained = delta_sites(load_file(str(fixtures["store"] / "models" / "top3" / "delta.safetensors")))
+    want: dict = {}
+    for layer, kind, i in top.ranking:
+        for proj in (("gate_proj", "up_proj", "down_proj") if kind == "ffn" else (PROJ[kind],)):
+            want.setdefault((layer, proj), set()).add(i)
+    assert trained == want
