@@ -31,7 +31,7 @@ def test_adapter_shapes(model, family):
         assert m.q.out_features == 32 and m.k.out_features == 16 and m.v.out_features == 16
         assert m.o.in_features == 32 and m.down.in_features == 48
         assert m.gate.out_features == 48 and m.up.out_features == 48
-        assert (m.q_norm is not None) == (family == "gemma3")
+        assert (m.q_norm is not None) == (family in ("gemma3", "qwen3"))
         assert (m.q.bias is not None) == (family == "qwen2")
         # widths read through the adapter agree with the actual module shapes
         assert m.q.weight.shape[0] == ad.width("q") and m.o.weight.shape[1] == ad.width("o")

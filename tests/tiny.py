@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import torch
 
-FAMILIES = ("llama", "mistral", "gemma", "gemma2", "gemma3", "qwen2")
+FAMILIES = ("llama", "mistral", "gemma", "gemma2", "gemma3", "qwen2", "qwen3")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
@@ -25,6 +25,7 @@ def tiny_config(family: str, vocab: int = 300, **over):
         LlamaConfig,
         MistralConfig,
         Qwen2Config,
+        Qwen3Config,
     )
 
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -45,6 +46,8 @@ def tiny_config(family: str, vocab: int = 300, **over):
                                layer_types=["sliding_attention", "full_attention"])
     elif family == "qwen2":
         cfg = Qwen2Config(**common)  # q/k/v carry biases
+    elif family == "qwen3":
+        cfg = Qwen3Config(**common)  # q/k RMS norms, no biases
     else:
         raise ValueError(family)
     for k, v in over.items():
