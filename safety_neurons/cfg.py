@@ -77,3 +77,22 @@ def model_config(name_or_path: str):
     known = sorted(q.stem for q in (CONF_DIR / "model").glob("*.yaml") if q.stem != "local")
     raise UserError(f"{name_or_path!r} is neither a model preset ({', '.join(known)}) nor an existing folder "
                     f"or .gguf file")
+
+
+def group_config(group: str, name: str, schema):
+    """A group option (``plant/ffn1.yaml``) as a typed config, its in-group defaults merged first
+    (``defaults: [default]``); the ``base_*`` schema entries are the schema itself."""
+    from omegaconf import OmegaConf
+
+    from .errors import UserError
+
+    f = CONF_DIR / group / f"{name}.yaml"
+    if not f.exists():
+        known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise UserError(f"unknown {group} option {name!r}; known options are {', '.join(known)}")
+    raw = OmegaConf.load(f)
+    parents = [d for d in raw.pop("defaults", []) if isinstance(d, str) and not d.startswith("base_")]
+    out = OmegaConf.structured(schema)
+    for parent in parents:
+        out = OmegaConf.merge(out, group_config(group, parent, schema))
+    return OmegaConf.merge(out, raw)

@@ -147,3 +147,24 @@ def test_recovery_metrics_by_hand():
     flipped = {k: 1 - v for k, v in scores.items()}
     r = recovery(flipped, truth)
     assert r["auc"] == 0.0 and r["precision_at_k"] == 0.0 and r["recall_at_5k"] == 0.0  # 5|S*| < the 86 unplanted
+
+
+def test_suite_plants_benchmarks_and_times_each_part(planted):
+    fx, _ = planted
+    run = fx["root"] / "run-suite"
+    cfg = compose(overrides(fx, run, "stage=benchmark", "benchmark.plants=[ffn02:3]", "benchmark.n_prompts=2",
+                            "detect.target_tokens=2", "benchmark.random_seeds=[0]",
+                            "benchmark.scorers=[wanda,activation_diff_rel]"))
+    res = get_stage("benchmark")(cfg)
+    df = pd.read_csv(run / "benchmark.csv")
+    assert set(df.preset) == {"ffn02"} and set(df.seed) == {3}
+    assert list(df.method) == ["wanda", "activation_diff_rel", "weight_diff", "none", "planted_set", "random"]
+    truth = NeuronSet.load(fx["store"] / "neurons" / "planted-ffn0.2pct-s3" / "planted" / "truth" / "neurons.json")
+    assert truth.meta["seed"] == 3 and truth.meta["share"] == 0.002 and len(truth) == 2  # one channel a layer
+    times = pd.read_csv(run / "timings.csv")
+    assert list(times.part) == ["plant ffn02 seed 3", "benchmark planted-ffn0.2pct-s3"]
+    assert res["total_seconds"] == pytest.approx(times.seconds.sum())
+    summary = pd.read_csv(run / "summary.csv")
+    assert summary[summary.method == "weight_diff"].auc.iloc[0] == 1.0
+    with pytest.raises(UserError, match="PRESET:SEED"):
+        get_stage("benchmark")(compose(overrides(fx, fx["root"] / "r4", "stage=benchmark", "benchmark.plants=[ffn1]")))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import time
 from functools import partial
+from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
@@ -102,7 +103,78 @@ def _score_all(cfg, model, tok, ad, prompts, kinds, reference) -> dict:
 def run(cfg) -> dict:
     b = cfg.benchmark
     check_benchmark_cfg(b)
+    if b.plants:
+        return run_suite(cfg)
     return run_planted(cfg) if b.organism else run_effect_only(cfg)
+
+
+def _parse_plant(spec: str) -> tuple[str, int]:
+    preset, _, seed = str(spec).partition(":")
+    if not seed.lstrip("-").isdigit():
+        raise UserError(f"benchmark.plants entry {spec!r} must be PRESET:SEED, e.g. ffn1:0")
+    return preset, int(seed)
+
+
+def run_suite(cfg) -> dict:
+    """Plant (or reuse) each ``benchmark.plants`` entry and benchmark it, then the effect-only run on
+    ``benchmark.effect_model``; one combined ``benchmark.csv`` with the time of every part."""
+    from ..cfg import group_config, model_config
+    from ..config import PlantConfig
+    from . import plant as plant_stage
+
+    b = cfg.benchmark
+    specs = [_parse_plant(s) for s in b.plants]
+    presets = {p: group_config("plant", p, PlantConfig) for p, _ in specs}  # every name checked before work
+    root = Path(cfg.run_dir)
+    frames, parts = [], []
+    for preset, seed in specs:
+        c = copy.deepcopy(cfg)
+        c.plant = OmegaConf.merge(presets[preset], {"seed": seed, "save_as": None})
+        c.benchmark.plants = []
+        c.run_dir = str(root / f"plant-{preset}-s{seed}")
+        t0 = time.time()
+        res = plant_stage.run(c)
+        parts.append({"part": f"plant {preset} seed {seed}", "seconds": round(time.time() - t0, 1),
+                      "reused": bool(res.get("reused"))})
+        c.benchmark.organism = res["name"]
+        c.run_dir = str(root / f"benchmark-{res['name']}")
+        t0 = time.time()
+        out = run_planted(c)
+        parts.append({"part": f"benchmark {res['name']}", "seconds": round(time.time() - t0, 1), "reused": False})
+        frames.append(pd.DataFrame(out["rows"]).assign(preset=preset, seed=seed))
+    if b.effect_model:
+        c = copy.deepcopy(cfg)
+        c.model = model_config(b.effect_model)
+        c.detect.reference_model = b.effect_reference
+        c.benchmark.plants, c.benchmark.organism = [], None
+        c.run_dir = str(root / f"effect-{b.effect_model}")
+        t0 = time.time()
+        out = run_effect_only(c)
+        parts.append({"part": f"effect only {b.effect_model}", "seconds": round(time.time() - t0, 1), "reused": False})
+        frames.append(pd.DataFrame(out["rows"]).assign(preset="effect_only", organism=b.effect_model))
+    df = pd.concat(frames, ignore_index=True)
+    times = pd.DataFrame(parts)
+    summary = suite_summary(df)
+    with tracked(cfg) as (tr, box):
+        if tr.main:
+            write_csv(tr.dir / "benchmark.csv", df)
+            write_csv(tr.dir / "summary.csv", summary)
+            write_csv(tr.dir / "timings.csv", times)
+            tr.log_table("benchmark", df)
+            tr.log_table("summary", summary)
+        print(summary.to_string(index=False))
+        print(times.to_string(index=False))
+        box["results"] = {"rows": len(df), "parts": parts, "total_seconds": float(times.seconds.sum())}
+    return box["results"]
+
+
+def suite_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method and preset over seeds: mean rank-AUC, precision at |S*|, refusal and NLL ratio after
+    deactivating its top |S*|."""
+    d = df[df.preset != "effect_only"]
+    cols = [c for c in ("auc", "precision_at_k", "recall_at_5k", "layer_auc_mean", "harmful_refusal",
+                        "over_refusal", "nll_ratio", "degenerate_share") if c in d]
+    return d.groupby(["preset", "method"], sort=False)[cols].mean().reset_index()
 
 
 def run_planted(cfg) -> dict:
