@@ -220,6 +220,14 @@ class LoggerConfig:
 
 
 @dataclass
+class PlanConfig:
+    """stage=plan: the sizes its memory estimates are for."""
+    batch_size: int = 8
+    length: int = 512  # tokens per sequence
+    n_gpus: int = 1  # device_map=auto over this many GPUs
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -236,6 +244,7 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     plant: PlantConfig = field(default_factory=PlantConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     experiment: Any = None
     seed: int = 0
     store_dir: str = MISSING

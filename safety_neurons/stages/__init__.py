@@ -16,6 +16,7 @@ STAGES = {
     "report": "report",
     "plant": "plant",
     "benchmark": "benchmark",
+    "plan": "plan",
 }
 
 

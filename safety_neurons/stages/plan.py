@@ -1,0 +1,126 @@
+"""``stage=plan``: the full-size model of ``model=`` without its weights. Its config (a local folder's
+config.json, else the published config the package carries for the preset's hub id) is built on the
+``meta`` device, so no download and no memory; ``plan.json`` in the run directory gives the parameter
+count, the neurons and their parameter share per kind, what the ``topk`` preset selects per prompt, and
+estimated memory for detection, deactivation sweeps (generation), neuron tuning and full fine-tuning,
+in bf16 and fp32, on one GPU and per GPU with ``device_map=auto`` over ``plan.n_gpus``.
+
+The memory figures are estimates from the shapes (what is alive at the peak, in bytes), not
+measurements: weights exactly, activations and optimizer state by the formulas in :func:`memory`.
+"""
+
+from __future__ import annotations
+
+from ..architectures import config_of, meta_model
+from ..config import KINDS
+from ..errors import UserError
+from ..io import write_json
+from ..models import ModelAdapter
+from .common import tracked
+from .detect import k_per_kind
+
+GiB = 2**30
+BYTES = {"bf16": 2, "fp32": 4}
+RELEASED_CAP = 100  # neurons per weight matrix and layer the released tuning code trained at most
+
+
+def shapes(ad: ModelAdapter) -> dict:
+    c = ad.config
+    return {"model_type": ad.model_type, "n_layers": ad.n_layers, "hidden": ad.d_model, "n_heads": ad.n_heads,
+            "n_kv_heads": ad.n_kv, "head_dim": ad.head_dim, "d_ff": ad.d_ff, "vocab": c.vocab_size,
+            "tied_embeddings": bool(getattr(c, "tie_word_embeddings", False))}
+
+
+def memory(ad: ModelAdapter, n_params: int, batch: int, length: int, n_gpus: int, n_trainable: int,
+           qk_chunk_mb: float) -> dict:
+    """Estimated peak bytes per setting and precision: {task: {precision: {"total", "per_gpu"}}}.
+
+    - detection: weights, plus one layer's work at a time (hooks turn activations into scores layer by
+      layer): the residual stream and MLP width in the model's precision, q/k/v and the attention output,
+      two logit tensors (B, H, T, T) and k's output factor (B, G, T*gs, min(D, gs*d)) in fp32, plus the q/k
+      chunk bound ``detect.qk_chunk_mb``.
+    - deactivate (generation): weights, the KV cache of ``batch`` x ``length`` tokens and one row of logits.
+    - neuron tuning: frozen weights, the trainable slices' fp32 copy, gradient and two AdamW moments
+      (16 bytes each), and the activations backward keeps (about 4 D + 2 d_ff + 4 H d per token and layer).
+    - full fine-tuning: weights, their gradients in the same precision, two fp32 AdamW moments, and the
+      same activations.
+    With ``device_map=auto`` layers are spread over the GPUs: weights (and optimizer state) divide by
+    N, while the activations of the batch pass through every GPU in turn, so they do not.
+    """
+    L, D, H, G, d, ff = ad.n_layers, ad.d_model, ad.n_heads, ad.n_kv, ad.head_dim, ad.d_ff
+    gs = H // G
+    B, T = batch, length
+    vocab = ad.config.vocab_size
+    out: dict = {}
+    for prec, b in BYTES.items():
+        w = n_params * b
+        det_act = (B * T * (2 * D + ff) * b + B * T * (2 * H * d + 2 * G * d) * 4 + 2 * B * H * T * T * 4
+                   + B * G * T * gs * min(D, gs * d) * 4 + qk_chunk_mb * 2**20)
+        gen_act = 2 * L * B * T * G * d * b + B * vocab * 4
+        saved = L * B * T * (4 * D + 2 * ff + 4 * H * d) * b + B * T * vocab * 4
+        tasks = {
+            "detect": (w, det_act),
+            "deactivate": (w, gen_act),
+            "neuron_tuning": (w + 16 * n_trainable, saved),
+            "full_finetune": (w + n_params * b + 8 * n_params, saved),
+        }
+        for task, (state, act) in tasks.items():
+            out.setdefault(task, {})[prec] = {"total_gib": round((state + act) / GiB, 2),
+                                              "per_gpu_gib": round((state / n_gpus + act) / GiB, 2)}
+    return out
+
+
+def build_plan(cfg) -> dict:
+    p = cfg.plan
+    if p.n_gpus < 1 or p.batch_size < 1 or p.length < 1:
+        raise UserError(f"plan.n_gpus={p.n_gpus}, plan.batch_size={p.batch_size} and plan.length={p.length} "
+                        f"must all be >= 1")
+    hf_cfg = config_of(cfg.model)
+    ad = ModelAdapter(meta_model(hf_cfg))
+    n_params = ad.n_params()
+    kinds = {}
+    for k in KINDS:
+        n = ad.n_layers * ad.width(k)
+        kinds[k] = {"width": ad.width(k), "neurons": n, "params_per_neuron": ad.neuron_params(k),
+                    "param_share": n * ad.neuron_params(k) / n_params}
+    k_of = k_per_kind(cfg.topk, ad, KINDS)
+    cap = cfg.finetune.cap_per_matrix or RELEASED_CAP
+    # the largest set the tuning cap allows: cap neurons of every kind in every layer
+    n_trainable = sum(ad.n_layers * min(cap, ad.width(k)) * ad.neuron_params(k) for k in KINDS)
+    return {
+        "model": cfg.model.name, "hub_id": cfg.model.hub_id, "path": cfg.model.path,
+        "config_source": "model.path" if cfg.model.path else "published config (safety_neurons/data/architectures.json)",
+        "shapes": shapes(ad), "n_params": n_params, "kinds": kinds,
+        "n_neurons": sum(v["neurons"] for v in kinds.values()),
+        "topk": {"attn": cfg.topk.attn, "ffn": cfg.topk.ffn, "per_layer": k_of,
+                 "per_prompt": ad.n_layers * sum(k_of.values())},
+        "tuning": {"cap_per_matrix": cap, "max_trainable_params": n_trainable,
+                   "max_trainable_share": n_trainable / n_params},
+        "memory": {"batch_size": p.batch_size, "length": p.length, "n_gpus": p.n_gpus,
+                   **memory(ad, n_params, p.batch_size, p.length, p.n_gpus, n_trainable, cfg.detect.qk_chunk_mb)},
+    }
+
+
+def table(plan: dict) -> str:
+    lines = [f"{plan['model']}: {plan['n_params']:,} parameters, {plan['n_neurons']:,} neurons; topk selects "
+             f"{plan['topk']['per_prompt']:,} per prompt",
+             f"{'kind':<5} {'width':>7} {'neurons':>10} {'share':>8} {'k/layer':>8}"]
+    for k, v in plan["kinds"].items():
+        lines.append(f"{k:<5} {v['width']:>7} {v['neurons']:>10,} {100 * v['param_share']:>7.2f}% "
+                     f"{plan['topk']['per_layer'][k]:>8}")
+    m = plan["memory"]
+    lines.append(f"memory (GiB, batch {m['batch_size']} x {m['length']} tokens; per GPU over {m['n_gpus']}):")
+    for task in ("detect", "deactivate", "neuron_tuning", "full_finetune"):
+        lines.append(f"  {task:<14} bf16 {m[task]['bf16']['total_gib']:>8} ({m[task]['bf16']['per_gpu_gib']})"
+                     f"   fp32 {m[task]['fp32']['total_gib']:>8} ({m[task]['fp32']['per_gpu_gib']})")
+    return "\n".join(lines)
+
+
+def run(cfg) -> dict:
+    with tracked(cfg) as (tr, box):
+        plan = build_plan(cfg)
+        write_json(tr.dir / "plan.json", plan)
+        print(table(plan))
+        box["results"] = {"n_params": plan["n_params"], "n_neurons": plan["n_neurons"],
+                          "topk_per_prompt": plan["topk"]["per_prompt"], "plan_json": str(tr.dir / "plan.json")}
+    return box["results"]

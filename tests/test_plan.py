@@ -1,0 +1,69 @@
+"""stage=plan: every preset's full-size model on the meta device, offline; its parameter count is the
+published one, and the neuron counts, shares, top-k and memory figures follow from the shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from safety_neurons.cfg import CONF_DIR, compose
+from safety_neurons.errors import UserError
+from safety_neurons.neurons import resolve_k
+from safety_neurons.stages import get_stage
+from tests.miniatures import PRESETS
+from tests.test_presets import FACTS
+
+GiB = 2**30
+
+
+def _plan(tmp_path, *over):
+    run = tmp_path / "run"
+    res = get_stage("plan")(compose([f"run_dir={run}", f"store_dir={tmp_path / 'store'}", "logger=none",
+                                     "stage=plan", *over]))
+    return res, json.loads((run / "plan.json").read_text())
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_plan_of_every_preset(preset, tmp_path, capsys):
+    L, D, H, G, d, ff, vocab, *_, n_params = FACTS[preset]
+    res, plan = _plan(tmp_path, f"model={preset}", "plan.n_gpus=4")
+    assert plan["n_params"] == n_params == res["n_params"]  # the published size (exactly, so within 0.1%)
+    widths = {"q": H * d, "o": H * d, "k": G * d, "v": G * d, "ffn": ff}
+    per_neuron = {"q": D, "k": D, "v": D, "o": D, "ffn": 3 * D}
+    if preset == "qwen2":  # q/k/v biases: one more parameter per neuron
+        per_neuron.update(q=D + 1, k=D + 1, v=D + 1)
+    for k, w in widths.items():
+        v = plan["kinds"][k]
+        assert (v["width"], v["neurons"], v["params_per_neuron"]) == (w, L * w, per_neuron[k])
+        assert v["param_share"] == pytest.approx(L * w * per_neuron[k] / n_params, rel=1e-12)
+    assert plan["n_neurons"] == L * sum(widths.values())
+    # the topk preset's shares of each kind's width (conf/topk/scaled.yaml)
+    top = OmegaConf.load(CONF_DIR / "topk" / "scaled.yaml")
+    k_of = {k: resolve_k(top.ffn if k == "ffn" else top.attn, w, "") for k, w in widths.items()}
+    assert plan["topk"]["per_layer"] == k_of and plan["topk"]["per_prompt"] == L * sum(k_of.values())
+    mem = plan["memory"]
+    for task in ("detect", "deactivate", "neuron_tuning", "full_finetune"):
+        for prec, b in (("bf16", 2), ("fp32", 4)):
+            m = mem[task][prec]
+            assert m["total_gib"] >= n_params * b / GiB - 0.01  # at least the weights
+            assert m["per_gpu_gib"] < m["total_gib"]  # spread over 4 GPUs
+        assert mem[task]["fp32"]["total_gib"] > mem[task]["bf16"]["total_gib"]
+    assert mem["full_finetune"]["bf16"]["total_gib"] > mem["neuron_tuning"]["bf16"]["total_gib"]
+    assert f"{n_params:,} parameters" in capsys.readouterr().out
+
+
+def test_plan_of_a_local_folder_and_errors(tmp_path):
+    from tests.tiny import tiny_model
+
+    d = tmp_path / "tiny"
+    m = tiny_model("gemma2")
+    m.save_pretrained(d)
+    _, plan = _plan(tmp_path, "model=local", f"model.path={d}")
+    assert plan["n_params"] == sum(p.numel() for p in m.parameters())
+    assert plan["shapes"]["model_type"] == "gemma2" and plan["config_source"] == "model.path"
+    with pytest.raises(UserError, match=r"model\.hub_id='nobody/unknown' has no config known offline"):
+        _plan(tmp_path, "model=llama3", "model.hub_id=nobody/unknown")
+    with pytest.raises(UserError, match=r"plan\.n_gpus=0"):
+        _plan(tmp_path, "model=llama3", "plan.n_gpus=0")
