@@ -22,7 +22,7 @@ from safety_neurons.planted import changed_neurons, draw_planted_set, rank_auc, 
 from safety_neurons.stages import get_stage
 from safety_neurons.training import apply_delta
 from tests.builders import HARMLESS, stage_files
-from tests.test_stages import overrides
+from tests.builders import stage_overrides as overrides
 
 PLANT = ["stage=plant", "plant.share=0.1", "plant.kinds=[ffn,q,o]", "plant.lr=5e-2", "plant.steps=3",
          "plant.check_every=2", "plant.batch_size=2", "plant.n_harmful=4", "plant.n_harmless=4",
@@ -168,3 +168,42 @@ def test_suite_plants_benchmarks_and_times_each_part(planted):
     assert summary[summary.method == "weight_diff"].auc.iloc[0] == 1.0
     with pytest.raises(UserError, match="PRESET:SEED"):
         get_stage("benchmark")(compose(overrides(fx, fx["root"] / "r4", "stage=benchmark", "benchmark.plants=[ffn1]")))
+
+
+def test_detect_with_other_scorers_names_them_and_equals_the_library(planted):
+    """stage=detect with detect.scorer: the stored per-prompt scores are the scorer's own, and the set's
+    provenance names the scorer, its reference model and target length."""
+    from safety_neurons.data import encode, harmful_set, scored_mask
+    from safety_neurons.importance.activation import activation_diff
+    from safety_neurons.scoring import target_answers
+
+    fx, res = planted
+    base, bad = _load(fx["model"])
+    tuned, tad = _load(res["model_dir"])
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    for scorer, extra in (("activation_diff", [f"detect.reference_model={fx['model']}"]),
+                          ("attribution", ["detect.target_tokens=3"])):
+        run = fx["root"] / f"run-det-{scorer}"
+        cfg = compose(overrides(fx, run, "stage=detect", f"detect.scorer={scorer}", f"model.path={res['model_dir']}",
+                                "topk.attn=0.5", "topk.ffn=0.5", "topk.consistency=0.5", *extra))
+        out = get_stage("detect")(cfg)
+        ns = NeuronSet.load(out["neurons_json"])
+        assert ns.meta["scorer"] == scorer and ns.meta["tag"] == scorer and ns.meta["mode"] is None
+        assert (ns.meta["reference_model"] is not None) == (scorer == "activation_diff")
+        assert (ns.meta["target_tokens"] == 3) == (scorer == "attribution")
+        saved = load_file(f"{run}/prompt_scores.safetensors")
+        prompts = harmful_set(cfg, "train").prompts
+        if scorer == "activation_diff":
+            b = encode(tok, prompts, None)
+            want = activation_diff(tuned, tad, b, scored_mask(b, "content"), ("q", "k", "v", "o", "ffn"), (base, bad))
+        else:
+            from safety_neurons.importance.gradient import attribution
+
+            tg = target_answers(tuned, tok, prompts, None, 3, 16)
+            want = attribution(tuned, tad, encode(tok, prompts, None, responses=tg), ("q", "k", "v", "o", "ffn"))
+        for (layer, kind), v in want.items():
+            torch.testing.assert_close(saved[f"{layer}.{kind}"].float(), v.half().float(), rtol=1e-2, atol=1e-3)
+    with pytest.raises(UserError, match="needs detect.reference_model"):
+        get_stage("detect")(compose(overrides(fx, fx["root"] / "r5", "stage=detect", "detect.scorer=activation_diff")))

@@ -11,12 +11,7 @@ from safety_neurons.cfg import compose
 from safety_neurons.errors import UserError
 from safety_neurons.stages import get_stage
 from tests.builders import HARMLESS
-
-
-def overrides(fx, run_dir, *extra):
-    return [f"run_dir={run_dir}", f"store_dir={fx['store']}", "model=local", f"model.path={fx['model']}",
-            f"dataset.path={fx['hb']}", f"harmless.path={fx['harmless']}", "eval.n_harmful=3", "eval.n_harmless=2",
-            "eval.max_new_tokens=4", "logger=none", "device=cpu", *extra]
+from tests.builders import stage_overrides as overrides
 
 
 def test_evaluate(fixtures, tmp_path):

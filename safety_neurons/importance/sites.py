@@ -19,14 +19,8 @@ from ..models import ModelAdapter
 
 def site(adapter: ModelAdapter, layer: int, kind: str) -> tuple[nn.Module, str]:
     """(module, hook type) of the deactivation site: ``pre`` reads the module's input, ``fwd`` its output."""
-    m = adapter.modules(layer)
-    if kind == "ffn":
-        return m.down, "pre"
-    if kind == "o":
-        return m.o, "pre"
-    if kind in ("q", "k", "v"):
-        return {"q": m.q, "k": m.k, "v": m.v}[kind], "fwd"
-    raise ValueError(f"unknown neuron kind {kind!r}")
+    st = adapter.site(layer, kind)
+    return st.module, st.hook
 
 
 def site_specs(adapter: ModelAdapter, kinds: Iterable[str],
@@ -46,12 +40,7 @@ def site_specs(adapter: ModelAdapter, kinds: Iterable[str],
 def slice_linears(adapter: ModelAdapter, layer: int, kind: str) -> list[tuple[nn.Linear, int]]:
     """The linear layers holding the neuron's trainable slice (METHOD 1) and the weight dimension that
     indexes the neuron (0: a row, with its bias entry; 1: a column)."""
-    m = adapter.modules(layer)
-    if kind == "ffn":
-        return [(m.gate, 0), (m.up, 0), (m.down, 1)]
-    if kind == "o":
-        return [(m.o, 1)]
-    return [({"q": m.q, "k": m.k, "v": m.v}[kind], 0)]
+    return list(adapter.site(layer, kind).slices)
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
