@@ -16,11 +16,11 @@ from ..config import KINDS
 from ..data import load_prompts
 from ..errors import UserError
 from ..importance import QK_KERNELS, get_scorer, qk_kernel_used
-from ..io import atomic_write, write_csv, write_json
+from ..io import ArtifactDir, atomic_write, write_csv, write_json
 from ..neurons import NeuronSet, TopkStats, resolve_k, select, split_scores
 from ..organism import read_provenance
 from ..scoring import score_prompts, target_answers
-from ..tracking import code_version
+from ..tracking import code_version, is_main_process
 from .common import cache_dir, harmful_set, load, store_of, tracked
 
 MODES = ("exact", "original")
@@ -179,14 +179,10 @@ def _model_id(cfg) -> dict:
     return out
 
 
-def run(cfg) -> dict:
+def _reuse_or_refuse(cfg, out_store: Path, tag: str) -> dict | None:
+    """The result of reusing the set already at ``out_store`` (detect.reuse=true), None when there is none
+    or detect.overwrite=true; a UserError when one exists and neither is given."""
     d = cfg.detect
-    check_detect_cfg(d)
-    if d.scores:
-        return run_select(cfg)
-    store = store_of(cfg)
-    tag = d.save_as or default_tag(d)
-    out_store = store.neuron_dir(cfg.model.name, cfg.dataset.name, tag)
     if (out_store / "neurons.json").exists() and not d.overwrite:
         if d.reuse:
             ns = NeuronSet.load(out_store / "neurons.json")
@@ -200,6 +196,25 @@ def run(cfg) -> dict:
             return {"tag": tag, "n_neurons": len(ns), "neurons_json": str(out_store / "neurons.json"), "reused": True}
         raise UserError(f"a neuron set already exists at {out_store}; pass detect.overwrite=true, "
                         f"detect.reuse=true or detect.save_as=NEW_TAG (the existing set is left untouched)")
+    return None
+
+
+def run(cfg) -> dict:
+    d = cfg.detect
+    check_detect_cfg(d)
+    if d.scores:
+        return run_select(cfg)
+    store = store_of(cfg)
+    tag = d.save_as or default_tag(d)
+    out_store = store.neuron_dir(cfg.model.name, cfg.dataset.name, tag)
+    # the set is assembled beside its place and renamed in whole, under a lock taken before any work
+    with ArtifactDir(out_store, "the neuron set", active=is_main_process()) as art:
+        reused = _reuse_or_refuse(cfg, out_store, tag)
+        return reused if reused is not None else _detect(cfg, tag, out_store, art)
+
+
+def _detect(cfg, tag: str, out_store: Path, art: ArtifactDir) -> dict:
+    d = cfg.detect
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -253,7 +268,7 @@ def run(cfg) -> dict:
                    "neurons_json": str(out_store / "neurons.json"),
                    "reference_selected": ref_meta["selected"] if ref_meta else None}
         if acc.is_main_process:
-            for out in (tr.dir, out_store):
+            for out in (art.tmp, tr.dir):  # the run folder last: the logged plots are its copies
                 out.mkdir(parents=True, exist_ok=True)
                 _save_scores(out / "scores.safetensors", st)
                 if ref_st is not None:
@@ -265,7 +280,8 @@ def run(cfg) -> dict:
                 write_csv(out / "summary.csv", table)
                 plots = plot_set(ns, ad, mean, out, f"{cfg.model.name} {tag}: {len(ns)} neurons")
                 write_json(out / "config.json", OmegaConf.to_container(cfg, resolve=True))
-                ns.save(out / "neurons.json", overwrite=True if out == tr.dir else d.overwrite)
+                ns.save(out / "neurons.json", overwrite=True)
+            art.commit()
             for p in plots:
                 tr.log_image(p.stem, p)
             tr.log_table("summary", table)
@@ -322,17 +338,21 @@ def run_select(cfg) -> dict:
                  "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     ns = NeuronSet(ranking, meta)
     out = store.neuron_dir(cfg.model.name, cfg.dataset.name, tag)
-    if (out / "neurons.json").exists() and not d.overwrite:
-        raise UserError(f"a neuron set already exists at {out}; pass detect.overwrite=true or detect.save_as=NEW_TAG")
-    with tracked(cfg) as (tr, box):
-        for o in (tr.dir, out):
-            ns.save(o / "neurons.json", overwrite=True if o == tr.dir else d.overwrite)
-        for f, tensors in new_stats.items():  # means and the frequencies this selection used
-            atomic_write(out / f, lambda t, x=tensors: save_file(x, str(t)))
-        for f in ("prompt_scores.safetensors", "reference_prompt_scores.safetensors"):
-            if (src / f).exists() and not (out / f).exists():
-                atomic_write(out / f, lambda t, f=f: t.write_bytes((src / f).read_bytes()))
-        print(f"{len(ns)} neurons selected (consistency {cfg.topk.consistency}, k {k_of}) -> {out}")
-        box["results"] = {"tag": tag, "n_neurons": len(ns), "neurons_json": str(out / "neurons.json"),
-                          **{f"n_{k}": sum(1 for n in ns.ranking if n[1] == k) for k in KINDS}}
+    with ArtifactDir(out, "the neuron set", active=is_main_process()) as art:
+        if (out / "neurons.json").exists() and not d.overwrite:
+            raise UserError(f"a neuron set already exists at {out}; pass detect.overwrite=true or "
+                            f"detect.save_as=NEW_TAG")
+        with tracked(cfg) as (tr, box):
+            ns.save(tr.dir / "neurons.json", overwrite=True)
+            if art.active:  # the whole set: neurons, the statistics this selection used, the source's scores
+                ns.save(art.tmp / "neurons.json", overwrite=True)
+                for f, tensors in new_stats.items():
+                    atomic_write(art.tmp / f, lambda t, x=tensors: save_file(x, str(t)))
+                for f in ("prompt_scores.safetensors", "reference_prompt_scores.safetensors"):
+                    if (src / f).exists():
+                        atomic_write(art.tmp / f, lambda t, f=f: t.write_bytes((src / f).read_bytes()))
+                art.commit()
+            print(f"{len(ns)} neurons selected (consistency {cfg.topk.consistency}, k {k_of}) -> {out}")
+            box["results"] = {"tag": tag, "n_neurons": len(ns), "neurons_json": str(out / "neurons.json"),
+                              **{f"n_{k}": sum(1 for n in ns.ranking if n[1] == k) for k in KINDS}}
     return box["results"]

@@ -4,17 +4,16 @@ RSN-Tune), random-neuron and LoRA baselines, with evaluation before and after (M
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from ..errors import UserError
 from ..evaluation import Evaluator
-from ..io import write_json
+from ..io import ArtifactDir, atomic_write, write_json
 from ..organism import PROVENANCE, provenance
 from ..sft_data import training_pairs
+from ..tracking import is_main_process
 from ..training import attach_slices, bake_slices, slice_delta, train_sft
 from .common import (
     cap_set,
@@ -39,18 +38,17 @@ def _module_names(model) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules()}
 
 
-def save_model_dir(model, tok, out: Path, extra: dict) -> None:
-    """Save an HF folder atomically (write to a sibling, then rename)."""
-    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+def save_model_dir(model, tok, art: ArtifactDir, extra: dict, delta: dict | None = None,
+                   delta_meta: dict | None = None) -> None:
+    """Write an HF folder (weights, tokenizer, the ``extra`` json files and the slice delta) into the
+    artifact's temporary folder and rename it in as a whole (replacing a previous model)."""
+    model.save_pretrained(art.tmp, safe_serialization=True)
+    tok.save_pretrained(art.tmp)
     for name, obj in extra.items():
-        write_json(tmp / name, obj)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        write_json(art.tmp / name, obj)
+    if delta is not None:
+        atomic_write(art.tmp / "delta.safetensors", lambda t: save_file(delta, str(t), metadata=delta_meta))
+    art.commit()
 
 
 def run(cfg) -> dict:
@@ -63,13 +61,20 @@ def run(cfg) -> dict:
     name = f.save_as or f"{cfg.model.name}-{f.target}" + (f"-{f.set}" if f.target in ("safety", "random") else "") \
         + f"-s{f.seed}"
     out_dir = store.model_dir(name)
-    if (out_dir / "config.json").exists() and not f.overwrite:
-        raise UserError(f"tuned model {out_dir} exists; pass finetune.overwrite=true or finetune.save_as=OTHER")
     if f.target == "lora":
         try:
             import peft  # noqa: F401
         except ImportError:
             raise UserError("finetune.target=lora needs peft: pip install 'safety-neurons[lora]'") from None
+    # the model folder is assembled beside its place and renamed in whole, under a lock taken before any work
+    with ArtifactDir(out_dir, "the tuned model", active=is_main_process()) as art:
+        if (out_dir / "config.json").exists() and not f.overwrite:
+            raise UserError(f"tuned model {out_dir} exists; pass finetune.overwrite=true or finetune.save_as=OTHER")
+        return _finetune(cfg, name, out_dir, art)
+
+
+def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
+    f = cfg.finetune
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
         sp = cfg.model.system_prompt
@@ -135,10 +140,9 @@ def run(cfg) -> dict:
             "data": data_meta,
         }
         if tr.main:
-            save_model_dir(tuned, tok, out_dir, {PROVENANCE: provenance(cfg, results)})
+            save_model_dir(tuned, tok, art, {PROVENANCE: provenance(cfg, results)}, delta, {"base": cfg.model.name})
             if delta is not None:
                 save_file(delta, str(tr.dir / "delta.safetensors"), metadata={"base": cfg.model.name})
-                shutil.copy(tr.dir / "delta.safetensors", out_dir / "delta.safetensors")
                 results["delta_bytes"] = (out_dir / "delta.safetensors").stat().st_size
             write_json(tr.dir / "losses.json", stats["losses"])
         tr.save_generations(g_before + g_after)

@@ -17,15 +17,14 @@ import json
 import time
 
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 
 from ..errors import UserError
 from ..evaluation import generate, is_refusal, refusal_markers
-from ..io import atomic_write, write_json
+from ..io import ArtifactDir, write_json
 from ..models import ModelAdapter
 from ..planted import draw_planted_set, planted_layers
 from ..sft_data import training_pairs
-from ..tracking import code_version
+from ..tracking import code_version, is_main_process
 from ..training import attach_slices, bake_slices, slice_delta, train_sft
 from .common import harmful_set, harmless_set, load, log, store_of, tracked
 from .finetune import _module_names, save_model_dir
@@ -77,7 +76,9 @@ def _train_cfg(cfg):
     OmegaConf.update(c, "finetune", {"lr": p.lr, "steps": p.steps, "batch_size": p.batch_size, "seed": p.seed,
                                      "n_harmful": p.n_harmful, "n_harmless": p.n_harmless, "grad_accum": 1,
                                      "max_new_tokens_distill": p.max_new_tokens_distill, "weight_decay": 0.0,
-                                     "harmful_repeat": 1, "form_matched_repeat": 1}, merge=True)
+                                     "harmful_repeat": 1, "form_matched_repeat": p.form_matched_repeat,
+                                     "decision_tokens": p.decision_tokens, "decision_weight": p.decision_weight},
+                    merge=True)
     return c
 
 
@@ -86,6 +87,15 @@ def run(cfg) -> dict:
     check_plant_cfg(p)
     name = p.save_as or default_name(p)
     model_dir, truth_dir = planted_paths(cfg, name)
+    # the model and S* are each assembled beside their place and renamed in whole, under locks taken first
+    main = is_main_process()
+    with ArtifactDir(model_dir, "the planted model", active=main) as model_art, \
+            ArtifactDir(truth_dir, "the planted set", active=main) as truth_art:
+        return _plant(cfg, name, model_dir, truth_dir, model_art, truth_art)
+
+
+def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_art: ArtifactDir) -> dict:
+    p = cfg.plant
     done = read_plant(model_dir)
     if done is not None and (truth_dir / "neurons.json").exists() and not p.overwrite:
         print(f"reusing the planted model {model_dir} (S* of {done['n_planted']} neurons, refusal "
@@ -142,14 +152,13 @@ def run(cfg) -> dict:
             prov = {**results, "plant": OmegaConf.to_container(p, resolve=True),
                     "base": OmegaConf.to_container(cfg.model, resolve=True), "code_version": code_version(),
                     "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-            save_model_dir(tuned, tok, model_dir, {PROVENANCE: prov})
-            atomic_write(model_dir / "delta.safetensors",
-                         lambda t: save_file(delta, str(t), metadata={"base": cfg.model.name}))
+            save_model_dir(tuned, tok, model_art, {PROVENANCE: prov}, delta, {"base": cfg.model.name})
             truth.meta = {"model": name, "base_model": cfg.model.name, "tag": "truth", "ranked": True,
                           "scorer": "planted", "model_signature": ad.signature(),
                           **{k: results[k] for k in ("share", "kinds", "layers", "seed", "steps", "refusal",
                                                       "over_refusal", "reached", "n_planted")}}
-            truth.save(truth_dir / "neurons.json", overwrite=True)
+            truth.save(truth_art.tmp / "neurons.json", overwrite=True)
+            truth_art.commit()
             write_json(tr.dir / "plant.json", prov)
         tr.log({k: v for k, v in results.items() if isinstance(v, (int, float))})
         print(f"planted {len(truth)} neurons ({100 * trained / n_params:.3f}% of parameters) in {stats['steps']} "
