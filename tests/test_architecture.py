@@ -87,3 +87,75 @@ def test_library_never_imports_stages():
            for m, deps in import_graph().items()
            if not (m == "safety_neurons.stages" or m.startswith("safety_neurons.stages.")) and m not in ENTRY_POINTS}
     assert {m: d for m, d in bad.items() if d} == {}
+
+
+# ----------------------------------------------------------------------------------- function sizes
+MAX_LINES = 60  # body lines of one function (its docstring not counted)
+# functions that stay longer, each with the reason it is one piece
+LONG_FUNCTIONS = {
+    "safety_neurons.native.perturbed_norms":
+        "It checks and marshals every argument of one C call in the order of the kernel's signature, and "
+        "its OpenMP and thread-pool branches must hand the kernel the same workspace and pieces.",
+    "safety_neurons.data.load_prompts":
+        "One dispatch over the dataset kinds, each branch a few lines that read one source format into "
+        "the same PromptSet.",
+    "safety_neurons.evaluation.Evaluator.evaluate":
+        "Generation, judging, utility and degeneration metrics are taken on one set of generations whose "
+        "order every later metric relies on.",
+    "safety_neurons.training.train_sft":
+        "The optimizer loop keeps the micro-batch order, accumulation and schedule in one place, so the "
+        "packed, prefix-shared and plain paths take the same steps.",
+    "safety_neurons.stages.deactivate.run":
+        "The stage's steps (check the set, load, capture means, sweep counts and seeds) run in an order "
+        "later steps rely on; it is being split into stage steps.",
+    "safety_neurons.stages.detect._detect":
+        "Scoring, selection and the artifacts of one detection share the loaded model and the tracker; "
+        "it is being split into stage steps.",
+    "safety_neurons.stages.detect.run_select":
+        "Re-selection reads saved scores and writes a set with the same provenance as a detection; it "
+        "is being split into stage steps.",
+    "safety_neurons.stages.finetune._finetune":
+        "The set, its trainable slices, the training pairs and the tuned model's artifacts share one "
+        "loaded model; it is being split into stage steps.",
+    "safety_neurons.stages.plant._plant":
+        "Planting draws S*, trains it and checks the refusal on one loaded model before anything is "
+        "written; it is being split into stage steps.",
+}
+
+
+def function_lengths() -> dict[str, int]:
+    """{module.[Class.]function: body lines, from the first statement after the docstring to the last
+    line} for every function of the package (nested functions count in their parent too)."""
+    out: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = child.body
+                has_doc = (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                           and isinstance(body[0].value.value, str))
+                first = body[1] if has_doc and len(body) > 1 else body[0]
+                out[f"{prefix}.{child.name}"] = child.end_lineno - first.lineno + 1
+                walk(child, f"{prefix}.{child.name}")
+            elif isinstance(child, ast.ClassDef):
+                walk(child, f"{prefix}.{child.name}")
+
+    for path in PKG.rglob("*.py"):
+        walk(ast.parse(path.read_text(), str(path)), _module_name(path))
+    return out
+
+
+def test_function_lengths_are_measured():
+    got = function_lengths()
+    assert got["safety_neurons.importance.plnd.prompt_scores"] > 20  # docstring left out, body counted
+    assert "safety_neurons.importance.capture.Layer.specs" in got  # methods are named by their class
+
+
+def test_no_function_over_60_lines():
+    too_long = {name: n for name, n in function_lengths().items() if n > MAX_LINES and name not in LONG_FUNCTIONS}
+    assert too_long == {}, f"functions over {MAX_LINES} lines; split them or add a reason to LONG_FUNCTIONS"
+
+
+def test_every_long_function_says_why():
+    for name, why in LONG_FUNCTIONS.items():
+        assert why.endswith(".") and len(why.split()) >= 8, name
