@@ -198,6 +198,57 @@ class ArtifactDir:
             self._unlock()
 
 
+# ------------------------------------------------------------------ content hashes of model sources
+# File hashes are cached in ``<store>/cache/source_hashes.json`` by absolute path, size and mtime, so a
+# large model is read once.
+CACHE = "source_hashes.json"
+
+
+def _cache_file(store: Store) -> Path:
+    return store.root / "cache" / CACHE
+
+
+def _read_cache(store: Store) -> dict:
+    try:
+        return json.loads(_cache_file(store).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def file_hash(path: Path, store: Store | None = None, cache: dict | None = None) -> str:
+    """sha256 of a file's bytes (16 hex digits), from the cache while its size and mtime are unchanged."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = str(path)
+    own = cache is None
+    if own:
+        cache = _read_cache(store) if store is not None else {}
+    hit = cache.get(key)
+    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        return hit[2]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()[:16]
+    cache[key] = [st.st_size, st.st_mtime_ns, digest]
+    if own and store is not None:
+        write_json(_cache_file(store), cache)
+    return digest
+
+
+def folder_hash(folder: Path, store: Store | None = None) -> str:
+    """Hash of a model folder: every visible file's name and content hash (weights, config, tokenizer)."""
+    folder = Path(folder)
+    cache = _read_cache(store) if store is not None else {}
+    before = dict(cache)
+    lines = [f"{p.name}:{file_hash(p, cache=cache)}" for p in sorted(folder.iterdir())
+             if p.is_file() and not p.name.startswith(".")]
+    if store is not None and cache != before:
+        write_json(_cache_file(store), cache)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
 def sha256_of(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -227,7 +278,9 @@ class Store:
         """The finished sets under ``base``: a writer's hidden temporary folder is not one."""
         return [p for p in base.glob("*/neurons.json") if not p.parent.name.startswith(".")]
 
-    def find_neurons(self, model: str, dataset: str, tag: str | None) -> Path:
+    def find_neurons(self, model: str, dataset: str, tag: str | None,
+                     accept: Callable[[Path], bool] | None = None) -> Path:
+        """The set with ``tag``, or with None the latest one (of those ``accept`` takes, when given)."""
         base = self.root / "neurons" / safe_name(model) / safe_name(dataset)
         if tag is not None:
             p = base / safe_name(tag) / "neurons.json"
@@ -235,8 +288,13 @@ class Store:
                 return p
         else:
             cands = sorted(self._sets(base), key=lambda p: p.stat().st_mtime)
+            fit = [p for p in cands if accept is None or accept(p)]
+            if fit:
+                return fit[-1]
             if cands:
-                return cands[-1]
+                raise UserError(f"no neuron set in {base} was made from this run's model and prompts (the sets "
+                                f"there, {sorted(p.parent.name for p in cands)}, were made from another model "
+                                f"source or prompt file); run stage=detect for this model or name a set by path")
         known = sorted(p.parent.name for p in self._sets(base))
         raise UserError(
             f"no neuron set for model={model} dataset={dataset}"

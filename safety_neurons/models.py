@@ -299,8 +299,10 @@ def model_source(mcfg, store: Store) -> tuple[str, str | None]:
         p = Path(mcfg.path).expanduser()
         if not p.exists():
             raise UserError(f"model.path={mcfg.path} does not exist; give an HF model folder or a .gguf file")
-        if p.suffix == ".gguf":
-            return str(convert_gguf(p, store.model_dir(mcfg.name))), None
+        if p.suffix == ".gguf":  # converted once per file content: another file under one name is another model
+            from .io import file_hash
+
+            return str(convert_gguf(p, store.model_dir(f"{mcfg.name}-gguf-{file_hash(p, store)}"))), None
         if not (p / "config.json").exists():
             raise UserError(f"model.path={mcfg.path} has no config.json; give an HF model folder or .gguf")
         return str(p), None

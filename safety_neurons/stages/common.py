@@ -14,6 +14,7 @@ import torch
 from .. import organism
 from ..data import cache_dir, harmful_set, harmless_set  # noqa: F401  (the stages' names for them)
 from ..errors import UserError
+from ..identity import artifact_hash, source_identity
 from ..io import Store
 from ..models import load_model
 from ..neurons import NeuronSet
@@ -51,10 +52,24 @@ def build_missing(mcfg, store: Store) -> bool:
     return True
 
 
+# the artifacts each tracked run used (innermost run last): a recipe build nested in a stage has its own
+_USED: list[list[dict]] = []
+
+
+def note_artifact(kind: str, path, digest: str | None) -> None:
+    """Print and record (in the run's results.json, ``artifacts``) an artifact a stage used."""
+    print(f"using {kind} {path} (hash {digest or 'unknown'})")
+    if _USED:
+        _USED[-1].append({"kind": kind, "path": str(path), "hash": digest})
+
+
 def load(cfg):
     """(model, tokenizer, adapter) of ``cfg.model``; a recipe-made model is built first if missing."""
     build_missing(cfg.model, store_of(cfg))
-    return load_model(cfg.model, store_of(cfg), cfg.device)
+    out = load_model(cfg.model, store_of(cfg), cfg.device)
+    ident = source_identity(cfg.model, store_of(cfg))
+    note_artifact(f"model {cfg.model.name}", ident["source"], ident["source_hash"])
+    return out
 
 
 @contextlib.contextmanager
@@ -63,13 +78,57 @@ def tracked(cfg):
     seed_everything(cfg.seed)
     tr = Tracker(cfg, cfg.run_dir)
     box: dict = {"results": None}
+    _USED.append([])
     try:
         yield tr, box
     except BaseException as e:
+        _USED.pop()
         tr.finish(None, e)
         raise
     else:
-        tr.finish(box["results"])
+        used = _USED.pop()
+        res = box["results"]
+        tr.finish({**res, "artifacts": used} if isinstance(res, dict) and used else res)
+
+
+def origin_mismatch(meta: dict, cfg, prompts: bool = True) -> str | None:
+    """Why a set (its ``meta``) was not made from what this run loads, or None: another model source (by
+    content hash), or with ``prompts`` another harmful prompt set. Sets that record no hash are not judged."""
+    made = meta.get("source_hash")
+    if made:
+        now = source_identity(cfg.model, store_of(cfg))
+        if now["source_hash"] and now["source_hash"] != made:
+            return (f"it was made on the model {meta.get('source') or meta.get('path') or meta.get('model')} "
+                    f"(hash {made}), and this run loads {now['source']} (hash {now['source_hash']})")
+    want = (meta.get("dataset") or {}).get("hash")
+    if prompts and want:
+        now_p = harmful_set(cfg, "train")
+        if now_p.hash != want:
+            return (f"it was detected on other prompts (hash {want}), and dataset={cfg.dataset.name} here gives "
+                    f"{now_p.hash}")
+    return None
+
+
+def _matches(cfg):
+    def ok(p: Path) -> bool:
+        try:
+            return origin_mismatch(NeuronSet.load(p).meta, cfg) is None
+        except UserError:
+            return False
+
+    return ok
+
+
+def find_set(cfg, tag: str | None) -> Path:
+    """The store's set of this model and dataset with ``tag`` (the latest made from this run's model and
+    prompts when None), refused with one line when it was made from another model or prompt set."""
+    store = store_of(cfg)
+    path = store.find_neurons(cfg.model.name, cfg.dataset.name, tag, None if tag else _matches(cfg))
+    why = origin_mismatch(NeuronSet.load(path).meta, cfg)
+    if why:
+        raise UserError(f"the neuron set {path} is not this run's: {why}; detect one for this model and prompts "
+                        f"(stage=detect with detect.save_as=NEW_TAG), or name a set by path")
+    return path
 
 
 def load_set(cfg, which, adapter) -> NeuronSet:
@@ -83,11 +142,18 @@ def load_set(cfg, which, adapter) -> NeuronSet:
             ns = import_released(p, adapter.n_heads, adapter.n_kv, adapter.head_dim)
         else:
             ns = NeuronSet.load(p)
+            why = origin_mismatch(ns.meta, cfg, prompts=False)
+            if why:  # named by path: the user's choice, said and recorded
+                print(f"warning: the neuron set {p} is used as named although {why}")
+            p = p / "neurons.json" if p.is_dir() else p
+        note_artifact("neuron set", p, artifact_hash(p))
     else:
         tag = which.set_tag
         if tag is None and getattr(which, "set", "sn") == "rsn":
             tag = f"exact-ref{cfg.harmless.name}"
-        ns = NeuronSet.load(store_of(cfg).find_neurons(cfg.model.name, cfg.dataset.name, tag))
+        found = find_set(cfg, tag)
+        ns = NeuronSet.load(found)
+        note_artifact("neuron set", found, artifact_hash(found))
     ns.check_compatible(adapter.signature())
     for layer, kind, i in ns.ranking:
         if layer >= adapter.n_layers or i >= adapter.width(kind):

@@ -10,9 +10,10 @@ import pandas as pd
 
 from ..config import KINDS
 from ..errors import UserError
+from ..identity import artifact_hash
 from ..io import atomic_write, write_csv
 from ..neurons import NeuronSet
-from .common import store_of, tracked
+from .common import find_set, note_artifact, tracked
 
 
 def jaccard(a: set, b: set) -> float:
@@ -23,7 +24,9 @@ def resolve_set(cfg, ref: str) -> NeuronSet:
     p = Path(ref)
     if p.exists():
         return NeuronSet.load(p)
-    return NeuronSet.load(store_of(cfg).find_neurons(cfg.model.name, cfg.dataset.name, ref))
+    path = find_set(cfg, ref)
+    note_artifact(f"neuron set {ref}", path, artifact_hash(path))
+    return NeuronSet.load(path)
 
 
 def compare_sets(sets: dict[str, NeuronSet]) -> pd.DataFrame:

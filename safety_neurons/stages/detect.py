@@ -15,13 +15,14 @@ from ..cfg import dataset_config
 from ..config import KINDS
 from ..data import load_prompts
 from ..errors import UserError
+from ..identity import artifact_hash, source_identity
 from ..importance import QK_KERNELS, get_scorer, qk_kernel_used
 from ..io import ArtifactDir, atomic_write, write_csv, write_json
 from ..neurons import NeuronSet, TopkStats, resolve_k, select, split_scores
 from ..organism import read_provenance
 from ..scoring import score_prompts, target_answers
 from ..tracking import code_version, is_main_process
-from .common import cache_dir, harmful_set, load, store_of, tracked
+from .common import cache_dir, find_set, harmful_set, load, origin_mismatch, store_of, tracked
 
 MODES = ("exact", "original")
 
@@ -172,6 +173,7 @@ def _model_id(cfg) -> dict:
     m = cfg.model
     out = {"model": m.name, "hub_id": m.hub_id, "revision": m.revision, "path": m.path,
            "gguf": f"{m.gguf_package}/{m.gguf_file}" if m.gguf_package else None, "organism": m.organism}
+    out.update(source_identity(m, store_of(cfg)))  # what was loaded, by content
     if m.organism and not m.path:
         made = read_provenance(store_of(cfg).model_dir(m.organism))
         if made is not None:  # which build of the organism the set was found on
@@ -192,7 +194,12 @@ def _reuse_or_refuse(cfg, out_store: Path, tag: str) -> dict | None:
                                 f"{cfg.model.organism} (recipe {ns.meta.get('organism_recipe') or 'unrecorded'}, the "
                                 f"cached organism's is {now}); detect.overwrite=true recomputes it, or "
                                 f"detect.save_as=NEW_TAG keeps both")
-            print(f"reusing the existing set {out_store} ({len(ns)} neurons; detect.overwrite=true recomputes)")
+            why = origin_mismatch(ns.meta, cfg)
+            if why:
+                raise UserError(f"the set at {out_store} cannot be reused: {why}; detect.overwrite=true recomputes "
+                                f"it, or detect.save_as=NEW_TAG keeps both")
+            print(f"reusing the existing set {out_store} ({len(ns)} neurons, hash "
+                  f"{artifact_hash(out_store / 'neurons.json')}; detect.overwrite=true recomputes)")
             return {"tag": tag, "n_neurons": len(ns), "neurons_json": str(out_store / "neurons.json"), "reused": True}
         raise UserError(f"a neuron set already exists at {out_store}; pass detect.overwrite=true, "
                         f"detect.reuse=true or detect.save_as=NEW_TAG (the existing set is left untouched)")
@@ -296,10 +303,13 @@ def run_select(cfg) -> dict:
     """Re-select from saved scores (another consistency, k or reference) without recomputing."""
     d = cfg.detect
     store = store_of(cfg)
-    src = Path(d.scores) if d.scores else store.find_neurons(cfg.model.name, cfg.dataset.name, None).parent
+    src = Path(d.scores) if d.scores else find_set(cfg, None).parent
     if src.is_file():
         src = src.parent
     base = NeuronSet.load(src / "neurons.json")
+    if d.scores and (why := origin_mismatch(base.meta, cfg, prompts=False)):  # named by path: said, not refused
+        print(f"warning: re-selecting from {src} although {why}")
+    print(f"using the scores of {src} (neurons.json hash {artifact_hash(src / 'neurons.json')})")
     meta = dict(base.meta)
     sig = meta.get("model_signature") or {}
     widths = {"q": sig.get("n_heads", 0) * sig.get("head_dim", 0), "o": sig.get("n_heads", 0) * sig.get("head_dim", 0),
