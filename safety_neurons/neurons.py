@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +34,23 @@ def resolve_k(value: float, width: int, what: str) -> int:
     return k
 
 
+def _is_index(x) -> bool:
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
+
+
 @dataclass
 class NeuronSet:
     ranking: list[Neuron]
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for n in self.ranking:  # a negative index would wrap around, a fraction would be truncated
+            if any(isinstance(x, bool) or not _is_index(x) or operator.index(x) < 0 for x in (n[0], n[2])):
+                raise UserError(f"neuron {tuple(n)} in set: layer and index must be whole numbers >= 0")
         self.ranking = [(int(layer), str(kind), int(i)) for layer, kind, i in self.ranking]
         for n in self.ranking:
             if n[1] not in KINDS:

@@ -28,6 +28,10 @@ def get_stage(name: str):
 
 
 def run_stage(cfg) -> dict:
+    from ..validate import validate
+
+    get_stage(cfg.stage.name)  # an unknown stage first, then the whole config and its files, before any work
+    validate(cfg)
     if cfg.get("reuse_freed_memory", True):
         from ..runtime import reuse_freed_memory
 
