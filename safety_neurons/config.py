@@ -133,6 +133,9 @@ class PlantConfig:
     n_harmful: int | None = None  # training harmful prompts (null: all)
     n_harmless: int | None = 160  # training harmless prompts, answered by the model itself
     max_new_tokens_distill: int = 32
+    form_matched_repeat: int = 1  # harmless prompts in the harmful set's form occur this many times
+    decision_tokens: int = 0  # the first n response tokens weigh decision_weight in the loss
+    decision_weight: float = 1.0
     save_as: str | None = None  # store name; default planted-<kinds>-<share>-s<seed>
     overwrite: bool = False
 

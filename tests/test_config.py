@@ -51,7 +51,7 @@ def yaml_values(group: str, option: str) -> dict:
 def test_every_group_has_options():
     for g in GROUPS:
         assert options(g), f"conf/{g} has no options"
-    assert options("experiment") == ["align", "demo"]
+    assert options("experiment") == ["align", "demo", "planted_benchmark"]
 
 
 N_ROUNDS = max(len(options(g)) for g in GROUPS)
