@@ -100,6 +100,9 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
     if done is not None and (truth_dir / "neurons.json").exists() and not p.overwrite:
         print(f"reusing the planted model {model_dir} (S* of {done['n_planted']} neurons, refusal "
               f"{done['refusal']:.2f}); plant.overwrite=true plants it again")
+        if not done.get("reached", True):  # a benchmark on it would answer a different question
+            print(f"warning: {name} stopped short of the plant targets (refusal {done['refusal']:.2f}, "
+                  f"over-refusal {done['over_refusal']:.2f}); its ground truth is weaker than asked for")
         return {**done, "reused": True}
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
