@@ -44,18 +44,13 @@ def compose(overrides: list[str] | None = None):
 
 def dataset_config(name: str):
     """The ``dataset`` group option ``name`` as a typed DatasetConfig (for reference corpora)."""
-    from omegaconf import OmegaConf
-
     from .config import DatasetConfig
     from .errors import UserError
 
-    f = CONF_DIR / "dataset" / f"{name}.yaml"
-    if not f.exists():
+    if not (CONF_DIR / "dataset" / f"{name}.yaml").exists():
         known = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))
         raise UserError(f"unknown dataset {name!r}; known datasets are {', '.join(known)}")
-    raw = OmegaConf.load(f)
-    raw.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(DatasetConfig), raw)
+    return group_config("dataset", name, DatasetConfig)
 
 
 def model_config(name_or_path: str):
@@ -66,11 +61,8 @@ def model_config(name_or_path: str):
     from .config import ModelConfig
     from .errors import UserError
 
-    f = CONF_DIR / "model" / f"{name_or_path}.yaml"
-    if f.exists():
-        raw = OmegaConf.load(f)
-        raw.pop("defaults", None)
-        return OmegaConf.merge(OmegaConf.structured(ModelConfig), raw)
+    if (CONF_DIR / "model" / f"{name_or_path}.yaml").exists():
+        return group_config("model", name_or_path, ModelConfig)
     p = Path(name_or_path).expanduser()
     if p.exists():
         return OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name": p.stem or p.name, "path": str(p)})

@@ -75,15 +75,11 @@ def rank_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = torch.argsort(scores, stable=True)
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    sv = scores[order]
-    # average ranks over ties
-    uniq, inv, counts = torch.unique_consecutive(sv, return_inverse=True, return_counts=True)
+    sv, order = torch.sort(scores, stable=True)
+    _, inv, counts = torch.unique_consecutive(sv, return_inverse=True, return_counts=True)
     ends = torch.cumsum(counts, 0).double()
-    avg = ends - (counts.double() - 1) / 2
-    ranks[order] = avg[inv]
+    ranks = torch.empty_like(scores)
+    ranks[order] = (ends - (counts.double() - 1) / 2)[inv]  # 1-based ranks, ties at their average
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -110,10 +106,8 @@ def recovery(scores: dict[tuple[int, str], torch.Tensor], truth: NeuronSet) -> d
     n = int(p.sum())
     order = torch.argsort(v, descending=True, stable=True)
     top = order[:n]
-    per_layer = {}
-    for layer in sorted({k[0] for k in pool}):
-        sel = torch.tensor([k[0] == layer for k in keys])
-        per_layer[layer] = rank_auc(v[sel], p[sel])
+    layer_of = torch.tensor([k[0] for k in keys])
+    per_layer = {layer: rank_auc(v[layer_of == layer], p[layer_of == layer]) for layer in sorted({k[0] for k in pool})}
     return {"auc": rank_auc(v, p), "precision_at_k": float(p[top].float().mean()),
             "recall_at_5k": float(p[order[: 5 * n]].float().sum() / n),
             "layer_auc_mean": float(torch.tensor(list(per_layer.values())).nanmean()),

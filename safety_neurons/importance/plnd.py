@@ -32,16 +32,7 @@ output (``o_proj`` output for q/k/v/o, ``down_proj`` output for ffn), for every 
   ``F F^T``. Only scored query rows are computed; the perturbed logits of all channels are built at
   once, chunked over rows and channels to stay under ``qk_chunk_mb``.
 
-Mode ``original`` (METHOD 3), summed over scored tokens (what the released code computed):
-
-- ffn: ``sum_t |(x W_up^T)_tk|``.
-- q and k share one score in query-head space, ``sum_{i scored, i'} (softmax(A - D_hj) - softmax(A))^2``
-  with ``A = scale * Q K^T + mask`` (post-rotary, no soft-capping; mask = causal, padding and the model's
-  sliding window) and ``D_hj = Q[:, h, j] K[:, h, j]^T`` (post-rotary, unscaled; K expanded to query
-  heads). ``q`` returns it (width ``H*d_h``); ``k`` returns, per kv channel ``(g, j)``, its mean over the
-  query heads of group ``g`` (width ``G*d_h``).
-- v and o share ``sum_t |a_t(h, j)|`` in query-head space: ``o`` returns it, ``v`` the mean over the
-  query heads of each group (width ``G*d_h``).
+Mode ``original`` (METHOD 3, what the released code computed): :mod:`.original`.
 
 All computation is in float32 (float64 when the model is float64); scores come back as float32 on CPU.
 """
