@@ -27,4 +27,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from .cfg import check_overrides
+
+    try:  # a bad override is one line and exit 2, like every other bad input
+        check_overrides(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

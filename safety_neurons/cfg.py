@@ -42,6 +42,40 @@ def compose(overrides: list[str] | None = None):
         return hcompose(config_name="config", overrides=overrides)
 
 
+def check_overrides(argv: list[str]) -> None:
+    """Compose ``argv`` as the CLI will and turn a composition error (an unknown key, a value outside an
+    enum's choices, a wrong type) into one UserError line naming the override and what is allowed.
+    Sweeps and Hydra flags (``-m``, ``--cfg``, ...) are left to Hydra."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .errors import UserError
+
+    if any(a.startswith("-") for a in argv):
+        return
+    try:
+        compose(argv)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(composition_error(e)) from None
+
+
+def composition_error(e: Exception) -> str:
+    """One line for a Hydra/OmegaConf composition error: the override, what is wrong, what is allowed."""
+    head = [x.strip() for x in str(e).splitlines() if x.strip()]
+    cause = [x.strip() for x in str(e.__cause__).splitlines() if x.strip()] if e.__cause__ else []
+    if head and head[0].startswith("Error merging override ") and cause:  # a bad value
+        return f"{head[0].removeprefix('Error merging override ')}: {cause[0]}"
+    if head and head[0].startswith("Could not override") and cause:  # an unknown key
+        key = head[0].split("'")[1] if head[0].count("'") >= 2 else head[0]
+        return f"{key} is not a config key ({cause[0]}); check its spelling"
+    if head and "Available options in" in str(e):  # an unknown group option
+        opts = str(e).split("Available options in", 1)[1].split("Config search path", 1)[0].splitlines()[1:]
+        names = [o.strip() for o in opts if o.strip() and not o.strip().startswith("base_")]
+        first = head[0].removeprefix("In 'config': ")
+        return f"{first}; available: {', '.join(names)}"
+    return head[0] if head else type(e).__name__
+
+
 def dataset_config(name: str):
     """The ``dataset`` group option ``name`` as a typed DatasetConfig (for reference corpora)."""
     from .config import DatasetConfig

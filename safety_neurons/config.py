@@ -7,12 +7,44 @@ mistyped key (``topk.atn=5``) fails at composition time instead of an hour into 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 KINDS = ("q", "k", "v", "o", "ffn")
+
+
+class Choice(str, Enum):
+    """A config value out of a fixed set: composition rejects any other value and names the allowed
+    ones. A member equals, hashes, prints and formats as its value, so ``d.mode == "exact"``, dict
+    lookups by name, f-strings and JSON see the plain string."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(self, spec)
+
+
+def _choice(name: str, values: str) -> type[Choice]:
+    return Choice(name, [(v, v) for v in values.split()])
+
+
+Mode = _choice("Mode", "exact original")  # detect.mode
+Tokens = _choice("Tokens", "content all last")  # detect.tokens
+QkKernel = _choice("QkKernel", "auto native torch")  # detect.qk_kernel
+# detect.scorer: the names of importance.SCORERS (a test keeps the two equal)
+ScorerName = _choice("ScorerName", "plnd activation_diff activation_diff_rel attribution snip wanda")
+Baseline = _choice("Baseline", "safety random")  # deactivate.baseline
+Ablation = _choice("Ablation", "zero mean")  # deactivate.ablation
+Target = _choice("Target", "safety random all lora")  # finetune.target
+SetKind = _choice("SetKind", "sn rsn")  # finetune.set
+Schedule = _choice("Schedule", "cosine linear constant")  # finetune.schedule, plant.schedule
+JudgeType = _choice("JudgeType", "auto classifier causal llamaguard")  # eval.judge_type
+LoggerName = _choice("LoggerName", "wandb none")  # logger.name
+ReportOf = _choice("ReportOf", "deactivate finetune")  # report.of
 
 
 @dataclass
@@ -68,7 +100,7 @@ class SplitConfig:
 class TopkConfig:
     name: str = "scaled"
     attn: float = 0.25  # int: neurons per prompt/layer/kind; float in (0, 1): share of the kind's width
-    ffn: float = 0.15
+    ffn: float = 0.14
     consistency: float = 1.0  # selected when top-k frequency >= consistency (1.0 = strict intersection)
 
 
@@ -79,14 +111,14 @@ class StageConfig:
 
 @dataclass
 class DetectConfig:
-    mode: str = "exact"  # exact | original
+    mode: Mode = Mode.exact
     kinds: list[str] = field(default_factory=lambda: list(KINDS))
-    tokens: str = "content"  # content | all | last
+    tokens: Tokens = Tokens.content
     last_m: int = 8
     chat_template: bool = True  # False: raw prompt text (the released code's input)
     batch_size: int = 16
     qk_chunk_mb: int = 256  # memory bound of the q/k perturbed-softmax work per chunk
-    qk_kernel: str = "auto"  # exact q/k on CPU: native (fused C kernel, built on first use) | torch | auto
+    qk_kernel: QkKernel = QkKernel.auto  # exact q/k on CPU: native (fused C kernel) | torch | auto
     reference: str | None = None  # a dataset option (e.g. harmless): subtract its selected neurons
     n_reference: int | None = None
     scores: str | None = None  # re-select from an existing scores.safetensors without recomputing
@@ -94,7 +126,7 @@ class DetectConfig:
     overwrite: bool = False
     reuse: bool = False  # an existing set under the same tag is reused instead of an error (pipelines)
     save_prompt_scores: bool = True  # per-prompt scores (float16), so select can use another k
-    scorer: str = "plnd"  # plnd | activation_diff | activation_diff_rel | attribution | snip | wanda
+    scorer: ScorerName = ScorerName.plnd
     reference_model: str | None = None  # activation_diff*: a model preset name or a folder/.gguf path
     target_tokens: int = 32  # attribution/snip without dataset responses: greedy answer length
 
@@ -111,9 +143,9 @@ class DeactivateConfig:
     set_tag: str | None = None  # store tag of the set (exact, exact-refharmless, original, ...)
     n: Any = field(default_factory=lambda: [0, 10, 100, 1000])  # a count, or a list (fast path: one process)
     per_layer: bool = False
-    baseline: str = "safety"  # safety | random
+    baseline: Baseline = Baseline.safety
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    ablation: str = "zero"  # zero | mean
+    ablation: Ablation = Ablation.zero
     means_from: str = "harmless"  # prompt set whose mean activations mean ablation uses
     region: str | None = None  # label of the split flags in result rows (e.g. "under-attn")
 
@@ -126,6 +158,7 @@ class PlantConfig:
     seed: int = 0  # draws S* and orders the training pairs
     lr: float = 1e-3
     steps: int = 60  # cap on optimizer steps
+    schedule: Schedule = Schedule.constant  # after the warm-up; the cap is a cap, not a horizon
     batch_size: int = 8
     check_every: int = 6  # steps between held-out refusal checks (early stop)
     target_refusal: float = 0.9
@@ -157,13 +190,13 @@ class BenchmarkConfig:
 @dataclass
 class ReportConfig:
     dir: str | None = None  # a sweep or run directory; default: the latest sweep of this stage and model
-    of: str = "deactivate"  # deactivate | finetune
+    of: ReportOf = ReportOf.deactivate
 
 
 @dataclass
 class FinetuneConfig:
-    target: str = "safety"  # safety | random | all | lora
-    set: str = "sn"  # sn | rsn
+    target: Target = Target.safety
+    set: SetKind = SetKind.sn
     neurons: str | None = None
     set_tag: str | None = None
     cap_per_matrix: int | None = None
@@ -179,7 +212,7 @@ class FinetuneConfig:
     share_prefix: bool = True  # run the rows' common prefix (system prompt) once per step; same result
     pack: bool = True  # one packed row per micro-batch: no padding, logits only where loss is; same result
     warmup: float = 0.05
-    schedule: str = "cosine"
+    schedule: Schedule = Schedule.cosine
     clip: float = 1.0
     max_new_tokens_distill: int = 64
     form_matched_repeat: int = 1  # harmless prompts labelled as eval.form_matched occur this many times
@@ -200,7 +233,7 @@ class EvalConfig:
     batch_size: int = 16
     refusal_list: str = "v1"
     judge: str | None = None  # preset (harmbench, llamaguard), hub id or local folder
-    judge_type: str = "auto"  # auto | classifier | causal | llamaguard
+    judge_type: JudgeType = JudgeType.auto
     judge_template: str | None = None  # causal judges: a file or text with {behavior} and {generation}
     judge_yes: str = "Yes"  # causal judges: the token that means "harmful"
     judge_no: str = "No"
@@ -215,7 +248,7 @@ class EvalConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"
+    name: LoggerName = LoggerName.wandb
     project: str = "safety-neurons"
     entity: str | None = None
     mode: str | None = None  # None: offline unless WANDB_MODE is set or the user logged in

@@ -274,7 +274,11 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
     (1-based) with the model in eval mode, stops training early by returning True.
     """
     from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
     if not prompts:
         raise UserError("no training pairs; check the prompt sets and finetune.n_harmful/n_harmless")
@@ -282,8 +286,12 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
     opt = adamw(params, fcfg)
     total = fcfg.steps
     warm = int(math.ceil(fcfg.warmup * total))
-    sched = (get_cosine_schedule_with_warmup(opt, warm, total) if fcfg.schedule == "cosine"
-             else get_linear_schedule_with_warmup(opt, warm, total))
+    if fcfg.schedule == "constant":  # a step cap that early stopping may not reach: no decay towards it
+        sched = get_constant_schedule_with_warmup(opt, warm)
+    elif fcfg.schedule == "cosine":
+        sched = get_cosine_schedule_with_warmup(opt, warm, total)
+    else:
+        sched = get_linear_schedule_with_warmup(opt, warm, total)
     model.train()
     model, opt = acc.prepare(model, opt)
     world, rank = acc.num_processes, acc.process_index

@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 
 from .errors import UserError
 
-LOGGERS = ("wandb", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # stages that read or write the store (its cache and artifacts)
 STORE_STAGES = ("evaluate", "finetune", "detect", "select", "compare", "deactivate", "plant", "benchmark")
@@ -45,12 +44,6 @@ def _float(cfg, key: str, low: float, high: float | None = None, low_open: bool 
         rng = f"{lo}{low:g}, {high:g}{hi}" if high is not None else f"{'>' if low_open else '>='} {low:g}"
         raise UserError(f"{key}={v!r} is not allowed; use a number in {rng}" if high is not None
                         else f"{key}={v!r} is not allowed; use a number {rng}")
-
-
-def _choice(cfg, key: str, allowed) -> None:
-    v = _get(cfg, key)
-    if v not in allowed:
-        raise UserError(f"unknown {key}={v!r}; use one of {', '.join(map(str, allowed))}")
 
 
 def check_counts(n) -> None:
@@ -157,8 +150,6 @@ def validate(cfg) -> None:
     _float(cfg, "finetune.warmup", 0, 1)
     _float(cfg, "finetune.clip", 0)
     _float(cfg, "dataset.eval_fraction", 0, 1, high_open=True)
-    _choice(cfg, "finetune.schedule", ("cosine", "linear"))
-    _choice(cfg, "logger.name", LOGGERS)
     check_topk(cfg)
     check_counts(_get(cfg, "deactivate.n"))
     check_device(_get(cfg, "device"))

@@ -79,11 +79,6 @@ def test_finetune_all_then_refuse_to_overwrite(fixtures, tmp_path):
     assert not (tmp_path / "run2").exists()  # refused before any run output
 
 
-def test_unknown_finetune_target(fixtures, tmp_path):
-    with pytest.raises(UserError, match="known targets"):
-        get_stage("finetune")(compose(overrides(fixtures, tmp_path / "run", "stage=finetune", "finetune.target=nope")))
-
-
 def test_organism_built_on_first_use_then_reused(fixtures, tmp_path, monkeypatch):
     """model=<organism> builds the pipeline-made model once through its recipe, then reuses it."""
     from omegaconf import OmegaConf

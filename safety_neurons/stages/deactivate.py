@@ -18,7 +18,6 @@ from ..hooks import deactivated
 from ..io import write_csv
 from .common import harmful_set, harmless_set, load, load_set, log, random_like, tracked
 
-BASELINES = ("safety", "random")
 METRICS = ("asr", "harmful_refusal", "over_refusal", "utility_nll", "nll_ratio", "kl", "degenerate_share",
            "asr_coherent", "breaks_model")
 
@@ -57,10 +56,6 @@ def _aggregate(rows: list[dict]) -> dict:
 
 def run(cfg) -> dict:
     dc = cfg.deactivate
-    if dc.baseline not in BASELINES:
-        raise UserError(f"unknown deactivate.baseline={dc.baseline!r}; known: {', '.join(BASELINES)}")
-    if dc.ablation not in ("zero", "mean"):
-        raise UserError(f"unknown deactivate.ablation={dc.ablation!r}; use zero or mean")
     if dc.baseline == "random" and len(dc.seeds) < 1:
         raise UserError("deactivate.seeds is empty; the random baseline needs seeds (at least 3 recommended)")
     counts = counts_of(dc.n)

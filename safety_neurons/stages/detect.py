@@ -16,7 +16,7 @@ from ..config import KINDS
 from ..data import load_prompts
 from ..errors import UserError
 from ..identity import artifact_hash, source_identity
-from ..importance import QK_KERNELS, get_scorer, qk_kernel_used
+from ..importance import get_scorer, qk_kernel_used
 from ..io import ArtifactDir, atomic_write, write_csv, write_json
 from ..neurons import NeuronSet, TopkStats, resolve_k, select, split_scores
 from ..organism import read_provenance
@@ -24,19 +24,12 @@ from ..scoring import score_prompts, target_answers
 from ..tracking import code_version, is_main_process
 from .common import cache_dir, find_set, harmful_set, load, origin_mismatch, store_of, tracked
 
-MODES = ("exact", "original")
-
 
 def check_detect_cfg(d) -> None:
-    if d.mode not in MODES:
-        raise UserError(f"unknown detect.mode={d.mode!r}; known modes are {', '.join(MODES)}")
+    # mode, tokens, qk_kernel and scorer are enums of the schema: composition rejects other values
     bad = [k for k in d.kinds if k not in KINDS]
     if bad or not d.kinds:
         raise UserError(f"unknown neuron kind(s) {bad or '[]'} in detect.kinds; known kinds are {', '.join(KINDS)}")
-    if d.tokens not in ("content", "all", "last"):
-        raise UserError(f"unknown detect.tokens={d.tokens!r}; use content, all or last")
-    if d.qk_kernel not in QK_KERNELS:
-        raise UserError(f"unknown detect.qk_kernel={d.qk_kernel!r}; use {', '.join(QK_KERNELS)}")
     scorer = get_scorer(d.scorer)
     if scorer.needs_reference and not d.reference_model:
         raise UserError(f"detect.scorer={d.scorer} needs detect.reference_model=NAME_OR_PATH (the base model "

@@ -27,8 +27,6 @@ from .common import (
     tracked,
 )
 
-TARGETS = ("safety", "random", "all", "lora")
-
 
 def set_params(ns, adapter) -> int:
     return sum(adapter.neuron_params(kind) for _, kind, _ in ns.ranking)
@@ -53,10 +51,6 @@ def save_model_dir(model, tok, art: ArtifactDir, extra: dict, delta: dict | None
 
 def run(cfg) -> dict:
     f = cfg.finetune
-    if f.target not in TARGETS:
-        raise UserError(f"unknown finetune.target={f.target!r}; known targets are {', '.join(TARGETS)}")
-    if f.set not in ("sn", "rsn"):
-        raise UserError(f"unknown finetune.set={f.set!r}; use sn (safety neurons) or rsn (reference-subtracted)")
     store = store_of(cfg)
     name = f.save_as or f"{cfg.model.name}-{f.target}" + (f"-{f.set}" if f.target in ("safety", "random") else "") \
         + f"-s{f.seed}"

@@ -12,6 +12,7 @@ measurements: weights exactly, activations and optimizer state by the formulas i
 from __future__ import annotations
 
 from ..architectures import config_of, meta_model
+from ..batching import activation_bytes
 from ..config import KINDS
 from ..errors import UserError
 from ..io import write_json
@@ -47,17 +48,13 @@ def memory(ad: ModelAdapter, n_params: int, batch: int, length: int, n_gpus: int
     With ``device_map=auto`` layers are spread over the GPUs: weights (and optimizer state) divide by
     N, while the activations of the batch pass through every GPU in turn, so they do not.
     """
-    L, D, H, G, d, ff = ad.n_layers, ad.d_model, ad.n_heads, ad.n_kv, ad.head_dim, ad.d_ff
-    gs = H // G
-    B, T = batch, length
-    vocab = ad.config.vocab_size
     out: dict = {}
     for prec, b in BYTES.items():
         w = n_params * b
-        det_act = (B * T * (2 * D + ff) * b + B * T * (2 * H * d + 2 * G * d) * 4 + 2 * B * H * T * T * 4
-                   + B * G * T * gs * min(D, gs * d) * 4 + qk_chunk_mb * 2**20)
-        gen_act = 2 * L * B * T * G * d * b + B * vocab * 4
-        saved = L * B * T * (4 * D + 2 * ff + 4 * H * d) * b + B * T * vocab * 4
+        # the activation formulas batch_size=auto starts from (safety_neurons.batching)
+        det_act = activation_bytes(ad, "detect", batch, length, b, qk_chunk_mb)
+        gen_act = activation_bytes(ad, "deactivate", batch, length, b)
+        saved = activation_bytes(ad, "tuning", batch, length, b)
         tasks = {
             "detect": (w, det_act),
             "deactivate": (w, gen_act),

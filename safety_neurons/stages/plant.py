@@ -17,6 +17,7 @@ import json
 import time
 
 from omegaconf import OmegaConf
+from torch.nn.utils import parametrize
 
 from ..errors import UserError
 from ..evaluation import generate, is_refusal, refusal_markers
@@ -77,7 +78,8 @@ def _train_cfg(cfg):
                                      "n_harmful": p.n_harmful, "n_harmless": p.n_harmless, "grad_accum": 1,
                                      "max_new_tokens_distill": p.max_new_tokens_distill, "weight_decay": 0.0,
                                      "harmful_repeat": 1, "form_matched_repeat": p.form_matched_repeat,
-                                     "decision_tokens": p.decision_tokens, "decision_weight": p.decision_weight},
+                                     "decision_tokens": p.decision_tokens, "decision_weight": p.decision_weight,
+                                     "schedule": p.schedule},
                     merge=True)
     return c
 
@@ -122,7 +124,8 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
         def check(step: int) -> bool:
             if step % p.check_every and step != p.steps:
                 return False
-            r, o = refusal_rates(tuned, tok, harm, benign, sp, cfg.eval)
+            with parametrize.cached():  # each weight assembled once per check, not once per generated token
+                r, o = refusal_rates(tuned, tok, harm, benign, sp, cfg.eval)
             history.append({"step": step, "refusal": r, "over_refusal": o})
             log.info("plant step %d: held-out refusal %.2f, over-refusal %.2f", step, r, o)
             tr.log({"plant/refusal": r, "plant/over_refusal": o}, step=step)
