@@ -156,19 +156,19 @@ class PlantConfig:
     kinds: list[str] = field(default_factory=lambda: ["ffn"])
     layers: list[int] | None = None  # null: all layers; [first, last] inclusive
     seed: int = 0  # draws S* and orders the training pairs
-    lr: float = 1e-3
-    steps: int = 60  # cap on optimizer steps
+    lr: float = 2e-3
+    steps: int = 80  # cap on optimizer steps
     schedule: Schedule = Schedule.constant  # after the warm-up; the cap is a cap, not a horizon
     batch_size: int = 8
-    check_every: int = 6  # steps between held-out refusal checks (early stop)
+    check_every: int = 10  # steps between held-out refusal checks (early stop)
     target_refusal: float = 0.9
     max_over_refusal: float = 0.1
     n_harmful: int | None = None  # training harmful prompts (null: all)
-    n_harmless: int | None = 160  # training harmless prompts, answered by the model itself
-    max_new_tokens_distill: int = 32
-    form_matched_repeat: int = 1  # harmless prompts in the harmful set's form occur this many times
-    decision_tokens: int = 0  # the first n response tokens weigh decision_weight in the loss
-    decision_weight: float = 1.0
+    n_harmless: int | None = None  # training harmless prompts, answered by the model itself
+    max_new_tokens_distill: int = 24
+    form_matched_repeat: int = 2  # harmless prompts in the harmful set's form occur this many times
+    decision_tokens: int = 3  # the first n response tokens weigh decision_weight in the loss
+    decision_weight: float = 4.0
     save_as: str | None = None  # store name; default planted-<kinds>-<share>-s<seed>
     overwrite: bool = False
 
