@@ -161,6 +161,7 @@ class PlantConfig:
     schedule: Schedule = Schedule.constant  # after the warm-up; the cap is a cap, not a horizon
     batch_size: int = 8
     check_every: int = 10  # steps between held-out refusal checks (early stop)
+    check_tokens: int = 24  # answer length of the checks (refusal is decided in the first tokens)
     target_refusal: float = 0.9
     max_over_refusal: float = 0.1
     n_harmful: int | None = None  # training harmful prompts (null: all)
@@ -171,6 +172,7 @@ class PlantConfig:
     decision_weight: float = 4.0
     save_as: str | None = None  # store name; default planted-<kinds>-<share>-s<seed>
     overwrite: bool = False
+    from_shipped: bool = True  # a plant shipped with the package (same name and settings) is rebuilt from its delta
 
 
 @dataclass

@@ -89,6 +89,43 @@ def test_plant_provenance_and_reuse(planted, capsys):
     assert "reusing the planted model" in capsys.readouterr().out
 
 
+def test_reuse_needs_the_same_settings(planted):
+    fx, _ = planted
+    with pytest.raises(UserError, match=r"planted with other settings: lr=0.05 \(asked 0.01\)"):
+        get_stage("plant")(compose(overrides(fx, fx["root"] / "run-plant3", *PLANT, "plant.lr=1e-2")))
+
+
+def test_a_shipped_plant_is_rebuilt_bit_for_bit(planted, tmp_path, monkeypatch, capsys):
+    """A plant shipped as its delta is rebuilt in a fresh store into the model stage=plant made; one made
+    with other settings or on another base file is refused."""
+    import shutil
+
+    from safety_neurons.stages import plant as plant_stage
+
+    fx, res = planted
+    shipped = tmp_path / "shipped" / "planted-tiny"
+    shipped.mkdir(parents=True)
+    for f in ("plant.json", "delta.safetensors"):
+        shutil.copyfile(f"{res['model_dir']}/{f}", shipped / f)
+    shutil.copyfile(res["truth"], shipped / "neurons.json")
+    monkeypatch.setattr(plant_stage, "SHIPPED", tmp_path / "shipped")
+    fresh = [o.replace(str(fx["store"]), str(tmp_path / "store")) for o in overrides(fx, tmp_path / "run", *PLANT)]
+    out = get_stage("plant")(compose(fresh))
+    assert "from its shipped delta" in capsys.readouterr().out and out["shipped"]
+    a, _ = _load(res["model_dir"])
+    b, _ = _load(tmp_path / "store" / "models" / "planted-tiny")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert (tmp_path / "store" / "neurons" / "planted-tiny" / "planted" / "truth" / "neurons.json").read_bytes() \
+        == open(res["truth"], "rb").read()
+    with pytest.raises(UserError, match="shipped plant planted-tiny was planted with other settings: seed"):
+        get_stage("plant")(compose([o.replace(str(tmp_path / "store"), str(tmp_path / "store2")) for o in fresh]
+                                   + ["plant.seed=5"]))
+    prov = json.loads((shipped / "plant.json").read_text())
+    (shipped / "plant.json").write_text(json.dumps({**prov, "base_hash": "0" * 16}))
+    with pytest.raises(UserError, match="made on another local file"):
+        get_stage("plant")(compose([o.replace(str(tmp_path / "store"), str(tmp_path / "store3")) for o in fresh]))
+
+
 def test_benchmark_on_the_planted_model(planted):
     fx, _ = planted
     cfg = compose(overrides(fx, fx["root"] / "run-bench", "stage=benchmark", "benchmark.organism=planted-tiny",

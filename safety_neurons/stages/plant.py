@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
+from pathlib import Path
 
 from omegaconf import OmegaConf
 from torch.nn.utils import parametrize
 
 from ..errors import UserError
 from ..evaluation import generate, is_refusal, refusal_markers
+from ..identity import source_identity
 from ..io import ArtifactDir, write_json
 from ..models import ModelAdapter
+from ..neurons import NeuronSet
 from ..planted import draw_planted_set, planted_layers
 from ..sft_data import training_pairs
 from ..tracking import code_version, is_main_process
@@ -31,6 +35,10 @@ from .common import harmful_set, harmless_set, load, log, store_of, tracked
 from .finetune import _module_names, save_model_dir
 
 PROVENANCE = "plant.json"
+# plants made by this stage and shipped as their slice delta (a few MB), so a demo need not train one
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "planted"
+# settings that do not change what is planted
+NOT_SETTINGS = ("save_as", "overwrite", "from_shipped")
 
 
 def default_name(p) -> str:
@@ -48,6 +56,26 @@ def check_plant_cfg(p) -> None:
     for key in ("target_refusal", "max_over_refusal"):
         if not 0 <= getattr(p, key) <= 1:
             raise UserError(f"plant.{key}={getattr(p, key)} must be a rate between 0 and 1")
+
+
+def settings(p) -> dict:
+    """The plant settings that decide what is planted: a reused plant must have been made with them."""
+    d = OmegaConf.to_container(p, resolve=True) if OmegaConf.is_config(p) else dict(p)
+    return {k: v for k, v in d.items() if k not in NOT_SETTINGS}
+
+
+def check_reusable(done: dict, cfg, where) -> None:
+    """A stored or shipped plant of this name must come from the same base model and settings."""
+    p = cfg.plant
+    if done.get("base_model") != cfg.model.name:
+        raise UserError(f"{where} was planted in {done.get('base_model')}, not in model={cfg.model.name}; give "
+                        f"another plant.save_as (or plant.overwrite=true to replace it)")
+    want, had = settings(p), settings(done.get("plant", {}))
+    diff = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
+    if diff:
+        shown = ", ".join(f"{k}={had.get(k)!r} (asked {want.get(k)!r})" for k in diff[:4])
+        raise UserError(f"{where} was planted with other settings: {shown}; give another plant.save_as, or "
+                        f"plant.overwrite=true to plant it again with these")
 
 
 def refusal_rates(model, tok, harmful: list[str], harmless: list[str], sp, ecfg) -> tuple[float, float]:
@@ -100,12 +128,16 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
     p = cfg.plant
     done = read_plant(model_dir)
     if done is not None and (truth_dir / "neurons.json").exists() and not p.overwrite:
+        check_reusable(done, cfg, f"the planted model {model_dir}")
         print(f"reusing the planted model {model_dir} (S* of {done['n_planted']} neurons, refusal "
               f"{done['refusal']:.2f}); plant.overwrite=true plants it again")
         if not done.get("reached", True):  # a benchmark on it would answer a different question
             print(f"warning: {name} stopped short of the plant targets (refusal {done['refusal']:.2f}, "
                   f"over-refusal {done['over_refusal']:.2f}); its ground truth is weaker than asked for")
         return {**done, "reused": True}
+    shipped = SHIPPED / name
+    if p.from_shipped and not p.overwrite and (shipped / PROVENANCE).exists():
+        return _from_shipped(cfg, name, shipped, model_art, truth_art)
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
         layers = planted_layers(p.layers, ad.n_layers)
@@ -115,7 +147,8 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
         sp = cfg.model.system_prompt
         harm = harmful_set(cfg, "eval").head(cfg.eval.n_harmful).prompts
         benign = harmless_set(cfg, "eval").head(cfg.eval.n_harmless).prompts
-        base_refusal, base_over = refusal_rates(model, tok, harm, benign, sp, cfg.eval)
+        check_ecfg = OmegaConf.merge(cfg.eval, {"max_new_tokens": p.check_tokens})
+        base_refusal, base_over = refusal_rates(model, tok, harm, benign, sp, check_ecfg)
         tuned = copy.deepcopy(model)
         tad = ModelAdapter(tuned)
         handles = attach_slices(tuned, tad, truth.index_map())
@@ -125,7 +158,7 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
             if step % p.check_every and step != p.steps:
                 return False
             with parametrize.cached():  # each weight assembled once per check, not once per generated token
-                r, o = refusal_rates(tuned, tok, harm, benign, sp, cfg.eval)
+                r, o = refusal_rates(tuned, tok, harm, benign, sp, check_ecfg)
             history.append({"step": step, "refusal": r, "over_refusal": o})
             log.info("plant step %d: held-out refusal %.2f, over-refusal %.2f", step, r, o)
             tr.log({"plant/refusal": r, "plant/over_refusal": o}, step=step)
@@ -143,6 +176,7 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
         trained = sum(x.numel() for x in params)
         results = {
             "name": name, "model_dir": str(model_dir), "truth": str(truth_dir / "neurons.json"),
+            "base_hash": source_identity(cfg.model, store_of(cfg))["source_hash"],
             "base_model": cfg.model.name, "share": p.share, "kinds": list(p.kinds), "layers": layers, "seed": p.seed,
             "lr": p.lr, "steps": stats["steps"], "step_cap": p.steps, "n_planted": len(truth),
             "trained_params": trained, "trained_share": trained / n_params,
@@ -172,3 +206,33 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
               f"{base_over:.2f} -> {last['over_refusal']:.2f} -> {model_dir}")
         box["results"] = results
     return box["results"]
+
+
+def _from_shipped(cfg, name: str, shipped: Path, model_art: ArtifactDir, truth_art: ArtifactDir) -> dict:
+    """Rebuild a shipped plant: the base model with the shipped slice delta applied (bit for bit the model
+    ``stage=plant`` made), and its S*; both checked against this run's base model and settings."""
+    from safetensors.torch import load_file
+
+    from ..training import apply_delta
+
+    prov = json.loads((shipped / PROVENANCE).read_text())
+    check_reusable(prov, cfg, f"the shipped plant {name}")
+    base_hash = source_identity(cfg.model, store_of(cfg))["source_hash"]
+    if prov.get("base_hash") and base_hash and prov["base_hash"] != base_hash:
+        raise UserError(f"the shipped plant {name} was made on another {cfg.model.name} file (hash "
+                        f"{prov['base_hash']}, this one {base_hash}); set plant.from_shipped=false to plant it here")
+    model, tok, ad = load(cfg)
+    delta = load_file(str(shipped / "delta.safetensors"))
+    apply_delta(model, delta)
+    truth = NeuronSet.load(shipped / "neurons.json")
+    truth.check_compatible(ad.signature())
+    model_dir, truth_dir = planted_paths(cfg, name)
+    prov = {**prov, "model_dir": str(model_dir), "truth": str(truth_dir / "neurons.json"), "shipped": True}
+    if model_art.active:
+        save_model_dir(model, tok, model_art, {PROVENANCE: prov}, delta, {"base": cfg.model.name})
+        shutil.copyfile(shipped / "neurons.json", truth_art.tmp / "neurons.json")
+        truth_art.commit()
+    print(f"built the planted model {name} from its shipped delta (S* of {prov['n_planted']} neurons, held-out "
+          f"refusal {prov['refusal']:.2f}, over-refusal {prov['over_refusal']:.2f}) -> {model_dir}; "
+          f"plant.from_shipped=false plants it here instead")
+    return {**prov, "reused": True}
