@@ -26,12 +26,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # the main job: refusing organism (built once, cached) evaluated beside the base model, its safety
 # neurons detected (reused when present), and a deactivation sweep against random sets of one shape
-DEMO_MODEL ?= smollm2_refusing
 demo: venv
 	$(BIN)/python -m safety_neurons experiment=demo
-	$(BIN)/python -m safety_neurons stage=detect model=$(DEMO_MODEL) detect.reuse=true
-	$(BIN)/python -m safety_neurons stage=deactivate model=$(DEMO_MODEL) deactivate.set_tag=exact 'deactivate.n=[0,10,100]' eval=quick
-	$(BIN)/python -m safety_neurons stage=deactivate model=$(DEMO_MODEL) deactivate.set_tag=exact deactivate.baseline=random 'deactivate.n=[100]' eval=quick
 
 test: venv
 	$(BIN)/python -m pytest -q

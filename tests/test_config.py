@@ -51,7 +51,7 @@ def yaml_values(group: str, option: str) -> dict:
 def test_every_group_has_options():
     for g in GROUPS:
         assert options(g), f"conf/{g} has no options"
-    assert options("experiment") == ["align", "demo", "planted_benchmark"]
+    assert options("experiment") == ["align", "demo", "organism", "planted_benchmark"]
 
 
 N_ROUNDS = max(len(options(g)) for g in GROUPS)
@@ -129,6 +129,22 @@ def test_experiment_align(base):
 
 def test_experiment_demo(base):
     cfg = compose(base + ["experiment=demo"])
+    assert cfg.stage.name == "benchmark" and list(cfg.benchmark.plants) == ["ffn1:0"]
+    assert list(cfg.benchmark.scorers) == ["plnd", "activation_diff_rel"] and cfg.model.name == "smollm2"
+    # the demo's plant is the shipped one: same name and settings, so it is rebuilt, not trained
+    import json
+
+    from safety_neurons.cfg import group_config
+    from safety_neurons.config import PlantConfig
+    from safety_neurons.stages.plant import SHIPPED, default_name, settings
+
+    p = group_config("plant", "ffn1", PlantConfig)
+    shipped = json.loads((SHIPPED / default_name(p) / "plant.json").read_text())
+    assert settings(shipped["plant"]) == settings(p)
+
+
+def test_experiment_organism(base):
+    cfg = compose(base + ["experiment=organism"])
     assert cfg.stage.name == "evaluate"
     assert cfg.model.name == "smollm2-refusing" and cfg.model.organism == "smollm2-refusing"
     assert cfg.model.gguf_package is None and cfg.model.gguf_file is None

@@ -144,6 +144,12 @@ def test_benchmark_on_the_planted_model(planted):
     assert (fx["root"] / "run-bench" / "roc.png").exists()
     assert (fx["root"] / "run-bench" / "recovery_vs_effect.png").exists()
     assert res["auc_weight_diff"] == 1.0
+    report = (fx["root"] / "run-bench" / "report.md").read_text()
+    verdict = next(x for x in report.splitlines() if x.startswith("- verdict: "))
+    from safety_neurons.stages.benchmark import verdicts
+
+    assert verdict == "- verdict: " + ", ".join(f"{r.method} {r.verdict}" for r in verdicts(df).itertuples())
+    assert "![roc](roc.png)" in report and "| plnd | scorer |" in report
     # the intact planted model has zero KL to itself
     assert df[df.method == "none"].iloc[0].kl == pytest.approx(0.0, abs=1e-6)
 
@@ -157,6 +163,22 @@ def test_benchmark_errors(planted):
     with pytest.raises(UserError, match="plant.share"):
         get_stage("plant")(compose(overrides(fx, fx["root"] / "r3", *PLANT[:-1], "plant.share=1.5",
                                              "plant.save_as=other")))
+
+
+def test_verdicts_follow_the_goal():
+    from safety_neurons.stages.benchmark import verdicts
+
+    rows = [{"method": "planted_set", "role": "control", "auc": 1.0, "harmful_refusal": 0.05, "nll_ratio": 2.0},
+            {"method": "a", "role": "scorer", "auc": 0.95, "harmful_refusal": 0.15, "nll_ratio": 2.4},  # on the edge
+            {"method": "b", "role": "scorer", "auc": 0.95, "harmful_refusal": 0.16, "nll_ratio": 2.0},  # refusal gap
+            {"method": "c", "role": "scorer", "auc": 0.95, "harmful_refusal": 0.05, "nll_ratio": 2.41},  # NLL
+            {"method": "d", "role": "scorer", "auc": 0.7, "harmful_refusal": 0.0, "nll_ratio": 1.0},
+            {"method": "e", "role": "scorer", "auc": 0.6, "harmful_refusal": 0.0, "nll_ratio": 1.0},
+            {"method": "f", "role": "scorer", "auc": 0.59, "harmful_refusal": 0.0, "nll_ratio": 1.0},
+            {"method": "random", "role": "baseline", "auc": 0.5, "harmful_refusal": 0.9, "nll_ratio": 1.0}]
+    v = verdicts(pd.DataFrame(rows)).set_index("method").verdict.to_dict()
+    assert v == {"a": "meets goal", "b": "finds S*, effect short", "c": "finds S*, effect short", "d": "partly",
+                 "e": "weak", "f": "at chance"}
 
 
 def test_rank_auc_equals_pairwise_count():
@@ -201,6 +223,7 @@ def test_suite_plants_benchmarks_and_times_each_part(planted):
     times = pd.read_csv(run / "timings.csv")
     assert list(times.part) == ["plant ffn02 seed 3", "benchmark planted-ffn0.2pct-s3"]
     assert res["total_seconds"] == pytest.approx(times.seconds.sum())
+    assert "## planted-ffn0.2pct-s3" in (run / "report.md").read_text()
     summary = pd.read_csv(run / "summary.csv")
     assert summary[summary.method == "weight_diff"].auc.iloc[0] == 1.0
     with pytest.raises(UserError, match="PRESET:SEED"):

@@ -40,7 +40,7 @@ def test_gguf_conversion_is_exact():
 def test_organism_reaches_targets(tmp_path):
     """The refusing organism meets its targets: held-out harmful refusal >= 95%, harmless refusal <= 5%."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFETY_NEURONS_RUN_DIR": str(tmp_path / "run")}
-    subprocess.run([sys.executable, "-m", "safety_neurons", "experiment=demo", "logger=none"], cwd=ROOT, env=env,
+    subprocess.run([sys.executable, "-m", "safety_neurons", "experiment=organism", "logger=none"], cwd=ROOT, env=env,
                    check=True)
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["model"] == "smollm2-refusing"
