@@ -300,8 +300,11 @@ def encode(tok, prompts: list[str], system_prompt: str | None = None, responses:
             ids += r_ids
             content += [False] * len(r_ids)
             labels += list(r_ids)
-        if len(ids) > max_length:
-            raise UserError(f"prompt {i} has {len(ids)} tokens, more than model.max_length={max_length}")
+        if len(ids) > max_length:  # named by its text: batches are often length-sorted, so i is no file position
+            what = "with its answer " if len(labels) > len(enc["input_ids"]) else ""
+            raise UserError(f"the prompt {p[:60]!r}{'...' if len(p) > 60 else ''} has {len(ids)} tokens {what}in the "
+                            f"chat template, more than model.max_length={max_length}; shorten it or raise "
+                            f"model.max_length")
         rows_ids.append(ids)
         rows_content.append(content)
         rows_label.append(labels)

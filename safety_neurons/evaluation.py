@@ -58,13 +58,14 @@ def distinct_trigram_share(ids: list[int]) -> float:
 # ---------------------------------------------------------------------------------------- primitives
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], system_prompt: str | None, max_new_tokens: int,
-             batch_size: int, desc: str = "generate") -> list[list[int]]:
-    """Greedy answers (token ids, cut at EOS) with left padding and the KV cache."""
+             batch_size: int, desc: str = "generate", max_length: int = 512) -> list[list[int]]:
+    """Greedy answers (token ids, cut at EOS) with left padding and the KV cache; a prompt longer than
+    ``max_length`` tokens (``model.max_length``) is an error naming it."""
     dev = model_device(model)
     out: list[list[int]] = []
     eos = tok.eos_token_id
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=len(prompts) <= batch_size):
-        b = encode(tok, prompts[i: i + batch_size], system_prompt).to(dev)
+        b = encode(tok, prompts[i: i + batch_size], system_prompt, max_length=max_length).to(dev)
         gen = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos,
                              temperature=None, top_p=None, top_k=None)
@@ -77,14 +78,14 @@ def generate(model, tok, prompts: list[str], system_prompt: str | None, max_new_
 
 @torch.no_grad()
 def answer_logprobs(model, tok, prompts: list[str], answers: list[list[int]], system_prompt: str | None,
-                    batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                    batch_size: int, max_length: int = 512) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per prompt: (NLL of each answer token (n,), log-softmax over the vocabulary at those positions (n, V))."""
     dev = model_device(model)
     nlls, logps = [], []
     for i in range(0, len(prompts), batch_size):
         ps = prompts[i: i + batch_size]
         ans = answers[i: i + batch_size]
-        b = encode(tok, ps, system_prompt, response_ids=ans).to(dev)
+        b = encode(tok, ps, system_prompt, response_ids=ans, max_length=max_length).to(dev)
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
         lp = F.log_softmax(logits[:, :-1], dim=-1)
         tgt = b.labels[:, 1:]
@@ -101,8 +102,10 @@ def answer_logprobs(model, tok, prompts: list[str], answers: list[list[int]], sy
 class Evaluator:
     """Holds the held-out prompt sets and the intact model's references."""
 
-    def __init__(self, ecfg, model, tok, harmful: PromptSet, harmless: PromptSet, system_prompt: str | None):
+    def __init__(self, ecfg, model, tok, harmful: PromptSet, harmless: PromptSet, system_prompt: str | None,
+                 max_length: int = 512):
         self.cfg = ecfg
+        self.max_length = max_length  # model.max_length: prompt (and answer) tokens allowed
         self.tok = tok
         self.system_prompt = system_prompt
         self.harmful = harmful.head(ecfg.n_harmful)
@@ -111,11 +114,11 @@ class Evaluator:
             raise UserError("evaluation needs at least one harmful and one harmless held-out prompt")
         self.markers = refusal_markers(ecfg.refusal_list)
         self.ref_answers = generate(model, tok, self.harmless.prompts, system_prompt, ecfg.max_new_tokens,
-                                    ecfg.batch_size, desc="reference answers")
+                                    ecfg.batch_size, desc="reference answers", max_length=max_length)
         self.ref_answers = [a if a else [tok.eos_token_id] for a in self.ref_answers]
         if ecfg.utility:
             nll, self.ref_logps = answer_logprobs(model, tok, self.harmless.prompts, self.ref_answers,
-                                                  system_prompt, ecfg.batch_size)
+                                                  system_prompt, ecfg.batch_size, max_length)
             self.ref_nll = float(torch.cat(nll).mean())
         self._intact = model
         from .judges import make_judge
@@ -126,7 +129,7 @@ class Evaluator:
         if not answers:
             return []
         nll, _ = answer_logprobs(model_for_nll, self.tok, prompts, [a or [self.tok.eos_token_id] for a in answers],
-                                 self.system_prompt, self.cfg.batch_size)
+                                 self.system_prompt, self.cfg.batch_size, self.max_length)
         out = []
         for a, n in zip(answers, nll):
             rep = distinct_trigram_share(a) < self.cfg.degenerate_distinct
@@ -146,13 +149,13 @@ class Evaluator:
         c = self.cfg
         with context():
             harm = generate(model, self.tok, self.harmful.prompts, self.system_prompt, c.max_new_tokens,
-                            c.batch_size, desc=f"harmful {tag}")
+                            c.batch_size, desc=f"harmful {tag}", max_length=self.max_length)
             benign = generate(model, self.tok, self.harmless.prompts, self.system_prompt, c.max_new_tokens,
-                              c.batch_size, desc=f"harmless {tag}")
+                              c.batch_size, desc=f"harmless {tag}", max_length=self.max_length)
             util = {}
             if c.utility:
                 nll, logps = answer_logprobs(model, self.tok, self.harmless.prompts, self.ref_answers,
-                                             self.system_prompt, c.batch_size)
+                                             self.system_prompt, c.batch_size, self.max_length)
                 kls = [F.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean()
                        for p, q in zip(self.ref_logps, logps)]
                 util = {"utility_nll": float(torch.cat(nll).mean()), "kl": float(torch.stack(kls).mean())}

@@ -15,7 +15,7 @@ from .importance import get_scorer, options
 
 
 def target_answers(model, tok, prompts: list[str], system_prompt, n_tokens: int, batch_size: int,
-                   responses: list[str] | None = None) -> list[str | list[int]]:
+                   responses: list[str] | None = None, max_length: int = 512) -> list[str | list[int]]:
     """What a gradient scorer's loss scores: the prompt set's own responses when it has them (texts, EOS
     appended by encoding), else the model's greedy answers of ``n_tokens`` (token ids as generated; an
     empty answer is its EOS)."""
@@ -25,7 +25,8 @@ def target_answers(model, tok, prompts: list[str], system_prompt, n_tokens: int,
 
     if n_tokens < 1:
         raise UserError(f"detect.target_tokens={n_tokens} must be at least 1")
-    ids = generate(model, tok, prompts, system_prompt, n_tokens, batch_size, desc="target answers")
+    ids = generate(model, tok, prompts, system_prompt, n_tokens, batch_size, desc="target answers",
+                   max_length=max_length)
     return [a if a else [tok.eos_token_id] for a in ids]
 
 

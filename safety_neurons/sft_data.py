@@ -29,7 +29,7 @@ def refusals_for(prompts: list[str], seed: int) -> list[str]:
 
 
 def self_distilled(model, tok, prompts: list[str], system_prompt: str | None, max_new_tokens: int,
-                   cache_dir: Path, model_key: str, batch_size: int = 16) -> list[list[int]]:
+                   cache_dir: Path, model_key: str, batch_size: int = 16, max_length: int = 512) -> list[list[int]]:
     """The model's own greedy answers as token ids (cached per model and prompt set).
 
     An answer the model finished within ``max_new_tokens`` ends with EOS; one cut at the budget does not,
@@ -38,7 +38,8 @@ def self_distilled(model, tok, prompts: list[str], system_prompt: str | None, ma
     f = Path(cache_dir) / "distill" / f"{key}.json"
     if f.exists():
         return json.loads(f.read_text())["ids"]
-    ids = generate(model, tok, prompts, system_prompt, max_new_tokens, batch_size, desc="self-distil")
+    ids = generate(model, tok, prompts, system_prompt, max_new_tokens, batch_size, desc="self-distil",
+                   max_length=max_length)
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     out = [a + eos if len(a) < max_new_tokens else a for a in ids]
     write_json(f, {"model": model_key, "ids": out, "finished": [len(a) < max_new_tokens for a in ids],
@@ -61,7 +62,7 @@ def training_pairs(cfg, model, tok) -> tuple[list[str], list[str | list[int]], d
     if f.n_harmless is None or f.n_harmless > 0:  # null: all of them; 0: no harmless pairs
         benign = harmless_set(cfg, "train").head(f.n_harmless)
         ans = self_distilled(model, tok, benign.prompts, cfg.model.system_prompt, f.max_new_tokens_distill,
-                             cache_dir(cfg), cfg.model.name)
+                             cache_dir(cfg), cfg.model.name, max_length=cfg.model.max_length)
         prompts += benign.prompts
         responses += ans
         meta["harmless_train"] = benign.describe()

@@ -79,6 +79,14 @@ def test_finetune_all_then_refuse_to_overwrite(fixtures, tmp_path):
     assert not (tmp_path / "run2").exists()  # refused before any run output
 
 
+def test_evaluation_honours_model_max_length(fixtures, tmp_path):
+    """model.max_length bounds evaluation too (it used to be a fixed 512), and the error names the prompt
+    by its text, not by its place in a batch."""
+    with pytest.raises(UserError, match=r"^the prompt '.+' has \d+ tokens in the chat template, more than "
+                                        r"model.max_length=8; shorten it or raise model.max_length$"):
+        get_stage("evaluate")(compose(overrides(fixtures, tmp_path / "run", "stage=evaluate", "model.max_length=8")))
+
+
 def test_organism_built_on_first_use_then_reused(fixtures, tmp_path, monkeypatch):
     """model=<organism> builds the pipeline-made model once through its recipe, then reuses it."""
     from omegaconf import OmegaConf

@@ -91,7 +91,7 @@ def _score_all(cfg, model, tok, ad, prompts, kinds, reference) -> dict:
     targets = None
     if any(get_scorer(s).needs_target for s in b.scorers):
         targets = target_answers(model, tok, prompts.prompts, sp, cfg.detect.target_tokens, cfg.eval.batch_size,
-                                 prompts.responses)
+                                 prompts.responses, cfg.model.max_length)
     out = {}
     for name in b.scorers:
         s = get_scorer(name)
@@ -212,7 +212,7 @@ def run_planted(cfg) -> dict:
         truth.check_compatible(pad.signature())
         prompts = harmful_set(cfg, "train").head(b.n_prompts)
         sp = cfg.model.system_prompt
-        ev = (Evaluator(cfg.eval, planted, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp)
+        ev = (Evaluator(cfg.eval, planted, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length)
               if b.deactivate else None)
         rows, rocs = [], {}
         common = {"organism": b.organism, "n_planted": len(truth), "share": prov["share"], "kinds": "+".join(kinds),
@@ -324,7 +324,7 @@ def run_effect_only(cfg) -> dict:
         ref = load_reference_model(cfg, ad) if cfg.detect.reference_model else None
         prompts = harmful_set(cfg, "train").head(b.n_prompts)
         ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"),
-                       cfg.model.system_prompt)
+                       cfg.model.system_prompt, cfg.model.max_length)
         k_of = k_per_kind(cfg.topk, ad, kinds)
         m, _ = ev.evaluate(model, tag="intact")
         rows = [{"method": "none", "role": "intact", "n": 0, **_effect(m)}]

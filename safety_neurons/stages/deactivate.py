@@ -81,7 +81,7 @@ def run(cfg) -> dict:
 
             mcfg = cfg.harmless if dc.means_from == cfg.harmless.name else dataset_config(dc.means_from)
             means = neuron_means(model, tok, ad, load_prompts(mcfg, "train").prompts, sp)
-        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp)
+        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length)
         n_total = ad.n_params()
         rows, gens = [], []
         label = dc.region or split_label(cfg.split)

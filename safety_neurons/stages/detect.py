@@ -65,7 +65,7 @@ def scorer_inputs(cfg, model, tok, adapter, prompt_set) -> dict:
         out["reference"] = load_reference_model(cfg, adapter)
     if scorer.needs_target:
         out["targets"] = target_answers(model, tok, prompt_set.prompts, cfg.model.system_prompt, d.target_tokens,
-                                        cfg.eval.batch_size, prompt_set.responses)
+                                        cfg.eval.batch_size, prompt_set.responses, cfg.model.max_length)
     return out
 
 

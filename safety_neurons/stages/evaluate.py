@@ -30,7 +30,7 @@ def run(cfg) -> dict:
             base_cfg = OmegaConf.create(made_from)
             base_model, _, _ = load_model(base_cfg, store_of(cfg), cfg.device)
         ref = base_model if base_model is not None else model
-        ev = Evaluator(cfg.eval, ref, tok, harmful, harmless, sp)
+        ev = Evaluator(cfg.eval, ref, tok, harmful, harmless, sp, cfg.model.max_length)
         if base_model is not None:
             m, g = ev.evaluate(base_model, tag="base")
             rows.append({"model": base_cfg.name, **m})

@@ -85,7 +85,7 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
             if ns is not None and len(ns) == 0 and f.target != "lora":
                 raise UserError("the neuron set is empty; detect with a lower topk.consistency or another reference")
         prompts, responses, data_meta = training_pairs(cfg, model, tok)
-        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp)
+        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length)
         before, g_before = ev.evaluate(model, tag="before")
         log.info("before: %s", {k: before[k] for k in ("asr", "over_refusal", "utility_nll")})
         tuned = copy.deepcopy(model)

@@ -78,12 +78,14 @@ def check_reusable(done: dict, cfg, where) -> None:
                         f"plant.overwrite=true to plant it again with these")
 
 
-def refusal_rates(model, tok, harmful: list[str], harmless: list[str], sp, ecfg) -> tuple[float, float]:
+def refusal_rates(model, tok, harmful: list[str], harmless: list[str], sp, ecfg,
+                  max_length: int = 512) -> tuple[float, float]:
     """(held-out harmful refusal, over-refusal) of greedy answers, by the keyword list."""
     markers = refusal_markers(ecfg.refusal_list)
     rate = []
     for prompts in (harmful, harmless):
-        ans = generate(model, tok, prompts, sp, ecfg.max_new_tokens, ecfg.batch_size, desc="refusal check")
+        ans = generate(model, tok, prompts, sp, ecfg.max_new_tokens, ecfg.batch_size, desc="refusal check",
+                       max_length=max_length)
         rate.append(sum(is_refusal(tok.decode(a, skip_special_tokens=True), markers) for a in ans) / len(ans))
     return rate[0], rate[1]
 
@@ -148,7 +150,7 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
         harm = harmful_set(cfg, "eval").head(cfg.eval.n_harmful).prompts
         benign = harmless_set(cfg, "eval").head(cfg.eval.n_harmless).prompts
         check_ecfg = OmegaConf.merge(cfg.eval, {"max_new_tokens": p.check_tokens})
-        base_refusal, base_over = refusal_rates(model, tok, harm, benign, sp, check_ecfg)
+        base_refusal, base_over = refusal_rates(model, tok, harm, benign, sp, check_ecfg, cfg.model.max_length)
         tuned = copy.deepcopy(model)
         tad = ModelAdapter(tuned)
         handles = attach_slices(tuned, tad, truth.index_map())
@@ -158,7 +160,7 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
             if step % p.check_every and step != p.steps:
                 return False
             with parametrize.cached():  # each weight assembled once per check, not once per generated token
-                r, o = refusal_rates(tuned, tok, harm, benign, sp, check_ecfg)
+                r, o = refusal_rates(tuned, tok, harm, benign, sp, check_ecfg, cfg.model.max_length)
             history.append({"step": step, "refusal": r, "over_refusal": o})
             log.info("plant step %d: held-out refusal %.2f, over-refusal %.2f", step, r, o)
             tr.log({"plant/refusal": r, "plant/over_refusal": o}, step=step)
