@@ -12,10 +12,10 @@ measurements: weights exactly, activations and optimizer state by the formulas i
 from __future__ import annotations
 
 from ..architectures import config_of, meta_model
-from ..batching import activation_bytes
 from ..config import KINDS
 from ..errors import UserError
 from ..io import write_json
+from ..memory import activation_bytes
 from ..models import ModelAdapter
 from .common import tracked
 from .detect import k_per_kind
@@ -51,7 +51,7 @@ def memory(ad: ModelAdapter, n_params: int, batch: int, length: int, n_gpus: int
     out: dict = {}
     for prec, b in BYTES.items():
         w = n_params * b
-        # the activation formulas batch_size=auto starts from (safety_neurons.batching)
+        # the activation formulas (safety_neurons.memory)
         det_act = activation_bytes(ad, "detect", batch, length, b, qk_chunk_mb)
         gen_act = activation_bytes(ad, "deactivate", batch, length, b)
         saved = activation_bytes(ad, "tuning", batch, length, b)
