@@ -138,34 +138,7 @@ def plot_benchmark(df: pd.DataFrame, rocs: dict | None, out: Path, title: str) -
         paths.append(_save(fig, out / "roc.png"))
         plt.close(fig)
         if "harmful_refusal" in df:
-            from matplotlib.colors import LogNorm
-
-            fig, ax = plt.subplots(figsize=(5.6, 4.2))
-            d = df[df.harmful_refusal.notna() & df.auc.notna()]
-            # colour, not area, carries the NLL ratio: ratios run from 1 to 30+, areas that far apart hide the rest
-            norm = LogNorm(vmin=1.0, vmax=max(4.0, float(d.nll_ratio.max() or 1.0)))
-            for r in d.itertuples():
-                nll = float(r.nll_ratio) if r.nll_ratio == r.nll_ratio else 1.0
-                marker = {"control": "*", "baseline": "s"}.get(r.role, "o")
-                if r.role == "baseline" and "harmful_refusal_min" in df:
-                    ax.vlines(r.auc, r.harmful_refusal_min, r.harmful_refusal_max, color="0.5", lw=1)
-                sc = ax.scatter(r.auc, r.harmful_refusal, s=110 if marker == "*" else 55, marker=marker,
-                                c=[[max(nll, 1.0)]], cmap="viridis", norm=norm, edgecolors="k", linewidths=0.5)
-                ax.annotate(f"{r.method} (x{nll:.2f})", (r.auc, r.harmful_refusal), fontsize=6,
-                            xytext=(4, 4), textcoords="offset points")
-            intact = df[df.role == "intact"]
-            if len(intact):
-                ax.axhline(float(intact.harmful_refusal.iloc[0]), color="0.6", ls=":", lw=0.8, label="intact")
-                ax.legend(fontsize=6, loc="lower left")
-            if len(d):
-                fig.colorbar(sc, ax=ax, label="NLL ratio after deactivation (log)")
-            ax.set_xlabel("rank-AUC of S* (recovery)")
-            ax.set_ylabel("harmful refusal after deactivating the top |S*|")
-            ax.set_xlim(0.45, 1.15)
-            ax.set_ylim(-0.03, 1.03)
-            ax.set_title(f"{title}: recovery against effect", fontsize=9)
-            paths.append(_save(fig, out / "recovery_vs_effect.png"))
-            plt.close(fig)
+            paths.append(_plot_recovery_vs_effect(plt, df, out, title))
     elif "n" in df and "harmful_refusal" in df:
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
         for name, d in df[df.role == "scorer"].groupby("method"):
@@ -185,3 +158,36 @@ def plot_benchmark(df: pd.DataFrame, rocs: dict | None, out: Path, title: str) -
         paths.append(_save(fig, out / "effect_vs_count.png"))
         plt.close(fig)
     return paths
+
+
+def _plot_recovery_vs_effect(plt, df: pd.DataFrame, out: Path, title: str) -> Path:
+    """Rank-AUC against harmful refusal after deactivating each method's top |S*|; colour: NLL ratio."""
+    from matplotlib.colors import LogNorm
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    d = df[df.harmful_refusal.notna() & df.auc.notna()]
+    # colour, not area, carries the NLL ratio: ratios run from 1 to 30+, areas that far apart hide the rest
+    norm = LogNorm(vmin=1.0, vmax=max(4.0, float(d.nll_ratio.max() or 1.0)))
+    for r in d.itertuples():
+        nll = float(r.nll_ratio) if r.nll_ratio == r.nll_ratio else 1.0
+        marker = {"control": "*", "baseline": "s"}.get(r.role, "o")
+        if r.role == "baseline" and "harmful_refusal_min" in df:
+            ax.vlines(r.auc, r.harmful_refusal_min, r.harmful_refusal_max, color="0.5", lw=1)
+        sc = ax.scatter(r.auc, r.harmful_refusal, s=110 if marker == "*" else 55, marker=marker,
+                        c=[[max(nll, 1.0)]], cmap="viridis", norm=norm, edgecolors="k", linewidths=0.5)
+        ax.annotate(f"{r.method} (x{nll:.2f})", (r.auc, r.harmful_refusal), fontsize=6,
+                    xytext=(4, 4), textcoords="offset points")
+    intact = df[df.role == "intact"]
+    if len(intact):
+        ax.axhline(float(intact.harmful_refusal.iloc[0]), color="0.6", ls=":", lw=0.8, label="intact")
+        ax.legend(fontsize=6, loc="lower left")
+    if len(d):
+        fig.colorbar(sc, ax=ax, label="NLL ratio after deactivation (log)")
+    ax.set_xlabel("rank-AUC of S* (recovery)")
+    ax.set_ylabel("harmful refusal after deactivating the top |S*|")
+    ax.set_xlim(0.45, 1.15)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(f"{title}: recovery against effect", fontsize=9)
+    path = _save(fig, out / "recovery_vs_effect.png")
+    plt.close(fig)
+    return path
