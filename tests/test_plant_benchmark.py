@@ -208,13 +208,16 @@ def test_recovery_metrics_by_hand():
     assert r["auc"] == 0.0 and r["precision_at_k"] == 0.0 and r["recall_at_5k"] == 0.0  # 5|S*| < the 86 unplanted
 
 
-def test_suite_plants_benchmarks_and_times_each_part(planted):
+def test_suite_plants_benchmarks_and_times_each_part(planted, capsys):
     fx, _ = planted
     run = fx["root"] / "run-suite"
     cfg = compose(overrides(fx, run, "stage=benchmark", "benchmark.plants=[ffn02:3]", "benchmark.n_prompts=2",
                             "detect.target_tokens=2", "benchmark.random_seeds=[0]",
                             "benchmark.scorers=[wanda,activation_diff_rel]"))
     res = get_stage("benchmark")(cfg)
+    shown = capsys.readouterr().out.strip().splitlines()
+    assert shown[-1] == f"report: {run / 'report.md'}"  # the summary is the last thing printed
+    assert any(x.startswith("- verdict: wanda ") for x in shown[-12:])
     df = pd.read_csv(run / "benchmark.csv")
     assert set(df.preset) == {"ffn02"} and set(df.seed) == {3}
     assert list(df.method) == ["wanda", "activation_diff_rel", "weight_diff", "none", "planted_set", "random"]

@@ -168,19 +168,22 @@ def run_suite(cfg) -> dict:
         print(summary.to_string(index=False))
         print(times.to_string(index=False))
         if tr.main:
-            suite_report(tr.dir, df, root)
+            box["report"] = suite_report(tr.dir, df, root)
         box["results"] = {"rows": len(df), "parts": parts, "total_seconds": float(times.seconds.sum())}
+    if box.get("report"):  # last, after W&B's closing lines
+        print("\n" + "\n".join(x for x in box["report"] if x and not x.startswith("Details"))
+              + f"\n\nreport: {Path(cfg.run_dir) / 'report.md'}")
     return box["results"]
 
 
-def suite_report(out: Path, df: pd.DataFrame, root: Path) -> None:
+def suite_report(out: Path, df: pd.DataFrame, root: Path) -> list[str]:
     """``report.md`` of a suite: each planted benchmark's summary lines and verdicts, linking its run."""
     text = ["# Planted benchmark suite", ""]
     for org, d in df[df.preset != "effect_only"].groupby("organism", sort=False):
         text += [f"## {org}", "", *[f"- {x}" for x in summary_lines(d.reset_index(drop=True))], "",
                  f"Details: [benchmark-{org}/report.md](benchmark-{org}/report.md)", ""]
     write_text(Path(out) / "report.md", "\n".join(text))
-    print(f"report: {Path(out) / 'report.md'}")
+    return text
 
 
 def suite_summary(df: pd.DataFrame) -> pd.DataFrame:
