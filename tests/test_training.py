@@ -223,7 +223,7 @@ def test_self_distilled_answers_cut_at_the_budget_carry_no_eos(tok, tmp_path, mo
 
     calls = []
 
-    def fake_generate(model, tok_, prompts, sp, max_new_tokens, bs, desc=""):
+    def fake_generate(model, tok_, prompts, sp, max_new_tokens, bs, desc="", max_length=512):
         calls.append(max_new_tokens)
         return [[5, 6], [7, 8, 9]]  # the first stopped at EOS (cut off by generate), the second hit the budget
 
