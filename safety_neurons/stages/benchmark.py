@@ -168,7 +168,7 @@ def run_suite(cfg) -> dict:
         print(summary.to_string(index=False))
         print(times.to_string(index=False))
         if tr.main:
-            box["report"] = suite_report(tr.dir, df, root)
+            box["report"] = suite_report(tr.dir, df)
         box["results"] = {"rows": len(df), "parts": parts, "total_seconds": float(times.seconds.sum())}
     if box.get("report"):  # last, after W&B's closing lines
         print("\n" + "\n".join(x for x in box["report"] if x and not x.startswith("Details"))
@@ -176,7 +176,7 @@ def run_suite(cfg) -> dict:
     return box["results"]
 
 
-def suite_report(out: Path, df: pd.DataFrame, root: Path) -> list[str]:
+def suite_report(out: Path, df: pd.DataFrame) -> list[str]:
     """``report.md`` of a suite: each planted benchmark's summary lines and verdicts, linking its run."""
     text = ["# Planted benchmark suite", ""]
     for org, d in df[df.preset != "effect_only"].groupby("organism", sort=False):
