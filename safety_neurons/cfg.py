@@ -59,6 +59,15 @@ def check_overrides(argv: list[str]) -> None:
         raise UserError(composition_error(e)) from None
 
 
+# keys whose job another key does now, and how to say the same thing
+RENAMED = {
+    "detect.reference": "subtract a reference prompt set with dataset@reference=NAME (e.g. dataset@reference=harmless)",
+    "deactivate.means_from": "choose mean ablation's prompts with dataset@means=NAME",
+    "deactivate.set_tag": "name the set with deactivate.neurons=TAG (a store tag, a path or latest)",
+    "finetune.set_tag": "name the set with finetune.neurons=TAG (a store tag, a path or latest)",
+}
+
+
 def composition_error(e: Exception) -> str:
     """One line for a Hydra/OmegaConf composition error: the override, what is wrong, what is allowed."""
     head = [x.strip() for x in str(e).splitlines() if x.strip()]
@@ -67,6 +76,8 @@ def composition_error(e: Exception) -> str:
         return f"{head[0].removeprefix('Error merging override ')}: {cause[0]}"
     if head and head[0].startswith("Could not override") and cause:  # an unknown key
         key = head[0].split("'")[1] if head[0].count("'") >= 2 else head[0]
+        if key in RENAMED:
+            return f"{key} is not a config key; {RENAMED[key]}"
         return f"{key} is not a config key ({cause[0]}); check its spelling"
     if head and "Available options in" in str(e):  # an unknown group option
         opts = str(e).split("Available options in", 1)[1].split("Config search path", 1)[0].splitlines()[1:]

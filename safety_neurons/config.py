@@ -119,10 +119,9 @@ class DetectConfig:
     batch_size: int = 16
     qk_chunk_mb: int = 256  # memory bound of the q/k perturbed-softmax work per chunk
     qk_kernel: QkKernel = QkKernel.auto  # exact q/k on CPU: native (fused C kernel) | torch | auto
-    reference: str | None = None  # a dataset option (e.g. harmless): subtract its selected neurons
     n_reference: int | None = None
-    scores: str | None = None  # re-select from an existing scores.safetensors without recomputing
-    save_as: str | None = None  # store tag; default: <mode>[-ref<reference>]
+    scores: str | None = None  # re-select from a saved set's scores (its tag or path) without recomputing
+    save_as: str | None = None  # store tag; default: <mode or scorer>[-ref<reference dataset>]
     overwrite: bool = False
     reuse: bool = False  # an existing set under the same tag is reused instead of an error (pipelines)
     save_prompt_scores: bool = True  # per-prompt scores (float16), so select can use another k
@@ -139,14 +138,12 @@ class CompareConfig:
 
 @dataclass
 class DeactivateConfig:
-    neurons: str | None = None  # path to neurons.json / released files dir; None: latest detection
-    set_tag: str | None = None  # store tag of the set (exact, exact-refharmless, original, ...)
+    neurons: str | None = None  # a store tag, a path, or "latest"; None: the tag detect's settings write
     n: Any = field(default_factory=lambda: [0, 10, 100, 1000])  # a count, or a list (fast path: one process)
     per_layer: bool = False
     baseline: Baseline = Baseline.safety
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     ablation: Ablation = Ablation.zero
-    means_from: str = "harmless"  # prompt set whose mean activations mean ablation uses
     region: str | None = None  # label of the split flags in result rows (e.g. "under-attn")
 
 
@@ -199,8 +196,7 @@ class ReportConfig:
 class FinetuneConfig:
     target: Target = Target.safety
     set: SetKind = SetKind.sn
-    neurons: str | None = None
-    set_tag: str | None = None
+    neurons: str | None = None  # a store tag, a path, or "latest"; None: the tag detect's settings write
     cap_per_matrix: int | None = None
     top_n: int | None = None  # train only the top n of the (ranked) set
     n_harmful: int | None = 64  # null: every training prompt of the harmful set
@@ -270,6 +266,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     harmless: DatasetConfig = field(default_factory=DatasetConfig)
+    reference: DatasetConfig | None = None  # dataset@reference: detection subtracts this set's neurons
+    means: DatasetConfig | None = None  # dataset@means: mean ablation's prompts (None: the harmless set)
     split: SplitConfig = field(default_factory=SplitConfig)
     topk: TopkConfig = field(default_factory=TopkConfig)
     stage: StageConfig = field(default_factory=StageConfig)

@@ -243,3 +243,10 @@ def import_released(path: str | Path, n_heads: int, n_kv: int, head_dim: int) ->
     ranking = [(layer, kind, i) for (layer, kind) in sorted(sets, key=lambda x: (x[0], KINDS.index(x[1])))
                for i in sorted(sets[(layer, kind)])]
     return NeuronSet(ranking, {"source": str(path), "format": "released", "ranked": False})
+
+
+def is_path(name: str) -> bool:
+    """A set name is a path when it has a folder separator, a file suffix or names something on disk;
+    otherwise it is a store tag (tags are folder names, so they have neither)."""
+    p = Path(name).expanduser()
+    return "/" in name or "\\" in name or p.suffix in (".json", ".pt", ".safetensors") or p.exists()

@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .errors import UserError
+from .neurons import is_path
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # stages that read or write the store (its cache and artifacts)
@@ -116,10 +117,12 @@ def check_files(cfg) -> None:
         v = _get(cfg, key)
         if v and not Path(str(v)).expanduser().exists():
             raise UserError(f"{key}={v} does not exist; give the prompt file or folder")
-    for key in ("deactivate.neurons", "finetune.neurons"):
+    for key in ("deactivate.neurons", "finetune.neurons", "detect.scores"):
         v = _get(cfg, key)
-        if v and not Path(str(v)).expanduser().exists():
-            raise UserError(f"{key}={v} does not exist; give a neurons.json, its folder or released files")
+        if not v or not is_path(str(v)):  # a store tag or latest: looked up when the stage runs
+            continue
+        if not Path(str(v)).expanduser().exists():
+            raise UserError(f"{key}={v} does not exist; give a neurons.json, its folder, released files or a store tag")
         p = Path(str(v)).expanduser() if v else None
         if p is not None and (p.suffix == ".json" or (p / "neurons.json").exists()):
             from .neurons import NeuronSet

@@ -210,7 +210,7 @@ def test_a_killed_save_is_cleaned_up_by_the_next_run(fx, tmp_path, capsys):
 def test_slice_tuning_puts_the_delta_inside_the_renamed_model(fx, tmp_path):
     get_stage("detect")(compose(ov(fx, tmp_path / "d", "stage=detect", "detect.save_as=for-delta")))
     res = get_stage("finetune")(compose(ov(fx, tmp_path / "t", *FT, "finetune.target=safety",
-                                           "finetune.set_tag=for-delta", "finetune.save_as=ft-delta")))
+                                           "finetune.neurons=for-delta", "finetune.save_as=ft-delta")))
     out = fx["store"] / "models" / "ft-delta"
     assert (out / "delta.safetensors").read_bytes() == (tmp_path / "t" / "delta.safetensors").read_bytes()
     assert res["delta_bytes"] == (out / "delta.safetensors").stat().st_size

@@ -56,7 +56,7 @@ def test_a_set_of_another_local_model_is_refused(fx, tmp_path):
     stage(fx, tmp_path / "a", "detect", "detect.save_as=of-a")
     with pytest.raises(UserError, match=r"is not this run's: it was made on the model .*tiny-llama .*"
                                         r"this run loads .*tiny-llama-b") as e:
-        stage(fx, tmp_path / "b", "deactivate", "deactivate.set_tag=of-a", *DEACT, model=fx["model_b"])
+        stage(fx, tmp_path / "b", "deactivate", "deactivate.neurons=of-a", *DEACT, model=fx["model_b"])
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="cannot be reused: it was made on the model"):
         stage(fx, tmp_path / "c", "detect", "detect.save_as=of-a", "detect.reuse=true", model=fx["model_b"])
@@ -65,10 +65,21 @@ def test_a_set_of_another_local_model_is_refused(fx, tmp_path):
 def test_the_latest_set_is_the_latest_of_this_model(fx, tmp_path):
     stage(fx, tmp_path / "a", "detect", "detect.save_as=latest-a")
     stage(fx, tmp_path / "b", "detect", "detect.save_as=latest-b", model=fx["model_b"])  # newer, of B
-    stage(fx, tmp_path / "d", "deactivate", *DEACT)
+    stage(fx, tmp_path / "d", "deactivate", "deactivate.neurons=latest", *DEACT)
     used = json.loads((tmp_path / "d" / "results.json").read_text())["artifacts"]
     sets = [u for u in used if u["kind"] == "neuron set"]
     assert [u["path"] for u in sets] == [str(fx["store"] / "neurons/local/harmbench/latest-a/neurons.json")]
+
+
+def test_an_unnamed_set_is_the_tag_detect_writes_not_the_latest(fx, tmp_path):
+    stage(fx, tmp_path / "a", "detect", "detect.save_as=newer")  # the newest set, and not tagged exact
+    with pytest.raises(UserError, match=r"tag=exact in [^(]*\(known tags: \[[^\]]*'newer'"):
+        stage(fx, tmp_path / "d", "deactivate", *DEACT)
+    stage(fx, tmp_path / "e", "detect")  # the default detection writes the tag an unnamed set means
+    stage(fx, tmp_path / "f", "deactivate", *DEACT)
+    used = json.loads((tmp_path / "f" / "results.json").read_text())["artifacts"]
+    assert [u["path"] for u in used if u["kind"] == "neuron set"] == [
+        str(fx["store"] / "neurons/local/harmbench/exact/neurons.json")]
 
 
 def test_a_set_of_another_prompt_file_is_refused(fx, tmp_path):
@@ -77,7 +88,7 @@ def test_a_set_of_another_prompt_file_is_refused(fx, tmp_path):
     with pytest.raises(UserError, match="cannot be reused: it was detected on other prompts"):
         stage(fx, tmp_path / "b", "detect", "detect.save_as=prompts", "detect.reuse=true", hb=other)
     with pytest.raises(UserError, match="detected on other prompts"):
-        stage(fx, tmp_path / "c", "deactivate", "deactivate.set_tag=prompts", *DEACT, hb=other)
+        stage(fx, tmp_path / "c", "deactivate", "deactivate.neurons=prompts", *DEACT, hb=other)
     with pytest.raises(UserError):  # a prompt file that does not exist is never "reused"
         stage(fx, tmp_path / "d", "detect", "detect.save_as=prompts", "detect.reuse=true", hb=tmp_path / "none")
 
@@ -87,7 +98,7 @@ def test_stages_record_the_model_and_set_they_used(fx, tmp_path, capsys):
     meta = json.loads(open(res["neurons_json"]).read())["meta"]
     assert meta["source"] == str(fx["model"].resolve()) and meta["source_hash"] == folder_hash(fx["model"])
     capsys.readouterr()
-    stage(fx, tmp_path / "d", "deactivate", "deactivate.set_tag=record", *DEACT)
+    stage(fx, tmp_path / "d", "deactivate", "deactivate.neurons=record", *DEACT)
     out = capsys.readouterr().out
     used = json.loads((tmp_path / "d" / "results.json").read_text())["artifacts"]
     want = [{"kind": "model local", "path": str(fx["model"].resolve()), "hash": folder_hash(fx["model"])},

@@ -29,7 +29,7 @@ def test_multirun_deactivate_sweep_report(fixtures, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "SAFETY_NEURONS_ROOT": str(tmp_path)}
     env.pop("SAFETY_NEURONS_RUN_DIR", None)
     p = subprocess.run([sys.executable, "-m", "safety_neurons", "--multirun", "stage=deactivate", *data,
-                        "deactivate.set_tag=sweepset", "deactivate.n=0,2", f"hydra.sweep.dir={sweep}"],
+                        "deactivate.neurons=sweepset", "deactivate.n=0,2", f"hydra.sweep.dir={sweep}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"sweep report: 2 rows -> {sweep / 'report.csv'}" in p.stdout

@@ -109,7 +109,7 @@ def test_select_reselects_without_recomputing(fx, detected, tmp_path):
 
 def test_reference_subtraction_and_compare(fx, detected, tmp_path):
     ref = detect(fx, tmp_path / "ref", "topk.attn=0.5", "topk.ffn=0.5", "topk.consistency=0.5",
-                 "detect.reference=harmless")
+                 "dataset@reference=harmless")
     ns = NeuronSet.load(ref["neurons_json"])
     base = NeuronSet.load(detected[1]["neurons_json"])
     assert ns.meta["reference"]["selected"] >= 0 and set(ns.ranking) <= set(base.ranking)
@@ -138,7 +138,7 @@ def test_select_new_k_reselects_the_reference_too(fx, detected, tmp_path):
     """stage=select with another k recomputes both the harmful and the reference frequencies from the saved
     per-prompt scores (the reference set is not the one selected with the old k)."""
     detect(fx, tmp_path / "ref", "topk.attn=0.5", "topk.ffn=0.5", "topk.consistency=0.5",
-           "detect.reference=harmless", "detect.save_as=ref-k05")
+           "dataset@reference=harmless", "detect.save_as=ref-k05")
     src = fx["store"] / "neurons" / "local" / "harmbench" / "ref-k05"
     assert (src / "reference_prompt_scores.safetensors").exists()
     cfg = compose(ov(fx, tmp_path / "sel", "stage=select", f"detect.scores={src}", "topk.attn=0.25",
@@ -201,7 +201,7 @@ def test_report_gathers_sweep(fx, detected, tmp_path):
 def test_neuron_tuning_stage_and_delta(fx, detected, tmp_path):
     ft = ["stage=finetune", "finetune.target=safety", "finetune.steps=2", "finetune.batch_size=2",
           "finetune.n_harmful=2", "finetune.n_harmless=2", "finetune.max_new_tokens_distill=4", "finetune.lr=1e-2",
-          "finetune.weight_decay=0.1", "finetune.set_tag=exact"]
+          "finetune.weight_decay=0.1", "finetune.neurons=exact"]
     res = get_stage("finetune")(compose(ov(fx, tmp_path / "sn", *ft)))
     out = fx["store"] / "models" / res["saved_as"]
     ns = NeuronSet.load(detected[1]["neurons_json"])

@@ -33,7 +33,7 @@ def sets(fixtures, tmp_path_factory):
     run = tmp_path_factory.mktemp("det")
     k = ["topk.attn=0.25", "topk.ffn=0.25", "topk.consistency=0.5"]
     exact = NeuronSet.load(stage(fixtures, run / "a", "detect", *k)["neurons_json"])
-    rsn = NeuronSet.load(stage(fixtures, run / "b", "detect", *k, "detect.reference=harmless")["neurons_json"])
+    rsn = NeuronSet.load(stage(fixtures, run / "b", "detect", *k, "dataset@reference=harmless")["neurons_json"])
     assert len(exact) > 20 and 0 < len(rsn) < len(exact)
     return exact, rsn
 
@@ -50,7 +50,7 @@ def params(ns, ad) -> int:
 # ------------------------------------------------------------------------------------- deactivate
 def test_deactivate_per_layer(fixtures, sets, ad, tmp_path):
     exact, _ = sets
-    res = stage(fixtures, tmp_path / "run", "deactivate", "deactivate.set_tag=exact", "deactivate.n=[0,2]",
+    res = stage(fixtures, tmp_path / "run", "deactivate", "deactivate.neurons=exact", "deactivate.n=[0,2]",
                 "deactivate.per_layer=true")
     rows = pd.read_csv(tmp_path / "run" / "sweep.csv")
     top2 = exact.top(2, per_layer=True)
@@ -65,20 +65,28 @@ def test_deactivate_mean_ablation(fixtures, sets, tmp_path):
     """Mean ablation replaces the channels by their harmless means: at n=0 nothing changes, at n>0 the
     model differs from the zero-ablated one (same neurons)."""
     n = min(10, len(sets[0]))
-    zero = stage(fixtures, tmp_path / "z", "deactivate", "deactivate.set_tag=exact", f"deactivate.n=[0,{n}]")
-    mean = stage(fixtures, tmp_path / "m", "deactivate", "deactivate.set_tag=exact", f"deactivate.n=[0,{n}]",
+    zero = stage(fixtures, tmp_path / "z", "deactivate", "deactivate.neurons=exact", f"deactivate.n=[0,{n}]")
+    mean = stage(fixtures, tmp_path / "m", "deactivate", "deactivate.neurons=exact", f"deactivate.n=[0,{n}]",
                  "deactivate.ablation=mean")
     assert [r["ablation"] for r in mean["rows"]] == ["mean", "mean"]
     assert mean["rows"][0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert mean["rows"][1]["n_neurons"] == zero["rows"][1]["n_neurons"] == n
     assert mean["rows"][1]["param_share"] == zero["rows"][1]["param_share"]
     assert mean["rows"][1]["kl"] != pytest.approx(zero["rows"][1]["kl"], rel=1e-6)
+    # the means' prompts are a composed slot: its overrides reach them (one harmful prompt's means differ)
+    other = stage(fixtures, tmp_path / "o", "deactivate", "deactivate.neurons=exact", f"deactivate.n=[0,{n}]",
+                  "deactivate.ablation=mean", "dataset@means=harmbench", f"means.path={fixtures['hb']}",
+                  "means.n_train=1")
+    assert other["rows"][1]["kl"] != pytest.approx(mean["rows"][1]["kl"], rel=1e-6)
+    same = stage(fixtures, tmp_path / "s", "deactivate", "deactivate.neurons=exact", f"deactivate.n=[0,{n}]",
+                 "deactivate.ablation=mean", "dataset@means=harmless", f"means.path={fixtures['harmless']}")
+    assert same["rows"][1]["kl"] == mean["rows"][1]["kl"]  # the default slot is the harmless set
 
 
 def test_deactivate_split_region_flags(fixtures, sets, tmp_path):
     exact, _ = sets
     flags = ["split.under=1", "split.gen=0", "split.under_ffn=false", "split.reason_attn=false"]
-    res = stage(fixtures, tmp_path / "run", "deactivate", "deactivate.set_tag=exact", "deactivate.n=all", *flags)
+    res = stage(fixtures, tmp_path / "run", "deactivate", "deactivate.neurons=exact", "deactivate.n=all", *flags)
     want = [n for n in exact.ranking if not (n[0] == 0 and n[1] == "ffn") and not (n[0] >= 1 and n[1] != "ffn")]
     assert 0 < len(want) < len(exact)
     cfg = compose(ov(fixtures, tmp_path / "x", *flags))
@@ -111,7 +119,7 @@ PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "ffn": "down
 
 def test_finetune_random_set_same_shape_outside_the_set(fixtures, sets, ad, tmp_path):
     exact, _ = sets
-    res = finetune(fixtures, tmp_path / "run", "finetune.target=random", "finetune.set_tag=exact")
+    res = finetune(fixtures, tmp_path / "run", "finetune.target=random", "finetune.neurons=exact")
     assert res["neurons"] == len(exact) and res["trainable_params"] == params(exact, ad)
     trained = delta_sites(load_file(str(fixtures["store"] / "models" / res["saved_as"] / "delta.safetensors")))
     for (layer, kind), idx in exact.index_map().items():
@@ -123,7 +131,7 @@ def test_finetune_random_set_same_shape_outside_the_set(fixtures, sets, ad, tmp_
 def test_finetune_lora_rank_matches_the_set(fixtures, sets, ad, tmp_path):
     pytest.importorskip("peft")
     exact, _ = sets
-    res = finetune(fixtures, tmp_path / "run", "finetune.target=lora", "finetune.set_tag=exact")
+    res = finetune(fixtures, tmp_path / "run", "finetune.target=lora", "finetune.neurons=exact")
     per_rank = sum(lin.in_features + lin.out_features for i in range(ad.n_layers)
                    for lin in (ad.modules(i).q, ad.modules(i).k, ad.modules(i).v, ad.modules(i).o))
     assert res["trainable_params"] % per_rank == 0
@@ -145,12 +153,12 @@ def test_finetune_rsn_uses_the_reference_subtracted_set(fixtures, sets, ad, tmp_
 
 def test_finetune_cap_per_matrix_and_top_n(fixtures, sets, ad, tmp_path):
     exact, _ = sets
-    res = finetune(fixtures, tmp_path / "cap", "finetune.set_tag=exact", "finetune.cap_per_matrix=1",
+    res = finetune(fixtures, tmp_path / "cap", "finetune.neurons=exact", "finetune.cap_per_matrix=1",
                    "finetune.save_as=capped")
     capped = cap_set(exact, 1)
     assert res["neurons"] == len(capped) == len(exact.counts())  # one neuron per (layer, kind) matrix
     assert res["trainable_params"] == params(capped, ad)
-    res = finetune(fixtures, tmp_path / "top", "finetune.set_tag=exact", "finetune.top_n=3", "finetune.save_as=top3")
+    res = finetune(fixtures, tmp_path / "top", "finetune.neurons=exact", "finetune.top_n=3", "finetune.save_as=top3")
     top = exact.top(3)
     assert res["neurons"] == 3 and res["trainable_params"] == params(top, ad)
     trained = delta_sites(load_file(str(fixtures["store"] / "models" / "top3" / "delta.safetensors")))

@@ -172,6 +172,22 @@ def test_library_choices_match_the_schema():
     assert {m.value for m in ScorerName} == set(SCORERS)
 
 
+@pytest.mark.parametrize("old, new", [("detect.reference=harmless", "dataset@reference=harmless"),
+                                      ("deactivate.set_tag=exact", "deactivate.neurons=TAG"),
+                                      ("finetune.set_tag=exact", "finetune.neurons=TAG"),
+                                      ("deactivate.means_from=alpaca", "dataset@means=NAME")])
+def test_a_renamed_key_says_the_new_way(old, new):
+    from hydra.errors import HydraException
+
+    from safety_neurons.cfg import composition_error
+
+    with pytest.raises(HydraException) as e:
+        compose(["run_dir=/tmp/x", old])
+    msg = composition_error(e.value)
+    assert new in msg and "\n" not in msg
+    compose(["run_dir=/tmp/x", new.replace("TAG", "exact").replace("NAME", "alpaca")])  # the new way composes
+
+
 def test_a_composition_error_is_one_line():
     from safety_neurons.cfg import check_overrides
 

@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..identity import artifact_hash, source_identity
 from ..io import Store
 from ..models import load_model
-from ..neurons import NeuronSet
+from ..neurons import NeuronSet, is_path
 from ..tracking import Tracker
 
 log = logging.getLogger("safety_neurons")
@@ -131,29 +131,45 @@ def find_set(cfg, tag: str | None) -> Path:
     return path
 
 
-def load_set(cfg, which, adapter) -> NeuronSet:
-    """The neuron set a stage uses: an explicit path, else the latest detection of this model/dataset."""
-    path = which.neurons
-    if path:
-        p = Path(path)
-        if p.is_file() and p.suffix != ".json":
-            from ..neurons import import_released
+def default_tag(cfg) -> str:
+    """The store tag of a detected set: the PLND mode (exact, original) or the scorer's name, then
+    ``-ref<dataset>`` when dataset@reference was subtracted."""
+    d = cfg.detect
+    base = d.mode if d.scorer == "plnd" else d.scorer
+    return base + (f"-ref{cfg.reference.name}" if cfg.reference is not None else "")
 
-            ns = import_released(p, adapter.n_heads, adapter.n_kv, adapter.head_dim)
-        else:
-            ns = NeuronSet.load(p)
-            why = origin_mismatch(ns.meta, cfg, prompts=False)
-            if why:  # named by path: the user's choice, said and recorded
-                print(f"warning: the neuron set {p} is used as named although {why}")
-            p = p / "neurons.json" if p.is_dir() else p
-        note_artifact("neuron set", p, artifact_hash(p))
+
+def set_path(cfg, name: str | None, default: str) -> Path:
+    """The one way a stage names a neuron set: ``name`` is a store tag of this model and dataset, a path
+    (neurons.json or its folder), or ``latest`` (the newest set made from this run's model and prompts);
+    None is ``default``, the tag the run's detect settings write."""
+    if name is None:
+        name = default
+    if name == "latest":
+        return find_set(cfg, None)
+    if is_path(name):
+        p = Path(name).expanduser()
+        if not p.exists():
+            raise UserError(f"the neuron set {name} does not exist; give a neurons.json, its folder or a store tag")
+        return p
+    return find_set(cfg, name)
+
+
+def load_set(cfg, which, adapter, default: str) -> NeuronSet:
+    """The neuron set ``which.neurons`` names (see set_path); a released neuron file is imported
+    with this model's head layout."""
+    p = set_path(cfg, which.neurons, default)
+    if p.is_file() and p.suffix != ".json":
+        from ..neurons import import_released
+
+        ns = import_released(p, adapter.n_heads, adapter.n_kv, adapter.head_dim)
     else:
-        tag = which.set_tag
-        if tag is None and getattr(which, "set", "sn") == "rsn":
-            tag = f"exact-ref{cfg.harmless.name}"
-        found = find_set(cfg, tag)
-        ns = NeuronSet.load(found)
-        note_artifact("neuron set", found, artifact_hash(found))
+        ns = NeuronSet.load(p)
+        why = origin_mismatch(ns.meta, cfg, prompts=False)
+        if why and which.neurons and is_path(which.neurons):  # named by path: the user's choice, said and recorded
+            print(f"warning: the neuron set {p} is used as named although {why}")
+        p = p / "neurons.json" if p.is_dir() else p
+    note_artifact("neuron set", p, artifact_hash(p))
     ns.check_compatible(adapter.signature())
     for layer, kind, i in ns.ranking:
         if layer >= adapter.n_layers or i >= adapter.width(kind):

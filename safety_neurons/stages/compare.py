@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..identity import artifact_hash
 from ..io import atomic_write, write_csv
 from ..neurons import NeuronSet
-from .common import find_set, note_artifact, tracked
+from .common import note_artifact, set_path, tracked
 
 
 def jaccard(a: set, b: set) -> float:
@@ -21,10 +21,8 @@ def jaccard(a: set, b: set) -> float:
 
 
 def resolve_set(cfg, ref: str) -> NeuronSet:
-    p = Path(ref)
-    if p.exists():
-        return NeuronSet.load(p)
-    path = find_set(cfg, ref)
+    """A set named as every stage names one: a store tag, a path, or latest."""
+    path = set_path(cfg, ref, ref)
     note_artifact(f"neuron set {ref}", path, artifact_hash(path))
     return NeuronSet.load(path)
 

@@ -16,7 +16,17 @@ from ..errors import UserError
 from ..evaluation import Evaluator
 from ..hooks import deactivated
 from ..io import write_csv
-from .common import harmful_set, harmless_set, load, load_set, log, random_like, tracked
+from .common import (
+    cache_dir,
+    default_tag,
+    harmful_set,
+    harmless_set,
+    load,
+    load_set,
+    log,
+    random_like,
+    tracked,
+)
 
 METRICS = ("asr", "harmful_refusal", "over_refusal", "utility_nll", "nll_ratio", "kl", "degenerate_share",
            "asr_coherent", "breaks_model")
@@ -62,7 +72,7 @@ def run(cfg) -> dict:
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
         check_split(cfg.split, ad.n_layers)
-        full = load_set(cfg, dc, ad)
+        full = load_set(cfg, dc, ad, default_tag(cfg))
         region_set = apply_split(full, cfg.split, ad.n_layers)
         per_layer_max = max((sum(1 for n in region_set.ranking if n[0] == layer) for layer in
                              {n[0] for n in region_set.ranking}), default=0)
@@ -76,11 +86,10 @@ def run(cfg) -> dict:
         sp = cfg.model.system_prompt
         means = None
         if dc.ablation == "mean":
-            from ..cfg import dataset_config
             from ..data import load_prompts
 
-            mcfg = cfg.harmless if dc.means_from == cfg.harmless.name else dataset_config(dc.means_from)
-            means = neuron_means(model, tok, ad, load_prompts(mcfg, "train").prompts, sp)
+            mcfg = cfg.means if cfg.means is not None else cfg.harmless
+            means = neuron_means(model, tok, ad, load_prompts(mcfg, "train", cache_dir(cfg)).prompts, sp)
         ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length)
         n_total = ad.n_params()
         rows, gens = [], []

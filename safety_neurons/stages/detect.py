@@ -11,7 +11,6 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from ..cfg import dataset_config
 from ..config import KINDS
 from ..data import load_prompts
 from ..errors import UserError
@@ -22,7 +21,17 @@ from ..neurons import NeuronSet, TopkStats, resolve_k, select, split_scores
 from ..organism import read_provenance
 from ..scoring import score_prompts, target_answers
 from ..tracking import code_version, is_main_process
-from .common import cache_dir, find_set, harmful_set, load, origin_mismatch, store_of, tracked
+from .common import (
+    cache_dir,
+    default_tag,
+    harmful_set,
+    is_path,
+    load,
+    origin_mismatch,
+    set_path,
+    store_of,
+    tracked,
+)
 
 
 def check_detect_cfg(d) -> None:
@@ -34,12 +43,6 @@ def check_detect_cfg(d) -> None:
     if scorer.needs_reference and not d.reference_model:
         raise UserError(f"detect.scorer={d.scorer} needs detect.reference_model=NAME_OR_PATH (the base model "
                         f"before alignment, same architecture)")
-
-
-def default_tag(d) -> str:
-    """The store tag of a set: the PLND mode (exact, original) or the scorer's name, then the reference."""
-    base = d.mode if d.scorer == "plnd" else d.scorer
-    return base + (f"-ref{d.reference}" if d.reference else "")
 
 
 def load_reference_model(cfg, adapter):
@@ -80,10 +83,6 @@ def stats_from(scores: dict[tuple[int, str], torch.Tensor], k_of: dict[str, int]
         st.update(layer, kind, s)
         st.n = s.shape[0]
     return st
-
-
-def _reference_cfg(cfg, name: str):
-    return cfg.harmless if name == cfg.harmless.name else dataset_config(name)
 
 
 def summary_table(ns: NeuronSet, adapter) -> pd.DataFrame:
@@ -205,7 +204,7 @@ def run(cfg) -> dict:
     if d.scores:
         return run_select(cfg)
     store = store_of(cfg)
-    tag = d.save_as or default_tag(d)
+    tag = d.save_as or default_tag(cfg)
     out_store = store.neuron_dir(cfg.model.name, cfg.dataset.name, tag)
     # the set is assembled beside its place and renamed in whole, under a lock taken before any work
     with ArtifactDir(out_store, "the neuron set", active=is_main_process()) as art:
@@ -232,9 +231,8 @@ def _detect(cfg, tag: str, out_store: Path, art: ArtifactDir) -> dict:
         t_detect = time.time() - t0
         st = stats_from(scores, k_of)
         exclude, ref_meta, ref_st = None, None, None
-        if d.reference:
-            rcfg = _reference_cfg(cfg, d.reference)
-            ref = load_prompts(rcfg, "train", cache_dir(cfg)).head(d.n_reference)
+        if cfg.reference is not None:
+            ref = load_prompts(cfg.reference, "train", cache_dir(cfg)).head(d.n_reference)
             rextra = scorer_inputs(cfg, model, tok, ad, ref)
             rextra.pop("reference", None)
             rscores = score_prompts(model, tok, ad, ref.prompts, d, sp, cfg.model.max_length, acc,
@@ -296,11 +294,12 @@ def run_select(cfg) -> dict:
     """Re-select from saved scores (another consistency, k or reference) without recomputing."""
     d = cfg.detect
     store = store_of(cfg)
-    src = Path(d.scores) if d.scores else find_set(cfg, None).parent
+    src = set_path(cfg, d.scores, default_tag(cfg))
     if src.is_file():
         src = src.parent
     base = NeuronSet.load(src / "neurons.json")
-    if d.scores and (why := origin_mismatch(base.meta, cfg, prompts=False)):  # named by path: said, not refused
+    named_by_path = bool(d.scores) and is_path(d.scores)
+    if named_by_path and (why := origin_mismatch(base.meta, cfg, prompts=False)):  # said, not refused
         print(f"warning: re-selecting from {src} although {why}")
     print(f"using the scores of {src} (neurons.json hash {artifact_hash(src / 'neurons.json')})")
     meta = dict(base.meta)

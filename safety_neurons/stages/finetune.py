@@ -17,6 +17,7 @@ from ..tracking import is_main_process
 from ..training import attach_slices, bake_slices, slice_delta, train_sft
 from .common import (
     cap_set,
+    default_tag,
     harmful_set,
     harmless_set,
     load,
@@ -67,6 +68,12 @@ def run(cfg) -> dict:
         return _finetune(cfg, name, out_dir, art)
 
 
+def set_default(cfg) -> str:
+    """The tag finetune.neurons=null names: the set detect's settings write, or with finetune.set=rsn the
+    safety-specific set (the harmless set's neurons subtracted)."""
+    return f"exact-ref{cfg.harmless.name}" if cfg.finetune.set == "rsn" else default_tag(cfg)
+
+
 def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
     f = cfg.finetune
     with tracked(cfg) as (tr, box):
@@ -76,7 +83,7 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
         ns = None
         if f.target in ("safety", "random", "lora"):
             try:
-                ns = cap_set(load_set(cfg, f, ad), f.cap_per_matrix)
+                ns = cap_set(load_set(cfg, f, ad, set_default(cfg)), f.cap_per_matrix)
                 if f.top_n is not None:
                     ns = ns.top(f.top_n)
             except UserError:
