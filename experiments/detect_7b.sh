@@ -5,4 +5,4 @@ set -euo pipefail
 model=${1:-mistral}; shift || true
 export SAFETY_NEURONS_RUN_DIR=${SAFETY_NEURONS_RUN_DIR:-outputs/runs/detect/$model/$(date +%Y-%m-%d_%H-%M-%S)}
 accelerate launch --config_file experiments/accelerate_multigpu.yaml -m safety_neurons \
-  stage=detect model="$model" topk=paper detect.reference=harmless "$@"
+  stage=detect model="$model" topk=paper dataset@reference=harmless "$@"

@@ -169,6 +169,13 @@ class ModelAdapter:
         return sum(slice_size(lin, dim) for lin, dim in self.site(0, kind).slices)
 
 
+def signature_widths(sig: dict) -> dict[str, int]:
+    """Neurons per layer of each kind, from a set's recorded ``model_signature`` (without the model):
+    q, o: H*d_h; k, v: G*d_h; ffn: d_ff, as ``ModelAdapter.width`` reads them from the modules."""
+    h, g, d = sig.get("n_heads", 0), sig.get("n_kv", 0), sig.get("head_dim", 0)
+    return {"q": h * d, "o": h * d, "k": g * d, "v": g * d, "ffn": sig.get("d_ff", 0)}
+
+
 # ----------------------------------------------------------------------------------------- loading
 def resolve_device(device: str) -> torch.device:
     if device == "auto":

@@ -108,12 +108,6 @@ LONG_FUNCTIONS = {
     "safety_neurons.stages.deactivate.run":
         "The stage's steps (check the set, load, capture means, sweep counts and seeds) run in an order "
         "later steps rely on; it is being split into stage steps.",
-    "safety_neurons.stages.detect._detect":
-        "Scoring, selection and the artifacts of one detection share the loaded model and the tracker; "
-        "it is being split into stage steps.",
-    "safety_neurons.stages.detect.run_select":
-        "Re-selection reads saved scores and writes a set with the same provenance as a detection; it "
-        "is being split into stage steps.",
     "safety_neurons.stages.finetune._finetune":
         "The set, its trainable slices, the training pairs and the tuned model's artifacts share one "
         "loaded model; it is being split into stage steps.",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -55,7 +56,7 @@ def test_base_model_loads_and_detects_on_raw_text(fixtures, tmp_path):
         get_stage("detect")(compose([*common]))
     assert str(e.value) == NO_TEMPLATE
     res = get_stage("detect")(compose([*common, "detect.chat_template=false"]))
-    meta = json.loads((tmp_path / "run" / "neurons.json").read_text())["meta"]
+    meta = json.loads(Path(res["neurons_json"]).read_text())["meta"]
     assert meta["chat_template"] is False and meta["n_prompts"] == res["n_prompts"] == 4
 
 

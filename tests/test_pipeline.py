@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,6 +14,7 @@ from safetensors.torch import load_file
 
 from safety_neurons.cfg import compose
 from safety_neurons.errors import UserError
+from safety_neurons.identity import artifact_hash
 from safety_neurons.neurons import NeuronSet
 from safety_neurons.stages import get_stage
 from tests.builders import HARMLESS, stage_files
@@ -42,11 +45,18 @@ def detected(fx, tmp_path_factory):
 def test_detect_artifacts_and_ranking(fx, detected):
     run, res = detected
     store = fx["store"] / "neurons" / "local" / "harmbench" / "exact"
-    for d in (run, store):
-        obj = json.loads((d / "neurons.json").read_text())
-        assert set(obj) == {"meta", "layers", "ranking"}
-        for f in ("scores.safetensors", "prompt_scores.safetensors", "summary.csv", "heatmap.png", "scores.png"):
-            assert (d / f).exists(), f
+    obj = json.loads((store / "neurons.json").read_text())
+    assert set(obj) == {"meta", "layers", "ranking"}
+    for f in ("scores.safetensors", "prompt_scores.safetensors", "summary.csv", "heatmap.png", "scores.png",
+              "config.json"):
+        assert (store / f).exists(), f
+    # the run folder points at the set and keeps only small copies: the scores exist once, in the store
+    assert json.loads((run / "set.json").read_text()) == {
+        "path": str(store), "neurons_json": str(store / "neurons.json"), "hash": artifact_hash(store / "neurons.json")}
+    assert {p.name for p in run.iterdir() if p.suffix in (".safetensors", ".json", ".png", ".csv")} >= {
+        "set.json", "summary.csv", "heatmap.png", "scores.png"}
+    assert not list(run.rglob("*.safetensors")) and not (run / "neurons.json").exists()
+    assert (run / "heatmap.png").read_bytes() == (store / "heatmap.png").read_bytes()
     ns = NeuronSet.load(store / "neurons.json")
     assert len(ns) == res["n_neurons"] > 0
     meta = ns.meta
@@ -153,6 +163,12 @@ def test_select_new_k_reselects_the_reference_too(fx, detected, tmp_path):
     new, old = (load_file(str(d / "reference_scores.safetensors")) for d in (src.parent / "ref-k025", src))
     assert all(torch.equal(new[n], old[n]) for n in new if n.endswith(".mean"))
     assert any(not torch.equal(new[n], old[n]) for n in new if n.endswith(".freq"))
+    # the per-prompt scores are the source's, not a second copy, and the run folder points at the new set
+    for f in ("prompt_scores.safetensors", "reference_prompt_scores.safetensors"):
+        assert os.stat(src / f).st_ino == os.stat(src.parent / "ref-k025" / f).st_ino
+    assert json.loads((tmp_path / "sel" / "set.json").read_text())["neurons_json"] == str(
+        src.parent / "ref-k025" / "neurons.json")
+    assert not list((tmp_path / "sel").rglob("*.safetensors"))
 
 
 def test_deactivate_fast_path_equals_separate_points(fx, detected, tmp_path):
@@ -230,14 +246,14 @@ def test_detect_with_device_map_auto_equals_plain_load(fx, detected, tmp_path):
     gives the same per-prompt scores as a plain load."""
     from safetensors.torch import load_file
 
-    run, _ = detected
-    detect(fx, tmp_path / "dm", "topk.attn=0.5", "topk.ffn=0.5", "topk.consistency=0.5", "model.device_map=auto",
-           "detect.save_as=dm")
-    a = load_file(str(run / "prompt_scores.safetensors"))
-    b = load_file(str(tmp_path / "dm" / "prompt_scores.safetensors"))
+    plain = Path(detected[1]["neurons_json"]).parent
+    dm = Path(detect(fx, tmp_path / "dm", "topk.attn=0.5", "topk.ffn=0.5", "topk.consistency=0.5",
+                     "model.device_map=auto", "detect.save_as=dm")["neurons_json"]).parent
+    a = load_file(str(plain / "prompt_scores.safetensors"))
+    b = load_file(str(dm / "prompt_scores.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "dm" / "neurons.json").read_text())["ranking"] == \
-        json.loads((run / "neurons.json").read_text())["ranking"]
+    assert json.loads((dm / "neurons.json").read_text())["ranking"] == \
+        json.loads((plain / "neurons.json").read_text())["ranking"]
 
 
 def test_detect_on_part_of_the_file_says_so(fx, tmp_path, capsys):

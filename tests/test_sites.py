@@ -10,7 +10,7 @@ from safety_neurons.config import KINDS
 from safety_neurons.data import encode
 from safety_neurons.errors import UserError
 from safety_neurons.hooks import at_site, deactivated, hooks
-from safety_neurons.models import ModelAdapter
+from safety_neurons.models import ModelAdapter, signature_widths
 from safety_neurons.training import attach_slices, bake_slices
 from tests.tiny import tiny_model
 
@@ -28,6 +28,9 @@ def test_site_shapes(model):
             assert all(lin.weight.shape[dim] == s.width for lin, dim in s.slices)
     with pytest.raises(UserError, match="unknown neuron kind 'z'"):
         ad.site(0, "z")
+    # what stage=select reads from a saved set's signature, without the model (grouped-query: k, v narrower)
+    assert signature_widths(ad.signature()) == {k: ad.width(k) for k in KINDS}
+    assert ad.n_kv < ad.n_heads
 
 
 def test_hook_point_is_what_deactivation_sets(model, tok):

@@ -187,7 +187,7 @@ def test_detection_runs_on_raw_text(store, tmp_path):
         "detect.chat_template=false; evaluation, deactivation and tuning need a chat model")
     subprocess.run([*base, "detect.chat_template=false"], cwd=ROOT,
                    env={**env, "SAFETY_NEURONS_RUN_DIR": str(tmp_path / "run")}, check=True)
-    meta = json.loads((tmp_path / "run" / "neurons.json").read_text())["meta"]
+    meta = json.loads(Path(json.loads((tmp_path / "run" / "set.json").read_text())["neurons_json"]).read_text())["meta"]
     assert meta["chat_template"] is False and meta["n_prompts"] == 4
     assert meta["gguf"] == f"{PACKAGE}/{FILE}"
     sig = meta["model_signature"]

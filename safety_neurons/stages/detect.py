@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +20,7 @@ from ..errors import UserError
 from ..identity import artifact_hash, source_identity
 from ..importance import get_scorer, qk_kernel_used
 from ..io import ArtifactDir, atomic_write, write_csv, write_json
+from ..models import signature_widths
 from ..neurons import NeuronSet, TopkStats, resolve_k, select, split_scores
 from ..organism import read_provenance
 from ..scoring import score_prompts, target_answers
@@ -198,6 +202,23 @@ def _reuse_or_refuse(cfg, out_store: Path, tag: str) -> dict | None:
     return None
 
 
+@dataclass
+class Detection:
+    """What one detection computed: the harmful prompts, their per-prompt scores and statistics, those of
+    the reference prompts when there are any (``ref_meta`` says which, and how many neurons they
+    selected), the ranking and the scoring time."""
+
+    harm: object
+    scores: dict
+    st: TopkStats
+    ranking: list
+    mean: dict
+    seconds: float
+    rscores: dict | None = None
+    ref_st: TopkStats | None = None
+    ref_meta: dict | None = None
+
+
 def run(cfg) -> dict:
     d = cfg.detect
     check_detect_cfg(d)
@@ -213,76 +234,24 @@ def run(cfg) -> dict:
 
 
 def _detect(cfg, tag: str, out_store: Path, art: ArtifactDir) -> dict:
-    d = cfg.detect
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
-        k_of = k_per_kind(cfg.topk, ad, d.kinds)
-        harm = harmful_set(cfg, "train")
-        if harm.shortfall() and acc.is_main_process:  # a run on part of a file says so
-            print(f"detection scores {harm.shortfall()}")
-        sp = cfg.model.system_prompt
-        t0 = time.time()
-        extra = scorer_inputs(cfg, model, tok, ad, harm)
-        scores = score_prompts(model, tok, ad, harm.prompts, d, sp, cfg.model.max_length, acc, "importance (harmful)",
-                               **extra)
-        t_detect = time.time() - t0
-        st = stats_from(scores, k_of)
-        exclude, ref_meta, ref_st = None, None, None
-        if cfg.reference is not None:
-            ref = load_prompts(cfg.reference, "train", cache_dir(cfg)).head(d.n_reference)
-            rextra = scorer_inputs(cfg, model, tok, ad, ref)
-            rextra.pop("reference", None)
-            rscores = score_prompts(model, tok, ad, ref.prompts, d, sp, cfg.model.max_length, acc,
-                                    f"importance ({ref.name})", reference=extra.get("reference"), **rextra)
-            ref_st = stats_from(rscores, k_of)
-            rmean, rfreq = split_scores(ref_st.tensors())
-            exclude = set(select(rmean, rfreq, cfg.topk.consistency))
-            ref_meta = {**ref.describe(), "selected": len(exclude)}
-        mean, freq = split_scores(st.tensors())
-        ranking = select(mean, freq, cfg.topk.consistency, exclude)
-        meta = {
-            **_model_id(cfg), "model_signature": ad.signature(), "dataset": harm.describe(),
-            "n_prompts": len(harm), "scorer": d.scorer, "mode": d.mode if d.scorer == "plnd" else None,
-            "reference_model": d.reference_model if get_scorer(d.scorer).needs_reference else None,
-            "target_tokens": d.target_tokens if get_scorer(d.scorer).needs_target else None,
-            "tokens": d.tokens, "last_m": d.last_m,
-            "qk_kernel": qk_kernel_used(d.qk_kernel, next(model.parameters()).device)
-            if d.mode == "exact" and d.scorer == "plnd" else None,
-            "attn_implementation": getattr(model.config, "_attn_implementation", None),
-            "chat_template": d.chat_template, "system_prompt": sp, "kinds": list(d.kinds),
-            "topk": {"attn": cfg.topk.attn, "ffn": cfg.topk.ffn, "k_per_kind": k_of},
-            "consistency": cfg.topk.consistency, "reference": ref_meta, "code_version": code_version(),
-            "seed": cfg.seed, "tag": tag, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "ranked": True,
-        }
-        ns = NeuronSet(ranking, meta)
+        found = score_and_select(cfg, model, tok, ad, acc)
+        ns = NeuronSet(found.ranking, set_meta(cfg, model, ad, found, tag))
         table = summary_table(ns, ad)
         results = {"tag": tag, "n_neurons": len(ns), "param_share": float(table["param_share"].iloc[-1]),
-                   **{f"n_{k}": int(table[k].iloc[-1]) for k in KINDS}, "n_prompts": len(harm),
-                   "detect_seconds": round(t_detect, 1), "processes": acc.num_processes,
-                   "prompts_per_second": len(harm) / max(t_detect, 1e-9),
+                   **{f"n_{k}": int(table[k].iloc[-1]) for k in KINDS}, "n_prompts": len(found.harm),
+                   "detect_seconds": round(found.seconds, 1), "processes": acc.num_processes,
+                   "prompts_per_second": len(found.harm) / max(found.seconds, 1e-9),
                    "neurons_json": str(out_store / "neurons.json"),
-                   "reference_selected": ref_meta["selected"] if ref_meta else None}
+                   "reference_selected": found.ref_meta["selected"] if found.ref_meta else None}
         if acc.is_main_process:
-            for out in (art.tmp, tr.dir):  # the run folder last: the logged plots are its copies
-                out.mkdir(parents=True, exist_ok=True)
-                _save_scores(out / "scores.safetensors", st)
-                if ref_st is not None:
-                    _save_scores(out / "reference_scores.safetensors", ref_st)
-                if d.save_prompt_scores:
-                    _save_prompt_scores(out / "prompt_scores.safetensors", scores)
-                    if ref_st is not None:  # so that stage=select can re-select the reference with a new k
-                        _save_prompt_scores(out / "reference_prompt_scores.safetensors", rscores)
-                write_csv(out / "summary.csv", table)
-                plots = plot_set(ns, ad, mean, out, f"{cfg.model.name} {tag}: {len(ns)} neurons")
-                write_json(out / "config.json", OmegaConf.to_container(cfg, resolve=True))
-                ns.save(out / "neurons.json", overwrite=True)
+            plots = write_set(cfg, art.tmp, ns, ad, found, table)
             art.commit()
-            for p in plots:
-                tr.log_image(p.stem, p)
-            tr.log_table("summary", table)
+            record_run(tr, out_store, table, plots)
             print(table.to_string(index=False))
             print(f"{len(ns)} safety neurons ({100 * results['param_share']:.3f}% of parameters) -> {out_store}")
         tr.log({k: v for k, v in results.items() if isinstance(v, (int, float))})
@@ -290,71 +259,155 @@ def _detect(cfg, tag: str, out_store: Path, art: ArtifactDir) -> dict:
     return box["results"]
 
 
+def score_and_select(cfg, model, tok, ad, acc) -> Detection:
+    """Score the harmful prompts (and the reference prompts, whose selection is excluded) and rank."""
+    d = cfg.detect
+    k_of = k_per_kind(cfg.topk, ad, d.kinds)
+    harm = harmful_set(cfg, "train")
+    if harm.shortfall() and acc.is_main_process:  # a run on part of a file says so
+        print(f"detection scores {harm.shortfall()}")
+    sp, ml = cfg.model.system_prompt, cfg.model.max_length
+    t0 = time.time()
+    extra = scorer_inputs(cfg, model, tok, ad, harm)
+    scores = score_prompts(model, tok, ad, harm.prompts, d, sp, ml, acc, "importance (harmful)", **extra)
+    seconds = time.time() - t0
+    st = stats_from(scores, k_of)
+    mean, freq = split_scores(st.tensors())
+    found = Detection(harm, scores, st, [], mean, seconds)
+    exclude = None
+    if cfg.reference is not None:
+        ref = load_prompts(cfg.reference, "train", cache_dir(cfg)).head(d.n_reference)
+        rextra = scorer_inputs(cfg, model, tok, ad, ref)
+        rextra.pop("reference", None)  # the reference model is loaded once, for both prompt sets
+        found.rscores = score_prompts(model, tok, ad, ref.prompts, d, sp, ml, acc, f"importance ({ref.name})",
+                                      reference=extra.get("reference"), **rextra)
+        found.ref_st = stats_from(found.rscores, k_of)
+        exclude = set(select(*split_scores(found.ref_st.tensors()), cfg.topk.consistency))
+        found.ref_meta = {**ref.describe(), "selected": len(exclude)}
+    found.ranking = select(mean, freq, cfg.topk.consistency, exclude)
+    return found
+
+
+def set_meta(cfg, model, ad, found: Detection, tag: str) -> dict:
+    """The provenance a detected set carries: model, prompts, scorer and its options, k, reference, code."""
+    d = cfg.detect
+    scorer = get_scorer(d.scorer)
+    return {
+        **_model_id(cfg), "model_signature": ad.signature(), "dataset": found.harm.describe(),
+        "n_prompts": len(found.harm), "scorer": d.scorer, "mode": d.mode if d.scorer == "plnd" else None,
+        "reference_model": d.reference_model if scorer.needs_reference else None,
+        "target_tokens": d.target_tokens if scorer.needs_target else None,
+        "tokens": d.tokens, "last_m": d.last_m,
+        "qk_kernel": qk_kernel_used(d.qk_kernel, next(model.parameters()).device)
+        if d.mode == "exact" and d.scorer == "plnd" else None,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "chat_template": d.chat_template, "system_prompt": cfg.model.system_prompt, "kinds": list(d.kinds),
+        "topk": {"attn": cfg.topk.attn, "ffn": cfg.topk.ffn, "k_per_kind": k_per_kind(cfg.topk, ad, d.kinds)},
+        "consistency": cfg.topk.consistency, "reference": found.ref_meta, "code_version": code_version(),
+        "seed": cfg.seed, "tag": tag, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "ranked": True,
+    }
+
+
+def write_set(cfg, out: Path, ns: NeuronSet, ad, found: Detection, table: pd.DataFrame) -> list[Path]:
+    """The set's one copy (in the store folder being assembled): neurons, statistics, per-prompt scores,
+    summary, plots and the config; returns the plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    _save_scores(out / "scores.safetensors", found.st)
+    if found.ref_st is not None:
+        _save_scores(out / "reference_scores.safetensors", found.ref_st)
+    if cfg.detect.save_prompt_scores:
+        _save_prompt_scores(out / "prompt_scores.safetensors", found.scores)
+        if found.ref_st is not None:  # so that stage=select can re-select the reference with a new k
+            _save_prompt_scores(out / "reference_prompt_scores.safetensors", found.rscores)
+    write_csv(out / "summary.csv", table)
+    write_json(out / "config.json", OmegaConf.to_container(cfg, resolve=True))
+    ns.save(out / "neurons.json", overwrite=True)
+    return plot_set(ns, ad, found.mean, out, f"{cfg.model.name} {ns.meta['tag']}: {len(ns)} neurons")
+
+
+def record_run(tr, set_dir: Path, table: pd.DataFrame, plots: list[Path]) -> None:
+    """What the run folder keeps of a set written to the store: its summary and plots (small copies,
+    logged from there) and ``set.json``, which says where the set is and its hash. Scores are never
+    copied: the store holds the one copy."""
+    tr.dir.mkdir(parents=True, exist_ok=True)
+    write_csv(tr.dir / "summary.csv", table)
+    write_json(tr.dir / "set.json", {"path": str(set_dir), "neurons_json": str(set_dir / "neurons.json"),
+                                     "hash": artifact_hash(set_dir / "neurons.json")})
+    for p in plots:
+        copy = tr.dir / p.name
+        atomic_write(copy, lambda t, s=set_dir / p.name: shutil.copyfile(s, t))
+        tr.log_image(copy.stem, copy)
+    tr.log_table("summary", table)
+
+
 def run_select(cfg) -> dict:
     """Re-select from saved scores (another consistency, k or reference) without recomputing."""
     d = cfg.detect
-    store = store_of(cfg)
     src = set_path(cfg, d.scores, default_tag(cfg))
     if src.is_file():
         src = src.parent
     base = NeuronSet.load(src / "neurons.json")
-    named_by_path = bool(d.scores) and is_path(d.scores)
-    if named_by_path and (why := origin_mismatch(base.meta, cfg, prompts=False)):  # said, not refused
+    if d.scores and is_path(d.scores) and (why := origin_mismatch(base.meta, cfg, prompts=False)):  # said, not refused
         print(f"warning: re-selecting from {src} although {why}")
     print(f"using the scores of {src} (neurons.json hash {artifact_hash(src / 'neurons.json')})")
     meta = dict(base.meta)
-    sig = meta.get("model_signature") or {}
-    widths = {"q": sig.get("n_heads", 0) * sig.get("head_dim", 0), "o": sig.get("n_heads", 0) * sig.get("head_dim", 0),
-              "k": sig.get("n_kv", 0) * sig.get("head_dim", 0), "v": sig.get("n_kv", 0) * sig.get("head_dim", 0),
-              "ffn": sig.get("d_ff", 0)}
-    kinds = meta.get("kinds", list(KINDS))
+    widths = signature_widths(meta.get("model_signature") or {})
     k_of = {k: resolve_k(cfg.topk.ffn if k == "ffn" else cfg.topk.attn, widths[k],
-                         "topk.ffn" if k == "ffn" else "topk.attn") for k in kinds}
-    same_k = k_of == meta.get("topk", {}).get("k_per_kind")
-
-    def stats(prefix: str) -> dict[str, torch.Tensor]:
-        """Statistics for this k: the saved float32 means (they do not depend on k) and top-k frequencies,
-        recomputed from the saved per-prompt scores when k changed."""
-        saved = load_file(str(src / f"{prefix}scores.safetensors"))
-        if same_k:
-            return saved
-        f = src / f"{prefix}prompt_scores.safetensors"
-        if not f.exists():
-            raise UserError(f"{src} has no {f.name}, so only topk.consistency can change "
-                            f"(k was {meta.get('topk', {}).get('k_per_kind')}); rerun detect with the new k")
-        flat = load_file(str(f))
-        scores = {(int(k.split(".")[0]), k.split(".")[1]): v.float() for k, v in flat.items()}
-        fresh = stats_from(scores, k_of).tensors()
-        return {name: (t if name.endswith(".freq") else saved[name]) for name, t in fresh.items()}
-
-    new_stats = {"scores.safetensors": stats("")}
-    mean, freq = split_scores(new_stats["scores.safetensors"])
+                         "topk.ffn" if k == "ffn" else "topk.attn") for k in meta.get("kinds", list(KINDS))}
+    new_stats = {"scores.safetensors": saved_stats(src, "", meta, k_of)}
     exclude = None
     if meta.get("reference"):  # the reference's selection with the same k and consistency
-        new_stats["reference_scores.safetensors"] = stats("reference_")
+        new_stats["reference_scores.safetensors"] = saved_stats(src, "reference_", meta, k_of)
         exclude = set(select(*split_scores(new_stats["reference_scores.safetensors"]), cfg.topk.consistency))
-    ranking = select(mean, freq, cfg.topk.consistency, exclude)
+    ranking = select(*split_scores(new_stats["scores.safetensors"]), cfg.topk.consistency, exclude)
     tag = d.save_as or f"{meta.get('tag', 'set')}-c{cfg.topk.consistency:g}-k{cfg.topk.attn:g}-{cfg.topk.ffn:g}"
     meta.update({"consistency": cfg.topk.consistency, "topk": {"attn": cfg.topk.attn, "ffn": cfg.topk.ffn,
                  "k_per_kind": k_of}, "tag": tag, "selected_from": str(src), "code_version": code_version(),
                  "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     ns = NeuronSet(ranking, meta)
-    out = store.neuron_dir(cfg.model.name, cfg.dataset.name, tag)
+    out = store_of(cfg).neuron_dir(cfg.model.name, cfg.dataset.name, tag)
     with ArtifactDir(out, "the neuron set", active=is_main_process()) as art:
         if (out / "neurons.json").exists() and not d.overwrite:
             raise UserError(f"a neuron set already exists at {out}; pass detect.overwrite=true or "
                             f"detect.save_as=NEW_TAG")
         with tracked(cfg) as (tr, box):
-            ns.save(tr.dir / "neurons.json", overwrite=True)
             if art.active:  # the whole set: neurons, the statistics this selection used, the source's scores
                 ns.save(art.tmp / "neurons.json", overwrite=True)
                 for f, tensors in new_stats.items():
                     atomic_write(art.tmp / f, lambda t, x=tensors: save_file(x, str(t)))
                 for f in ("prompt_scores.safetensors", "reference_prompt_scores.safetensors"):
-                    if (src / f).exists():
-                        atomic_write(art.tmp / f, lambda t, f=f: t.write_bytes((src / f).read_bytes()))
+                    if (src / f).exists():  # a hard link where the file system allows: no second copy
+                        _link_or_copy(src / f, art.tmp / f)
                 art.commit()
+                tr.dir.mkdir(parents=True, exist_ok=True)
+                write_json(tr.dir / "set.json", {"path": str(out), "neurons_json": str(out / "neurons.json"),
+                                                 "hash": artifact_hash(out / "neurons.json")})
             print(f"{len(ns)} neurons selected (consistency {cfg.topk.consistency}, k {k_of}) -> {out}")
             box["results"] = {"tag": tag, "n_neurons": len(ns), "neurons_json": str(out / "neurons.json"),
                               **{f"n_{k}": sum(1 for n in ns.ranking if n[1] == k) for k in KINDS}}
     return box["results"]
+
+
+def saved_stats(src: Path, prefix: str, meta: dict, k_of: dict) -> dict[str, torch.Tensor]:
+    """Statistics of the set at ``src`` for the top-k sizes ``k_of``: the saved float32 means (they do not
+    depend on k) and top-k frequencies, recomputed from the saved per-prompt scores when k changed."""
+    saved = load_file(str(src / f"{prefix}scores.safetensors"))
+    if k_of == meta.get("topk", {}).get("k_per_kind"):
+        return saved
+    f = src / f"{prefix}prompt_scores.safetensors"
+    if not f.exists():
+        raise UserError(f"{src} has no {f.name}, so only topk.consistency can change "
+                        f"(k was {meta.get('topk', {}).get('k_per_kind')}); rerun detect with the new k")
+    flat = load_file(str(f))
+    scores = {(int(k.split(".")[0]), k.split(".")[1]): v.float() for k, v in flat.items()}
+    fresh = stats_from(scores, k_of).tensors()
+    return {name: (t if name.endswith(".freq") else saved[name]) for name, t in fresh.items()}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` with ``src``'s content: a hard link (the store's files are never modified in place, only
+    replaced whole), or a copy across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        atomic_write(dst, lambda t: shutil.copyfile(src, t))
