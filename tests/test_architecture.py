@@ -105,15 +105,6 @@ LONG_FUNCTIONS = {
     "safety_neurons.training.train_sft":
         "The optimizer loop keeps the micro-batch order, accumulation and schedule in one place, so the "
         "packed, prefix-shared and plain paths take the same steps.",
-    "safety_neurons.stages.deactivate.run":
-        "The stage's steps (check the set, load, capture means, sweep counts and seeds) run in an order "
-        "later steps rely on; it is being split into stage steps.",
-    "safety_neurons.stages.finetune._finetune":
-        "The set, its trainable slices, the training pairs and the tuned model's artifacts share one "
-        "loaded model; it is being split into stage steps.",
-    "safety_neurons.stages.plant._plant":
-        "Planting draws S*, trains it and checks the refusal on one loaded model before anything is "
-        "written; it is being split into stage steps.",
 }
 
 

@@ -212,7 +212,7 @@ def test_slice_tuning_puts_the_delta_inside_the_renamed_model(fx, tmp_path):
     res = get_stage("finetune")(compose(ov(fx, tmp_path / "t", *FT, "finetune.target=safety",
                                            "finetune.neurons=for-delta", "finetune.save_as=ft-delta")))
     out = fx["store"] / "models" / "ft-delta"
-    assert (out / "delta.safetensors").read_bytes() == (tmp_path / "t" / "delta.safetensors").read_bytes()
+    assert (out / "delta.safetensors").exists() and not list((tmp_path / "t").rglob("*.safetensors"))
     assert res["delta_bytes"] == (out / "delta.safetensors").stat().st_size
     assert debris(out.parent) == []
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -256,7 +257,7 @@ def test_detect_with_other_scorers_names_them_and_equals_the_library(planted):
         assert ns.meta["scorer"] == scorer and ns.meta["tag"] == scorer and ns.meta["mode"] is None
         assert (ns.meta["reference_model"] is not None) == (scorer == "activation_diff")
         assert (ns.meta["target_tokens"] == 3) == (scorer == "attribution")
-        saved = load_file(f"{run}/prompt_scores.safetensors")
+        saved = load_file(str(Path(out["neurons_json"]).parent / "prompt_scores.safetensors"))
         prompts = harmful_set(cfg, "train").prompts
         if scorer == "activation_diff":
             b = encode(tok, prompts, None)

@@ -68,68 +68,91 @@ def run(cfg) -> dict:
     dc = cfg.deactivate
     if dc.baseline == "random" and len(dc.seeds) < 1:
         raise UserError("deactivate.seeds is empty; the random baseline needs seeds (at least 3 recommended)")
-    counts = counts_of(dc.n)
+    counts_of(dc.n)  # a malformed deactivate.n fails before the model loads
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
         check_split(cfg.split, ad.n_layers)
         full = load_set(cfg, dc, ad, default_tag(cfg))
         region_set = apply_split(full, cfg.split, ad.n_layers)
-        per_layer_max = max((sum(1 for n in region_set.ranking if n[0] == layer) for layer in
-                             {n[0] for n in region_set.ranking}), default=0)
-        size = per_layer_max if dc.per_layer else len(region_set)
-        counts = counts_of(dc.n, size)
-        too_big = [n for n in counts if n > size]
-        if too_big:
-            raise UserError(f"deactivate.n={too_big} is larger than the set ({size} neurons"
-                            f"{' in its fullest layer' if dc.per_layer else ''} after the split "
-                            f"{split_label(cfg.split)}); use counts <= {size}")
+        counts = checked_counts(cfg, region_set)
         sp = cfg.model.system_prompt
-        means = None
-        if dc.ablation == "mean":
-            from ..data import load_prompts
-
-            mcfg = cfg.means if cfg.means is not None else cfg.harmless
-            means = neuron_means(model, tok, ad, load_prompts(mcfg, "train", cache_dir(cfg)).prompts, sp)
+        means = ablation_means(cfg, model, tok, ad)
         ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length)
-        n_total = ad.n_params()
         rows, gens = [], []
-        label = dc.region or split_label(cfg.split)
         for n in counts:
-            sub = region_set.top(n, dc.per_layer)
-            base = {"n": n, "per_layer": dc.per_layer, "baseline": dc.baseline, "n_neurons": len(sub),
-                    "param_share": sum(ad.neuron_params(k) for _, k, _ in sub.ranking) / n_total,
-                    "set": full.meta.get("tag"), "split": label, "under": cfg.split.under, "gen": cfg.split.gen,
-                    "ablation": dc.ablation, "set_size": len(region_set)}
-            if dc.baseline == "safety" or len(sub) == 0:
-                m, g = ev.evaluate(model, context=partial(deactivated, ad, sub.index_map(), means), tag=f"n={n}")
-                rows.append({**base, **m, "seeds": 1})
-                gens += [{**x, "n": n} for x in g]
-            else:
-                per_seed = []
-                for seed in dc.seeds:
-                    rnd = random_like(sub, ad, seed, exclude=full)
-                    m, g = ev.evaluate(model, context=partial(deactivated, ad, rnd.index_map(), means),
-                                       tag=f"n={n} random seed {seed}")
-                    per_seed.append(m)
-                    gens += [{**x, "n": n, "seed": seed} for x in g]
-                rows.append({**base, **{k: v for k, v in per_seed[0].items() if k not in METRICS},
-                             **_aggregate(per_seed), "seeds": len(per_seed)})
-            r = rows[-1]
-            log.info("n=%d %s: ASR %.2f over-refusal %.2f NLL ratio %.2f%s", n, dc.baseline, r["asr"],
-                     r["over_refusal"], r.get("nll_ratio", float("nan")), " BREAKS MODEL" if r["breaks_model"] else "")
-            tr.log({f"{dc.baseline}/{k}": v for k, v in r.items() if isinstance(v, (int, float))}, step=n)
-        df = pd.DataFrame(rows)
-        if tr.main:
-            write_csv(tr.dir / "sweep.csv", df)
-        tr.save_generations(gens)
-        cols = ["n", "baseline", "n_neurons", "asr", "over_refusal", "utility_nll", "nll_ratio", "kl",
-                "degenerate_share", "breaks_model"]
-        print(df[[c for c in cols if c in df]].to_string(index=False))
-        tr.log_table("deactivation", df)
-        if tr.main and len(rows) > 1:
-            from ..report import plot_deactivation
-
-            for p in plot_deactivation(df, tr.dir):
-                tr.log_image(p.stem, p)
+            row, g = sweep_point(cfg, ev, model, ad, full, region_set, n, means)
+            rows.append(row)
+            gens += g
+            log.info("n=%d %s: ASR %.2f over-refusal %.2f NLL ratio %.2f%s", n, dc.baseline, row["asr"],
+                     row["over_refusal"], row.get("nll_ratio", float("nan")),
+                     " BREAKS MODEL" if row["breaks_model"] else "")
+            tr.log({f"{dc.baseline}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}, step=n)
+        write_sweep(tr, rows, gens)
         box["results"] = {**rows[-1], "rows": rows} if len(rows) > 1 else rows[0]
     return box["results"]
+
+
+def checked_counts(cfg, region_set) -> list[int]:
+    """The counts of ``deactivate.n`` for this set (``all`` resolved), refused when one exceeds it."""
+    dc = cfg.deactivate
+    per_layer_max = max((sum(1 for n in region_set.ranking if n[0] == layer) for layer in
+                         {n[0] for n in region_set.ranking}), default=0)
+    size = per_layer_max if dc.per_layer else len(region_set)
+    counts = counts_of(dc.n, size)
+    too_big = [n for n in counts if n > size]
+    if too_big:
+        raise UserError(f"deactivate.n={too_big} is larger than the set ({size} neurons"
+                        f"{' in its fullest layer' if dc.per_layer else ''} after the split "
+                        f"{split_label(cfg.split)}); use counts <= {size}")
+    return counts
+
+
+def ablation_means(cfg, model, tok, ad):
+    """The per-neuron means that ``deactivate.ablation=mean`` sets neurons to (from the ``dataset@means``
+    prompts, the harmless set when none is composed), None for zero ablation."""
+    if cfg.deactivate.ablation != "mean":
+        return None
+    from ..data import load_prompts
+
+    mcfg = cfg.means if cfg.means is not None else cfg.harmless
+    return neuron_means(model, tok, ad, load_prompts(mcfg, "train", cache_dir(cfg)).prompts, cfg.model.system_prompt)
+
+
+def sweep_point(cfg, ev, model, ad, full, region_set, n: int, means) -> tuple[dict, list[dict]]:
+    """One row of the sweep: the top ``n`` of the set switched off (or, for the random baseline, as many
+    random neurons outside the set, once per seed, aggregated), and its generations."""
+    dc = cfg.deactivate
+    sub = region_set.top(n, dc.per_layer)
+    base = {"n": n, "per_layer": dc.per_layer, "baseline": dc.baseline, "n_neurons": len(sub),
+            "param_share": sum(ad.neuron_params(k) for _, k, _ in sub.ranking) / ad.n_params(),
+            "set": full.meta.get("tag"), "split": dc.region or split_label(cfg.split), "under": cfg.split.under,
+            "gen": cfg.split.gen, "ablation": dc.ablation, "set_size": len(region_set)}
+    if dc.baseline == "safety" or len(sub) == 0:
+        m, g = ev.evaluate(model, context=partial(deactivated, ad, sub.index_map(), means), tag=f"n={n}")
+        return {**base, **m, "seeds": 1}, [{**x, "n": n} for x in g]
+    per_seed, gens = [], []
+    for seed in dc.seeds:
+        rnd = random_like(sub, ad, seed, exclude=full)
+        m, g = ev.evaluate(model, context=partial(deactivated, ad, rnd.index_map(), means),
+                           tag=f"n={n} random seed {seed}")
+        per_seed.append(m)
+        gens += [{**x, "n": n, "seed": seed} for x in g]
+    return ({**base, **{k: v for k, v in per_seed[0].items() if k not in METRICS}, **_aggregate(per_seed),
+             "seeds": len(per_seed)}, gens)
+
+
+def write_sweep(tr, rows: list[dict], gens: list[dict]) -> None:
+    """The sweep's table, generations and plots into the run folder (and W&B)."""
+    df = pd.DataFrame(rows)
+    if tr.main:
+        write_csv(tr.dir / "sweep.csv", df)
+    tr.save_generations(gens)
+    cols = ["n", "baseline", "n_neurons", "asr", "over_refusal", "utility_nll", "nll_ratio", "kl",
+            "degenerate_share", "breaks_model"]
+    print(df[[c for c in cols if c in df]].to_string(index=False))
+    tr.log_table("deactivation", df)
+    if tr.main and len(rows) > 1:
+        from ..report import plot_deactivation
+
+        for p in plot_deactivation(df, tr.dir):
+            tr.log_image(p.stem, p)

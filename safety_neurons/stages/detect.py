@@ -146,7 +146,9 @@ def plot_set(ns: NeuronSet, adapter, mean: dict, out: Path, title: str) -> list[
             ax.hist(chosen, bins=bins, color="C3", label="selected")
         ax.set_xscale("log")
         ax.set_title(kind)
-    axes[0].legend(fontsize=7)
+    shown = [ax for ax in axes if ax.get_visible()]  # kinds that were not scored have no panel
+    if shown:
+        shown[0].legend(fontsize=7)
     fig.suptitle("mean importance per neuron", fontsize=9)
     fig.tight_layout()
     p = out / "scores.png"

@@ -79,50 +79,15 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
         sp = cfg.model.system_prompt
-        # the neuron set (and its shape) first: bad input fails before any compute
-        ns = None
-        if f.target in ("safety", "random", "lora"):
-            try:
-                ns = cap_set(load_set(cfg, f, ad, set_default(cfg)), f.cap_per_matrix)
-                if f.top_n is not None:
-                    ns = ns.top(f.top_n)
-            except UserError:
-                if f.target != "lora":
-                    raise
-            if ns is not None and len(ns) == 0 and f.target != "lora":
-                raise UserError("the neuron set is empty; detect with a lower topk.consistency or another reference")
+        ns = tuning_set(cfg, ad)  # the neuron set (and its shape) first: bad input fails before any compute
         prompts, responses, data_meta = training_pairs(cfg, model, tok)
         ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length)
         before, g_before = ev.evaluate(model, tag="before")
         log.info("before: %s", {k: before[k] for k in ("asr", "over_refusal", "utility_nll")})
-        tuned = copy.deepcopy(model)
-        from ..models import ModelAdapter
-
-        tad = ModelAdapter(tuned)
-        handles = []
-        if f.target == "all":
-            params = list(tuned.parameters())
-            for p in params:
-                p.requires_grad_(True)
-        elif f.target == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            r = f.lora_r
-            if ns is not None:  # comparable parameter count to the safety set
-                per_rank = sum(lin.in_features + lin.out_features for i in range(tad.n_layers)
-                               for lin in (tad.modules(i).q, tad.modules(i).k, tad.modules(i).v, tad.modules(i).o))
-                r = max(1, round(set_params(ns, tad) / per_rank))
-            tuned = get_peft_model(tuned, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-            params = [p for p in tuned.parameters() if p.requires_grad]
-        else:
-            chosen = ns if f.target == "safety" else random_like(ns, tad, f.seed)
-            handles = attach_slices(tuned, tad, chosen.index_map())
-            params = [h.scatter.part for h in handles]
+        tuned, params, handles = trainable(cfg, copy.deepcopy(model), ns)
         n_train = sum(p.numel() for p in params)
         stats = train_sft(tuned, tok, prompts, responses, f, sp, params, max_length=cfg.model.max_length)
-        names = _module_names(tuned)
-        delta = slice_delta(handles, names) if handles else None
+        delta = slice_delta(handles, _module_names(tuned)) if handles else None
         bake_slices(handles)
         if f.target == "lora":
             tuned = tuned.merge_and_unload()
@@ -140,10 +105,9 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
             "train_seconds": round(stats["train_seconds"], 1), "saved_as": name, "model_dir": str(out_dir),
             "data": data_meta,
         }
-        if tr.main:
+        if tr.main:  # the model (and its delta) once, in the store; the run folder keeps the losses
             save_model_dir(tuned, tok, art, {PROVENANCE: provenance(cfg, results)}, delta, {"base": cfg.model.name})
             if delta is not None:
-                save_file(delta, str(tr.dir / "delta.safetensors"), metadata={"base": cfg.model.name})
                 results["delta_bytes"] = (out_dir / "delta.safetensors").stat().st_size
             write_json(tr.dir / "losses.json", stats["losses"])
         tr.save_generations(g_before + g_after)
@@ -157,3 +121,51 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
               f"trained {n_train} params ({100 * n_train / n_total:.2f}%) -> {out_dir}")
         box["results"] = results
     return box["results"]
+
+
+def tuning_set(cfg, ad):
+    """The neuron set tuning uses (capped per matrix, its top ``finetune.top_n``), None for full tuning
+    and for LoRA without a set (LoRA uses one only to match its parameter count)."""
+    f = cfg.finetune
+    if f.target not in ("safety", "random", "lora"):
+        return None
+    try:
+        ns = cap_set(load_set(cfg, f, ad, set_default(cfg)), f.cap_per_matrix)
+    except UserError:
+        if f.target != "lora":
+            raise
+        return None
+    if f.top_n is not None:
+        ns = ns.top(f.top_n)
+    if len(ns) == 0 and f.target != "lora":
+        raise UserError("the neuron set is empty; detect with a lower topk.consistency or another reference")
+    return ns
+
+
+def trainable(cfg, tuned, ns):
+    """(the model to train, its trainable parameters, the slice handles): every weight (``all``), LoRA
+    adapters of a rank that matches the set's parameter count (``lora``), or the slices of the set's
+    neurons (``safety``) or of as many random ones (``random``)."""
+    from ..models import ModelAdapter
+
+    f = cfg.finetune
+    tad = ModelAdapter(tuned)
+    if f.target == "all":
+        params = list(tuned.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        return tuned, params, []
+    if f.target == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        r = f.lora_r
+        if ns is not None:  # comparable parameter count to the safety set
+            per_rank = sum(lin.in_features + lin.out_features for i in range(tad.n_layers)
+                           for lin in (tad.modules(i).q, tad.modules(i).k, tad.modules(i).v, tad.modules(i).o))
+            r = max(1, round(set_params(ns, tad) / per_rank))
+        tuned = get_peft_model(tuned, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        return tuned, [p for p in tuned.parameters() if p.requires_grad], []
+    chosen = ns if f.target == "safety" else random_like(ns, tad, f.seed)
+    handles = attach_slices(tuned, tad, chosen.index_map())
+    return tuned, [h.scatter.part for h in handles], handles

@@ -142,72 +142,89 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
         return _from_shipped(cfg, name, shipped, model_art, truth_art)
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
-        layers = planted_layers(p.layers, ad.n_layers)
         truth = draw_planted_set(ad, p.share, list(p.kinds), p.layers, p.seed)
-        tcfg = _train_cfg(cfg)
-        prompts, responses, data_meta = training_pairs(tcfg, model, tok)
-        sp = cfg.model.system_prompt
-        harm = harmful_set(cfg, "eval").head(cfg.eval.n_harmful).prompts
-        benign = harmless_set(cfg, "eval").head(cfg.eval.n_harmless).prompts
-        check_ecfg = OmegaConf.merge(cfg.eval, {"max_new_tokens": p.check_tokens})
-        base_refusal, base_over = refusal_rates(model, tok, harm, benign, sp, check_ecfg, cfg.model.max_length)
-        tuned = copy.deepcopy(model)
-        tad = ModelAdapter(tuned)
-        handles = attach_slices(tuned, tad, truth.index_map())
-        history: list[dict] = []
-
-        def check(step: int) -> bool:
-            if step % p.check_every and step != p.steps:
-                return False
-            with parametrize.cached():  # each weight assembled once per check, not once per generated token
-                r, o = refusal_rates(tuned, tok, harm, benign, sp, check_ecfg, cfg.model.max_length)
-            history.append({"step": step, "refusal": r, "over_refusal": o})
-            log.info("plant step %d: held-out refusal %.2f, over-refusal %.2f", step, r, o)
-            tr.log({"plant/refusal": r, "plant/over_refusal": o}, step=step)
-            return r >= p.target_refusal and o <= p.max_over_refusal
-
-        params = [h.scatter.part for h in handles]
-        stats = train_sft(tuned, tok, prompts, responses, tcfg.finetune, sp, params,
-                          max_length=cfg.model.max_length, on_step=check)
-        delta = slice_delta(handles, _module_names(tuned))
-        bake_slices(handles)
-        tuned.eval()
+        tuned, delta, stats, history, base = train_plant(cfg, tr, model, tok, truth)
         last = history[-1]
         reached = last["refusal"] >= p.target_refusal and last["over_refusal"] <= p.max_over_refusal
         n_params = ad.n_params()
-        trained = sum(x.numel() for x in params)
         results = {
             "name": name, "model_dir": str(model_dir), "truth": str(truth_dir / "neurons.json"),
             "base_hash": source_identity(cfg.model, store_of(cfg))["source_hash"],
-            "base_model": cfg.model.name, "share": p.share, "kinds": list(p.kinds), "layers": layers, "seed": p.seed,
+            "base_model": cfg.model.name, "share": p.share, "kinds": list(p.kinds),
+            "layers": planted_layers(p.layers, ad.n_layers), "seed": p.seed,
             "lr": p.lr, "steps": stats["steps"], "step_cap": p.steps, "n_planted": len(truth),
-            "trained_params": trained, "trained_share": trained / n_params,
+            "trained_params": stats["trained"], "trained_share": stats["trained"] / n_params,
             "refusal": last["refusal"], "over_refusal": last["over_refusal"], "reached": reached,
-            "base_refusal": base_refusal, "base_over_refusal": base_over, "history": history,
-            "train_seconds": round(stats["train_seconds"], 1), "final_loss": stats["losses"][-1], "data": data_meta,
+            "base_refusal": base[0], "base_over_refusal": base[1], "history": history,
+            "train_seconds": round(stats["train_seconds"], 1), "final_loss": stats["losses"][-1],
+            "data": stats["data"],
         }
         if not reached:
             print(f"warning: the plant stopped at the step cap ({p.steps}) with held-out refusal "
                   f"{last['refusal']:.2f} and over-refusal {last['over_refusal']:.2f}, short of the targets "
                   f"({p.target_refusal}, {p.max_over_refusal}); raise plant.steps or plant.lr")
         if tr.main:
-            prov = {**results, "plant": OmegaConf.to_container(p, resolve=True),
-                    "base": OmegaConf.to_container(cfg.model, resolve=True), "code_version": code_version(),
-                    "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-            save_model_dir(tuned, tok, model_art, {PROVENANCE: prov}, delta, {"base": cfg.model.name})
-            truth.meta = {"model": name, "base_model": cfg.model.name, "tag": "truth", "ranked": True,
-                          "scorer": "planted", "model_signature": ad.signature(),
-                          **{k: results[k] for k in ("share", "kinds", "layers", "seed", "steps", "refusal",
-                                                      "over_refusal", "reached", "n_planted")}}
-            truth.save(truth_art.tmp / "neurons.json", overwrite=True)
-            truth_art.commit()
-            write_json(tr.dir / "plant.json", prov)
+            save_plant(cfg, tr, tuned, tok, ad, truth, delta, results, model_art, truth_art)
         tr.log({k: v for k, v in results.items() if isinstance(v, (int, float))})
-        print(f"planted {len(truth)} neurons ({100 * trained / n_params:.3f}% of parameters) in {stats['steps']} "
-              f"steps: held-out refusal {base_refusal:.2f} -> {last['refusal']:.2f}, over-refusal "
-              f"{base_over:.2f} -> {last['over_refusal']:.2f} -> {model_dir}")
+        print(f"planted {len(truth)} neurons ({100 * stats['trained'] / n_params:.3f}% of parameters) in "
+              f"{stats['steps']} steps: held-out refusal {base[0]:.2f} -> {last['refusal']:.2f}, over-refusal "
+              f"{base[1]:.2f} -> {last['over_refusal']:.2f} -> {model_dir}")
         box["results"] = results
     return box["results"]
+
+
+def train_plant(cfg, tr, model, tok, truth):
+    """Train only S*'s slices of a copy of ``model`` towards refusal, checking the held-out refusal every
+    ``plant.check_every`` steps and stopping once the targets are met. Returns (tuned model, slice delta,
+    training stats with ``trained`` parameters and the ``data`` used, the check history, the base model's
+    (refusal, over-refusal))."""
+    p = cfg.plant
+    tcfg = _train_cfg(cfg)
+    prompts, responses, data_meta = training_pairs(tcfg, model, tok)
+    sp = cfg.model.system_prompt
+    harm = harmful_set(cfg, "eval").head(cfg.eval.n_harmful).prompts
+    benign = harmless_set(cfg, "eval").head(cfg.eval.n_harmless).prompts
+    check_ecfg = OmegaConf.merge(cfg.eval, {"max_new_tokens": p.check_tokens})
+    base = refusal_rates(model, tok, harm, benign, sp, check_ecfg, cfg.model.max_length)
+    tuned = copy.deepcopy(model)
+    handles = attach_slices(tuned, ModelAdapter(tuned), truth.index_map())
+    history: list[dict] = []
+
+    def check(step: int) -> bool:
+        if step % p.check_every and step != p.steps:
+            return False
+        with parametrize.cached():  # each weight assembled once per check, not once per generated token
+            r, o = refusal_rates(tuned, tok, harm, benign, sp, check_ecfg, cfg.model.max_length)
+        history.append({"step": step, "refusal": r, "over_refusal": o})
+        log.info("plant step %d: held-out refusal %.2f, over-refusal %.2f", step, r, o)
+        tr.log({"plant/refusal": r, "plant/over_refusal": o}, step=step)
+        return r >= p.target_refusal and o <= p.max_over_refusal
+
+    params = [h.scatter.part for h in handles]
+    stats = train_sft(tuned, tok, prompts, responses, tcfg.finetune, sp, params,
+                      max_length=cfg.model.max_length, on_step=check)
+    stats = {**stats, "trained": sum(x.numel() for x in params), "data": data_meta}
+    delta = slice_delta(handles, _module_names(tuned))
+    bake_slices(handles)
+    tuned.eval()
+    return tuned, delta, stats, history, base
+
+
+def save_plant(cfg, tr, tuned, tok, ad, truth, delta, results: dict, model_art: ArtifactDir,
+               truth_art: ArtifactDir) -> None:
+    """The planted model (with its delta and ``plant.json``) and S* into the store, each renamed in whole."""
+    p = cfg.plant
+    prov = {**results, "plant": OmegaConf.to_container(p, resolve=True),
+            "base": OmegaConf.to_container(cfg.model, resolve=True), "code_version": code_version(),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    save_model_dir(tuned, tok, model_art, {PROVENANCE: prov}, delta, {"base": cfg.model.name})
+    truth.meta = {"model": results["name"], "base_model": cfg.model.name, "tag": "truth", "ranked": True,
+                  "scorer": "planted", "model_signature": ad.signature(),
+                  **{k: results[k] for k in ("share", "kinds", "layers", "seed", "steps", "refusal",
+                                              "over_refusal", "reached", "n_planted")}}
+    truth.save(truth_art.tmp / "neurons.json", overwrite=True)
+    truth_art.commit()
+    write_json(tr.dir / "plant.json", prov)
 
 
 def _from_shipped(cfg, name: str, shipped: Path, model_art: ArtifactDir, truth_art: ArtifactDir) -> dict:
