@@ -262,6 +262,17 @@ class PlanConfig:
 
 
 @dataclass
+class PathsConfig:
+    """Where outputs go (values: conf/paths/default.yaml)."""
+
+    root: str = MISSING
+    outputs: str = MISSING
+    store: str = MISSING
+    runs: str = MISSING
+    sweeps: str = MISSING
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -281,6 +292,7 @@ class Config:
     plant: PlantConfig = field(default_factory=PlantConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     experiment: Any = None
     seed: int = 0
     store_dir: str = MISSING
@@ -308,5 +320,6 @@ def register() -> None:
         ("logger", LoggerConfig),
         ("plant", PlantConfig),
         ("benchmark", BenchmarkConfig),
+        ("paths", PathsConfig),
     ]:
         cs.store(group=group, name=f"base_{group}", node=node)

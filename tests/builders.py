@@ -88,7 +88,7 @@ def model_and_adapter(family, float64=True, seed=0):
 
 
 def stage_overrides(fx, run_dir, *extra) -> list[str]:
-    """Overrides that run a stage on the files of :func:`stage_files` (tiny evaluation, no logger, CPU)."""
+    """Overrides that run a stage on the files of :func:`stage_files` (``debug=tiny``: tiny evaluation, no
+    logger, CPU)."""
     return [f"run_dir={run_dir}", f"store_dir={fx['store']}", "model=local", f"model.path={fx['model']}",
-            f"dataset.path={fx['hb']}", f"harmless.path={fx['harmless']}", "eval.n_harmful=3", "eval.n_harmless=2",
-            "eval.max_new_tokens=4", "logger=none", "device=cpu", *extra]
+            f"dataset.path={fx['hb']}", f"harmless.path={fx['harmless']}", "debug=tiny", *extra]
