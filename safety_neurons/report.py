@@ -26,24 +26,28 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def gather_rows(root: str | Path) -> pd.DataFrame:
-    """All result rows below ``root``: each run's sweep.csv if it has one, else its results.json."""
+def gather_rows(root: str | Path, stage: str | None = None) -> pd.DataFrame:
+    """All result rows below ``root``: each run's sweep.csv if it has one, else its results.json; with
+    ``stage``, only the runs of that stage (a study's folder holds runs of several)."""
     root = Path(root)
     if not root.exists():
         raise UserError(f"report directory {root} does not exist")
     frames = []
     for res in sorted(root.rglob("results.json")):
         run = res.parent
+        obj = json.loads(res.read_text())
+        if stage is not None and obj.get("stage", stage) != stage:
+            continue
         if (run / "sweep.csv").exists():
             df = pd.read_csv(run / "sweep.csv")
         else:
-            obj = json.loads(res.read_text())
             obj = {k: v for k, v in obj.items() if not isinstance(v, (list, dict))}
             df = pd.DataFrame([obj])
         df["run_dir"] = str(run)
         frames.append(df)
     if not frames:
-        raise UserError(f"no results.json below {root}; run the sweep first (python -m safety_neurons --multirun ...)")
+        raise UserError(f"no {stage + ' ' if stage else ''}results.json below {root}; run the sweep first "
+                        f"(python -m safety_neurons --multirun ...)")
     return pd.concat(frames, ignore_index=True)
 
 

@@ -17,6 +17,7 @@ STAGES = {
     "plant": "plant",
     "benchmark": "benchmark",
     "plan": "plan",
+    "study": "study",
 }
 
 

@@ -22,7 +22,7 @@ def latest_sweep(root: Path, stage: str, model: str) -> Path:
 
 
 def build_report(src: Path, out: Path, of: str) -> tuple:
-    df = gather_rows(src)
+    df = gather_rows(src, of)
     write_csv(out / "report.csv", df)
     if of == "deactivate" and "n" in df:
         paths = plot_deactivation(df, out)
@@ -34,10 +34,8 @@ def build_report(src: Path, out: Path, of: str) -> tuple:
 
 
 def run(cfg) -> dict:
-    from ..cfg import output_root
-
     rc = cfg.report
-    src = Path(rc.dir) if rc.dir else latest_sweep(output_root() / "outputs", rc.of, cfg.model.name)
+    src = Path(rc.dir) if rc.dir else latest_sweep(Path(cfg.paths.outputs), rc.of, cfg.model.name)
     with tracked(cfg) as (tr, box):
         df, paths = build_report(src, tr.dir, rc.of)
         tr.log_table("report", df)

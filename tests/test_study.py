@@ -1,0 +1,53 @@
+"""stage=study: the steps of a recipe run in order, each with its own folder inside the study's, on top
+of the study's own overrides; study.csv has one row per finished step; a bad step fails before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from safety_neurons.cfg import compose
+from safety_neurons.errors import UserError
+from safety_neurons.neurons import NeuronSet
+from safety_neurons.stages import get_stage
+from tests.builders import stage_overrides
+
+
+def study(fixtures, run, steps: list[list[str]]):
+    base = [o for o in stage_overrides(fixtures, run) if not o.startswith("run_dir=")]
+    steps_arg = "[" + ",".join("[" + ",".join(f"'{o}'" for o in s) + "]" for s in steps) + "]"
+    cfg = compose([f"run_dir={run}", "stage=study", f"study.steps={steps_arg}"])
+    cfg.study.base = base  # what a command-line run passes on from its own overrides
+    return get_stage("study")(cfg)
+
+
+def test_a_study_runs_its_steps_in_order(fixtures, tmp_path):
+    run = tmp_path / "study"
+    res = study(fixtures, run, [["stage=detect", "topk.consistency=0.5", "detect.save_as=study-set"],
+                                ["stage=deactivate", "deactivate.neurons=study-set", "deactivate.n=[0,1]"],
+                                ["stage=report", "report.of=deactivate", "report.dir={study_dir}"]])
+    assert res["steps"] == 3
+    table = pd.read_csv(run / "study.csv")
+    assert list(table["stage"]) == ["detect", "deactivate", "report"]
+    assert list(table["run_dir"]) == [str(run / f) for f in ("00-detect", "01-deactivate", "02-report")]
+    det = json.loads((run / "00-detect" / "results.json").read_text())
+    assert table["n_neurons"][0] == det["n_neurons"] == len(NeuronSet.load(det["neurons_json"]))
+    # the base overrides reached every step (debug=tiny: three harmful evaluation prompts)
+    gens = [json.loads(x) for x in (run / "01-deactivate" / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 2 * (3 + 2)  # two counts x (3 harmful + 2 harmless); the files hold 4 harmful
+    # the report step read the deactivation rows of this study only ({study_dir}), not the detect run
+    report = pd.read_csv(run / "02-report" / "report.csv")
+    assert sorted(report["n"]) == [0, 1] and set(report["run_dir"]) == {str(run / "01-deactivate")}
+
+
+def test_a_bad_step_fails_before_the_first_runs(fixtures, tmp_path):
+    run = tmp_path / "bad"
+    with pytest.raises(UserError, match=r"study.steps\[1\] \(stage=deactivate deactivate.no_such=1\): "
+                                        r"deactivate.no_such"):
+        study(fixtures, run, [["stage=detect", "detect.save_as=never"], ["stage=deactivate", "deactivate.no_such=1"]])
+    assert not (run / "00-detect").exists()
+    assert not (fixtures["store"] / "neurons" / "local" / "harmbench" / "never").exists()
+    with pytest.raises(UserError, match="study.steps is empty"):
+        get_stage("study")(compose([f"run_dir={run}", "stage=study"]))
