@@ -77,44 +77,83 @@ class PromptSet:
 
 
 # ------------------------------------------------------------------------------------------ readers
-def _read_table(path: Path) -> list[dict]:
+class Row(dict):
+    """One record of a prompt file, with ``where`` it is in the file ("line 7", "item 3") for errors."""
+
+    where: str = "a row"
+
+
+def _row(obj: dict, where: str) -> Row:
+    r = Row(obj)
+    r.where = where
+    return r
+
+
+def _jsonl(path: Path) -> list[Row]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"cannot parse {path} at line {n}: {e.msg} (column {e.colno}); each line must "
+                                f"be one JSON object") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path} line {n} is a JSON {type(obj).__name__}, not an object with a prompt column")
+            rows.append(_row(obj, f"line {n}"))
+    return rows
+
+
+def _read_table(path: Path) -> list[Row]:
+    """The records of a prompt file (csv, jsonl, json, txt or parquet), each knowing its place in it."""
     if not path.exists():
         raise UserError(f"prompt file {path} does not exist; check dataset.path=")
     suf = path.suffix.lower()
     try:
         if suf == ".csv":
             with open(path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
+                reader = csv.DictReader(f)
+                return [_row(r, f"line {reader.line_num}") for r in reader]  # line_num: where the row ends
         if suf == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
+            return _jsonl(path)
         if suf == ".json":
             obj = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(obj, dict):  # {"data": [...]} or column-oriented
                 lists = [v for v in obj.values() if isinstance(v, list)]
                 if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]):
-                    return lists[0]
+                    return [_row(r, f"item {i}") for i, r in enumerate(lists[0])]
                 raise UserError(f"{path}: expected a JSON list of objects")
-            return [r if isinstance(r, dict) else {"prompt": r} for r in obj]
+            return [_row(r if isinstance(r, dict) else {"prompt": r}, f"item {i}") for i, r in enumerate(obj)]
         if suf == ".txt":
-            return [{"prompt": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return [_row({"prompt": line.strip()}, f"line {n}")
+                    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
         if suf == ".parquet":
             import pandas as pd
 
-            return pd.read_parquet(path).to_dict("records")
+            return [_row(r, f"row {i}") for i, r in enumerate(pd.read_parquet(path).to_dict("records"))]
     except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
         raise UserError(f"cannot parse {path}: {e}") from None
     raise UserError(f"unsupported prompt file type {suf!r} ({path}); use csv, json, jsonl or txt")
 
 
-def _column(rows: list[dict], col: str, path) -> list[str]:
+def _column(rows: list[Row], col: str, path, required: bool = True) -> list[str]:
+    """Column ``col`` of every row; with ``required``, a row whose value is missing or blank is an error
+    that names its line (a blank prompt would be scored as an empty message)."""
     if not rows:
         raise UserError(f"prompt file {path} is empty")
     if col not in rows[0]:
         raise UserError(f"{path} has no column {col!r} (columns: {sorted(rows[0])}); set dataset.prompt_column=")
-    missing = [i for i, r in enumerate(rows) if col not in r]
+    missing = [r for r in rows if col not in r]
     if missing:  # jsonl/json rows need not share keys: name the row instead of a KeyError traceback
-        raise UserError(f"{path}: row {missing[0]} has no column {col!r} ({len(missing)} rows lack it)")
+        raise UserError(f"{path}: {getattr(missing[0], 'where', 'a row')} has no column {col!r} "
+                        f"({len(missing)} rows lack it)")
+    if required:
+        blank = [r for r in rows if r[col] is None or not str(r[col]).strip()]
+        if blank:
+            raise UserError(f"{path}: {getattr(blank[0], 'where', 'a row')} has an empty {col!r} "
+                            f"({len(blank)} rows do); remove those rows or fill them in")
     return [str(r[col]) if r[col] is not None else "" for r in rows]
 
 
@@ -207,7 +246,7 @@ def load_prompts(dcfg, split: str = "train", cache_dir: str | Path | None = None
             responses = _column(rows, dcfg.response_column, f)
         meta["source"] = str(f)
         if dcfg.label_column:
-            labels = _column(rows, dcfg.label_column, f)
+            labels = _column(rows, dcfg.label_column, f, required=False)
         elif any("category" in r for r in rows):  # auto-detected: rows without one get ""
             labels = [str(r.get("category") or "") for r in rows]
         triples = list(zip(prompts, responses or [None] * len(prompts), labels or [None] * len(prompts)))

@@ -185,8 +185,30 @@ def test_missing_column_lists_columns(tmp_path):
 
 def test_row_without_the_column(tmp_path):
     f = tmp_path / "p.jsonl"
-    f.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"text": "c"}\n')
-    with pytest.raises(UserError, match=r"row 2 has no column 'prompt'"):
+    f.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"text": "c"}\n')  # a blank line: the file's line is 4
+    with pytest.raises(UserError, match=r"p.jsonl: line 4 has no column 'prompt' \(1 rows lack it\)$"):
+        load_prompts(dcfg(name="c", kind="custom", path=str(f)), "train")
+
+
+@pytest.mark.parametrize("suffix,content,where", [
+    ("csv", 'prompt,x\na,1\n"multi\nline",2\n   ,3\n', "line 5"),  # a quoted newline: the row ends on line 5
+    ("jsonl", '{"prompt": "a"}\n{"prompt": ""}\n', "line 2"),
+    ("json", '[{"prompt": "a"}, {"prompt": null}]', "item 1"),
+])
+def test_a_blank_prompt_names_its_place_in_the_file(tmp_path, suffix, content, where):
+    f = tmp_path / f"p.{suffix}"
+    f.write_text(content)
+    with pytest.raises(UserError, match=rf"p.{suffix}: {where} has an empty 'prompt' \(1 rows do\)"):
+        load_prompts(dcfg(name="c", kind="custom", path=str(f)), "train")
+
+
+def test_a_bad_jsonl_line_is_named(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n{"prompt": "b",}\n')
+    with pytest.raises(UserError, match=r"cannot parse .*p.jsonl at line 2: .*each line must be one JSON object"):
+        load_prompts(dcfg(name="c", kind="custom", path=str(f)), "train")
+    f.write_text('{"prompt": "a"}\n["b"]\n')
+    with pytest.raises(UserError, match=r"p.jsonl line 2 is a JSON list, not an object"):
         load_prompts(dcfg(name="c", kind="custom", path=str(f)), "train")
 
 

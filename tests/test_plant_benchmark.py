@@ -180,6 +180,13 @@ def test_verdicts_follow_the_goal():
     v = verdicts(pd.DataFrame(rows)).set_index("method").verdict.to_dict()
     assert v == {"a": "meets goal", "b": "finds S*, effect short", "c": "finds S*, effect short", "d": "partly",
                  "e": "weak", "f": "at chance"}
+    # benchmark.deactivate=false: no effect columns, and a high AUC is not called short of the effect goal
+    bare = pd.DataFrame([{k: v for k, v in r.items() if k not in ("harmful_refusal", "nll_ratio")} for r in rows])
+    assert verdicts(bare).set_index("method").verdict.to_dict() == {
+        "a": "finds S*, effect not measured", "b": "finds S*, effect not measured",
+        "c": "finds S*, effect not measured", "d": "partly", "e": "weak", "f": "at chance"}
+    nan = pd.DataFrame(rows).assign(harmful_refusal=float("nan"))  # the columns there, the values not
+    assert verdicts(nan).set_index("method").verdict["a"] == "finds S*, effect not measured"
 
 
 def test_rank_auc_equals_pairwise_count():
