@@ -40,6 +40,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
+def num_processes() -> int:
+    """Ranks of this job (torchrun's WORLD_SIZE, which ``accelerate launch`` sets; 1 for a plain run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -112,7 +117,8 @@ class Tracker:
         """Write results.json and results.csv (one row); always close W&B."""
         try:
             if self.main and results is not None:
-                results = {**results, "stage": self.cfg.stage.name, "model": self.cfg.model.name,
+                results = {"processes": num_processes(), **results, "stage": self.cfg.stage.name,
+                           "model": self.cfg.model.name,
                            "run_dir": str(self.dir), "seconds": round(time.time() - self.t0, 1),
                            "code_version": code_version()}
                 write_json(self.dir / "results.json", results)

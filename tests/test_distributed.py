@@ -84,9 +84,9 @@ def test_two_process_detect_equals_one_process(tmp_path):
         assert json.loads((run_dir / "results.json").read_text())["processes"] == (2 if name == "multi" else 1)
         return store / "neurons" / "local" / "harmbench" / "exact"
 
-    multi = run("multi", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "--main_process_port", str(free_port())])
+    # the shipped two-rank config, as the README tells users to launch it
+    multi = run("multi", [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(ROOT / "experiments" / "accelerate_cpu2.yaml"), "--main_process_port", str(free_port())])
     single = run("single", [sys.executable])
     ps1, ps2 = load_file(str(single / "prompt_scores.safetensors")), load_file(str(multi / "prompt_scores.safetensors"))
     assert ps1.keys() == ps2.keys() and len(ps1) == 2 * 5  # 2 layers x 5 kinds

@@ -23,12 +23,16 @@ def study(fixtures, run, steps: list[list[str]]):
     return get_stage("study")(cfg)
 
 
-def test_a_study_runs_its_steps_in_order(fixtures, tmp_path):
+def test_a_study_runs_its_steps_in_order(fixtures, tmp_path, capsys):
     run = tmp_path / "study"
     res = study(fixtures, run, [["stage=detect", "topk.consistency=0.5", "detect.save_as=study-set"],
                                 ["stage=deactivate", "deactivate.neurons=study-set", "deactivate.n=[0,1]"],
                                 ["stage=report", "report.of=deactivate", "report.dir={study_dir}"]])
     assert res["steps"] == 3
+    # each step says what it runs before any work, and records how many processes ran it
+    out = capsys.readouterr().out
+    assert f"stage=deactivate: model local, prompts harmbench, 1 process, run folder {run / '01-deactivate'}\n" in out
+    assert json.loads((run / "01-deactivate" / "results.json").read_text())["processes"] == 1
     table = pd.read_csv(run / "study.csv")
     assert list(table["stage"]) == ["detect", "deactivate", "report"]
     assert list(table["run_dir"]) == [str(run / f) for f in ("00-detect", "01-deactivate", "02-report")]
