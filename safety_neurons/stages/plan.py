@@ -67,12 +67,25 @@ def memory(ad: ModelAdapter, n_params: int, batch: int, length: int, n_gpus: int
     return out
 
 
+def config_source(mcfg) -> str:
+    """Where :func:`config_of` read the shapes from, in words."""
+    if mcfg.path:
+        return "model.path"
+    if mcfg.organism and not mcfg.hub_id:
+        return f"the base model of the recipe {mcfg.organism}"
+    if mcfg.gguf_package:
+        return f"GGUF metadata ({mcfg.gguf_package})"
+    return "published config (safety_neurons/data/architectures.json)"
+
+
 def build_plan(cfg) -> dict:
     p = cfg.plan
     if p.n_gpus < 1 or p.batch_size < 1 or p.length < 1:
         raise UserError(f"plan.n_gpus={p.n_gpus}, plan.batch_size={p.batch_size} and plan.length={p.length} "
                         f"must all be >= 1")
-    hf_cfg = config_of(cfg.model)
+    from .common import store_of
+
+    hf_cfg = config_of(cfg.model, store_of(cfg).root / "gguf")
     ad = ModelAdapter(meta_model(hf_cfg))
     n_params = ad.n_params()
     kinds = {}
@@ -86,7 +99,7 @@ def build_plan(cfg) -> dict:
     n_trainable = sum(ad.n_layers * min(cap, ad.width(k)) * ad.neuron_params(k) for k in KINDS)
     return {
         "model": cfg.model.name, "hub_id": cfg.model.hub_id, "path": cfg.model.path,
-        "config_source": "model.path" if cfg.model.path else "published config (safety_neurons/data/architectures.json)",
+        "config_source": config_source(cfg.model),
         "shapes": shapes(ad), "n_params": n_params, "kinds": kinds,
         "n_neurons": sum(v["neurons"] for v in kinds.values()),
         "topk": {"attn": cfg.topk.attn, "ffn": cfg.topk.ffn, "per_layer": k_of,
