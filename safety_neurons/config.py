@@ -251,6 +251,7 @@ class LoggerConfig:
     entity: str | None = None
     mode: str | None = None  # None: offline unless WANDB_MODE is set or the user logged in
     tags: list[str] = field(default_factory=list)
+    group: str | None = None  # W&B group; None: the experiment (a sweep, a study) the run belongs to
 
 
 @dataclass

@@ -58,6 +58,23 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def run_group(cfg) -> str:
+    """The W&B group of a run, so that the runs of one experiment compare in one table: ``logger.group``,
+    else (in a Hydra run) the experiment and, for a sweep, its folder, else ``<stage>-<model>``."""
+    if cfg.logger.get("group"):
+        return str(cfg.logger.group)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        exp = hc.runtime.choices.get("experiment")
+        if hc.mode is not None and hc.mode.name == "MULTIRUN":
+            return f"{exp or cfg.stage.name}-{cfg.model.name}-{Path(hc.sweep.dir).name}"
+        if exp:
+            return f"{exp}-{cfg.model.name}"
+    return f"{cfg.stage.name}-{cfg.model.name}"
+
+
 class Tracker:
     """Everything a run writes. Side effects happen on the main process only."""
 
@@ -87,7 +104,8 @@ class Tracker:
             project=lc.project, entity=lc.entity, mode=mode, dir=str(self.dir),
             config=OmegaConf.to_container(self.cfg, resolve=True),
             name=f"{self.cfg.stage.name}-{self.cfg.model.name}-{self.dir.name}",
-            group=f"{self.cfg.stage.name}-{self.cfg.model.name}", tags=list(lc.tags), reinit="finish_previous",
+            group=run_group(self.cfg), job_type=str(self.cfg.stage.name), tags=list(lc.tags),
+            reinit="finish_previous",
         )
 
     def log(self, metrics: dict, step: int | None = None) -> None:

@@ -33,6 +33,9 @@ def test_a_study_runs_its_steps_in_order(fixtures, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"stage=deactivate: model local, prompts harmbench, 1 process, run folder {run / '01-deactivate'}\n" in out
     assert json.loads((run / "01-deactivate" / "results.json").read_text())["processes"] == 1
+    # the steps are one W&B group, named after the study's folder
+    for step in ("00-detect", "01-deactivate"):
+        assert "group: study-study\n" in (run / step / "config.yaml").read_text()
     table = pd.read_csv(run / "study.csv")
     assert list(table["stage"]) == ["detect", "deactivate", "report"]
     assert list(table["run_dir"]) == [str(run / f) for f in ("00-detect", "01-deactivate", "02-report")]

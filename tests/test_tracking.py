@@ -24,6 +24,8 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     tr = Tracker(cfg, cfg.run_dir)
     assert tr.main and tr.wandb is not None and wandb.run is not None
     assert wandb.run.config["model"]["name"] == "llama3"
+    # runs compare in W&B by group (the experiment; here no Hydra run: stage-model) and job type (the stage)
+    assert (wandb.run.group, wandb.run.job_type) == ("evaluate-llama3", "evaluate")
     for i in range(3):
         tr.log({"train/loss": 1.0 / (i + 1), "note": "text is dropped"}, step=i)
     tr.save_generations([{"prompt": "p", "answer": "a"}])
@@ -101,3 +103,14 @@ def test_non_main_rank_writes_nothing(tmp_path, monkeypatch):
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "l": [1, 2], "ld": [{"x": 1}], "n": None}) == {
         "a.b": 1, "a.c.d": "x", "l": "[1, 2]", "n": None}
+
+
+def test_a_named_group_reaches_wandb(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose([f"run_dir={tmp_path / 'run'}", f"store_dir={tmp_path / 'store'}", "logger=wandb",
+                   "stage=deactivate", "model=llama3", "logger.group=my-sweep"])
+    tr = Tracker(cfg, cfg.run_dir)
+    assert (wandb.run.group, wandb.run.job_type) == ("my-sweep", "deactivate")
+    tr.finish({"asr": 0.0})

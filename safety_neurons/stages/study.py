@@ -23,7 +23,11 @@ def own_overrides(cfg) -> list[str]:
 
     cli = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     skip = ("stage=", "study.", "run_dir=", "hydra.", "+hydra.", "~hydra.")
-    return [o for o in [*cli, *cfg.study.base] if not o.lstrip("+~").startswith(skip) and not o.startswith(skip)]
+    own = [o for o in [*cli, *cfg.study.base] if not o.lstrip("+~").startswith(skip)]
+    if not cfg.logger.get("group"):  # the study's runs are one W&B group, apart from other runs of the recipe
+        exp = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+        own.append(f"logger.group={exp or 'study'}-{Path(str(cfg.run_dir)).name}")
+    return own
 
 
 def step_overrides(cfg, i: int, step) -> tuple[str, list[str]]:
