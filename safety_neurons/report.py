@@ -40,6 +40,8 @@ def gather_rows(root: str | Path, stage: str | None = None) -> pd.DataFrame:
             continue
         if (run / "sweep.csv").exists():
             df = pd.read_csv(run / "sweep.csv")
+            if "model" not in df and obj.get("model"):  # the run's model, for the report's titles
+                df["model"] = obj["model"]
         else:
             obj = {k: v for k, v in obj.items() if not isinstance(v, (list, dict))}
             df = pd.DataFrame([obj])
@@ -51,9 +53,13 @@ def gather_rows(root: str | Path, stage: str | None = None) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def plot_deactivation(df: pd.DataFrame, out: Path) -> list[Path]:
-    """ASR vs count (safety sets as lines, random baseline as mean with a min-max band), ASR vs utility."""
+def plot_deactivation(df: pd.DataFrame, out: Path, title: str | None = None) -> list[Path]:
+    """ASR vs count (safety sets as lines, random baseline as mean with a min-max band), ASR vs utility;
+    ``title`` names what was deactivated (default: the rows' model)."""
     plt = _plt()
+    if title is None:
+        models = sorted(df["model"].dropna().astype(str).unique()) if "model" in df else []
+        title = ", ".join(models) or "deactivation"
     out = Path(out)
     paths = []
     df = df.copy()
@@ -64,10 +70,12 @@ def plot_deactivation(df: pd.DataFrame, out: Path) -> list[Path]:
     for (grp, base), d in df.assign(x=x0).groupby(["group", "baseline"]):
         d = d.sort_values("n")
         if base == "random":
-            ax.plot(d["x"], d["asr"], "--", color="0.4", label=f"random ({grp})")
+            seeds = int(d["seeds"].max()) if "seeds" in d and d["seeds"].notna().any() else None
+            ax.plot(d["x"], d["asr"], "--", color="0.4", label=f"random, mean ({grp})")
             if "asr_min" in d:
                 ax.fill_between(d["x"], d["asr_min"].fillna(d["asr"]), d["asr_max"].fillna(d["asr"]),
-                                color="0.7", alpha=0.4)
+                                color="0.7", alpha=0.4,
+                                label=f"random, min-max{f' of {seeds} seeds' if seeds else ''} ({grp})")
         else:
             ax.plot(d["x"], d["asr"], "o-", label=f"safety ({grp})")
             broken = d[d["breaks_model"].astype(bool)]
@@ -77,7 +85,10 @@ def plot_deactivation(df: pd.DataFrame, out: Path) -> list[Path]:
     ax.set_xscale("log")
     ax.set_xlabel("neurons deactivated (0 plotted at 0.8)")
     ax.set_ylabel("attack success rate")
-    ax.set_ylim(-0.03, 1.03)
+    ax.set_ylim(0, 1.03)  # a rate: nothing below 0 (points at 0 drawn over the axis)
+    for line in ax.lines:
+        line.set_clip_on(False)
+    ax.set_title(f"{title}: attack success vs neurons switched off", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out / "asr_vs_count.png"))
@@ -93,6 +104,8 @@ def plot_deactivation(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_xscale("log")
         ax.set_xlabel("utility NLL / intact NLL (harmless answers)")
         ax.set_ylabel("attack success rate")
+        ax.set_ylim(0, 1.03)
+        ax.set_title(f"{title}: attack success vs utility (labels: neurons switched off)", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out / "asr_vs_utility.png"))

@@ -154,5 +154,6 @@ def write_sweep(tr, rows: list[dict], gens: list[dict]) -> None:
     if tr.main and len(rows) > 1:
         from ..report import plot_deactivation
 
-        for p in plot_deactivation(df, tr.dir):
+        sets = ", ".join(sorted({str(r.get("set")) for r in rows}))
+        for p in plot_deactivation(df, tr.dir, f"{tr.cfg.model.name}, set {sets}"):
             tr.log_image(p.stem, p)

@@ -119,9 +119,10 @@ def plot_set(ns: NeuronSet, adapter, mean: dict, out: Path, title: str) -> list[
     fig, ax = plt.subplots(figsize=(4.5, max(3, 0.22 * adapter.n_layers)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
     ax.set_xticks(range(len(KINDS)), KINDS)
+    ax.set_xlabel("neuron kind")
     ax.set_ylabel("layer")
     ax.set_title(f"{title}\nselected share of each kind's width", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.colorbar(im, ax=ax, fraction=0.05, label="selected neurons / width")
     fig.tight_layout()
     p = out / "heatmap.png"
     atomic_write(p, lambda t: fig.savefig(t, dpi=110, format="png"))
