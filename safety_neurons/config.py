@@ -286,6 +286,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     harmless: DatasetConfig = field(default_factory=DatasetConfig)
     reference: DatasetConfig | None = None  # dataset@reference: detection subtracts this set's neurons
+    contrast: DatasetConfig | None = None  # dataset@contrast: detection subtracts this set's mean scores
     means: DatasetConfig | None = None  # dataset@means: mean ablation's prompts (None: the harmless set)
     split: SplitConfig = field(default_factory=SplitConfig)
     topk: TopkConfig = field(default_factory=TopkConfig)

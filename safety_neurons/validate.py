@@ -113,7 +113,7 @@ def check_store(store_dir) -> None:
 
 
 def check_files(cfg) -> None:
-    for key in ("dataset.path", "harmless.path"):
+    for key in ("dataset.path", "harmless.path", "reference.path", "means.path", "contrast.path"):
         v = _get(cfg, key)
         if v and not Path(str(v)).expanduser().exists():
             raise UserError(f"{key}={v} does not exist; give the prompt file or folder")

@@ -4,6 +4,8 @@ and the top n. Each checks the invariant the option promises (which neurons, how
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from safetensors.torch import load_file
@@ -167,3 +169,37 @@ def test_finetune_cap_per_matrix_and_top_n(fixtures, sets, ad, tmp_path):
         for proj in (("gate_proj", "up_proj", "down_proj") if kind == "ffn" else (PROJ[kind],)):
             want.setdefault((layer, proj), set()).add(i)
     assert trained == want
+
+
+def test_a_contrasted_set_subtracts_the_contrast_prompts_mean_scores(fixtures, tmp_path):
+    """dataset@contrast=harmless: every per-prompt score minus the neuron's mean over the harmless
+    training prompts, so the saved means are harmful minus harmless means and the selection is made
+    on the contrasted scores (a brute-force top-k recount from them gives the set)."""
+    import torch
+
+    k = ["topk.attn=0.25", "topk.ffn=0.25", "topk.consistency=0.5"]
+    plain = stage(fixtures, tmp_path / "p", "detect", *k, "detect.save_as=con-plain")
+    # the harmless prompts' own scores: the harmless set in the harmful slot, its training split
+    harmless = stage(fixtures, tmp_path / "h", "detect", *k, "dataset=harmless",
+                     f"dataset.path={fixtures['harmless']}", "detect.save_as=con-harmless")
+    con = stage(fixtures, tmp_path / "c", "detect", *k, "dataset@contrast=harmless",
+                f"contrast.path={fixtures['harmless']}")
+    assert con["tag"] == "exact-conharmless"
+    d = {n: NeuronSet.load(r["neurons_json"]).meta for n, r in (("p", plain), ("h", harmless), ("c", con))}
+    assert d["c"]["contrast"]["hash"] == d["h"]["dataset"]["hash"] and d["p"]["contrast"] is None
+    sc = {n: load_file(str(Path(r["neurons_json"]).parent / "scores.safetensors"))
+          for n, r in (("p", plain), ("h", harmless), ("c", con))}
+    for name in sc["c"]:
+        if name.endswith(".mean"):
+            torch.testing.assert_close(sc["c"][name], sc["p"][name] - sc["h"][name], rtol=1e-5, atol=1e-6)
+    ps = load_file(str(Path(con["neurons_json"]).parent / "prompt_scores.safetensors"))
+    k_of = d["c"]["topk"]["k_per_kind"]
+    expect = set()
+    for name, s in ps.items():
+        layer, kind = name.split(".")
+        hits = torch.zeros(s.shape[1])
+        for row in s.float():
+            hits[row.topk(k_of[kind]).indices] += 1
+        expect |= {(int(layer), kind, int(i)) for i in torch.nonzero(hits / s.shape[0] >= 0.5 - 1e-9).flatten()}
+    assert set(NeuronSet.load(con["neurons_json"]).ranking) == expect
+    assert expect != set(NeuronSet.load(plain["neurons_json"]).ranking)

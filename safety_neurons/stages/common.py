@@ -133,9 +133,12 @@ def find_set(cfg, tag: str | None) -> Path:
 
 def default_tag(cfg) -> str:
     """The store tag of a detected set: the PLND mode (exact, original) or the scorer's name, then
-    ``-ref<dataset>`` when dataset@reference was subtracted."""
+    ``-con<dataset>`` when scores were contrasted with dataset@contrast's means, ``-ref<dataset>`` when
+    dataset@reference's selection was subtracted."""
     d = cfg.detect
     base = d.mode if d.scorer == "plnd" else d.scorer
+    if cfg.get("contrast") is not None:
+        base += f"-con{cfg.contrast.name}"
     return base + (f"-ref{cfg.reference.name}" if cfg.reference is not None else "")
 
 

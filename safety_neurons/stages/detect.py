@@ -220,6 +220,7 @@ class Detection:
     rscores: dict | None = None
     ref_st: TopkStats | None = None
     ref_meta: dict | None = None
+    contrast_meta: dict | None = None
 
 
 def run(cfg) -> dict:
@@ -273,10 +274,19 @@ def score_and_select(cfg, model, tok, ad, acc) -> Detection:
     t0 = time.time()
     extra = scorer_inputs(cfg, model, tok, ad, harm)
     scores = score_prompts(model, tok, ad, harm.prompts, d, sp, ml, acc, "importance (harmful)", **extra)
+    contrast_meta = None
+    if cfg.get("contrast") is not None:  # every score minus the neuron's mean score on the contrast prompts
+        con = load_prompts(cfg.contrast, "train", cache_dir(cfg)).head(d.n_reference)
+        cextra = scorer_inputs(cfg, model, tok, ad, con)
+        cextra.pop("reference", None)  # the reference model is loaded once
+        cscores = score_prompts(model, tok, ad, con.prompts, d, sp, ml, acc, f"importance ({con.name}, contrast)",
+                                reference=extra.get("reference"), **cextra)
+        scores = contrasted(scores, cscores)
+        contrast_meta = con.describe()
     seconds = time.time() - t0
     st = stats_from(scores, k_of)
     mean, freq = split_scores(st.tensors())
-    found = Detection(harm, scores, st, [], mean, seconds)
+    found = Detection(harm, scores, st, [], mean, seconds, contrast_meta=contrast_meta)
     exclude = None
     if cfg.reference is not None:
         ref = load_prompts(cfg.reference, "train", cache_dir(cfg)).head(d.n_reference)
@@ -289,6 +299,12 @@ def score_and_select(cfg, model, tok, ad, acc) -> Detection:
         found.ref_meta = {**ref.describe(), "selected": len(exclude)}
     found.ranking = select(mean, freq, cfg.topk.consistency, exclude)
     return found
+
+
+def contrasted(scores: dict, contrast: dict) -> dict:
+    """Per-prompt scores minus each neuron's mean score over the contrast prompts (float32): what
+    selection, ranking and the saved per-prompt scores of a contrasted set are made of."""
+    return {key: s.float() - contrast[key].float().mean(0, keepdim=True) for key, s in scores.items()}
 
 
 def set_meta(cfg, model, ad, found: Detection, tag: str) -> dict:
@@ -306,7 +322,8 @@ def set_meta(cfg, model, ad, found: Detection, tag: str) -> dict:
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "chat_template": d.chat_template, "system_prompt": cfg.model.system_prompt, "kinds": list(d.kinds),
         "topk": {"attn": cfg.topk.attn, "ffn": cfg.topk.ffn, "k_per_kind": k_per_kind(cfg.topk, ad, d.kinds)},
-        "consistency": cfg.topk.consistency, "reference": found.ref_meta, "code_version": code_version(),
+        "consistency": cfg.topk.consistency, "reference": found.ref_meta, "contrast": found.contrast_meta,
+        "code_version": code_version(),
         "seed": cfg.seed, "tag": tag, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "ranked": True,
     }
 
