@@ -155,6 +155,36 @@ def test_benchmark_on_the_planted_model(planted):
     assert df[df.method == "none"].iloc[0].kl == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_contrast_adds_each_scorer_minus_its_contrast_mean(planted, monkeypatch):
+    """dataset@contrast=harmless: beside each scorer a ``<scorer>-conharmless`` row, ranked by the mean
+    score on the harmful prompts minus the mean on the contrast prompts (checked on the scores the
+    stage computed); without deactivation the verdict says the effect was not measured."""
+    import torch
+
+    from safety_neurons.stages import benchmark as bm
+
+    fx, _ = planted
+    calls, ranked = [], []
+    real_score, real_recovery = bm.score_prompts, bm.recovery
+    monkeypatch.setattr(bm, "score_prompts", lambda *a, **k: calls.append((a[8], real_score(*a, **k))) or calls[-1][1])
+    monkeypatch.setattr(bm, "recovery", lambda sc, truth: ranked.append(sc) or real_recovery(sc, truth))
+    run = fx["root"] / "run-contrast"
+    get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
+                                             "benchmark.n_prompts=3", "benchmark.scorers=[wanda]",
+                                             "benchmark.deactivate=false", "dataset@contrast=harmless",
+                                             f"contrast.path={fx['harmless']}")))
+    df = pd.read_csv(run / "benchmark.csv")
+    assert list(df.method) == ["wanda", "wanda-conharmless", "weight_diff"]
+    (_, harm), (label, con) = calls
+    assert label == "benchmark (harmless, contrast)"
+    for key, want in ((k, harm[k].mean(0) - con[k].mean(0)) for k in harm):
+        torch.testing.assert_close(ranked[1][key].double(), want.double(), rtol=1e-4, atol=1e-5)  # float32 sums
+        assert torch.equal(ranked[0][key], harm[key].mean(0))
+    from safety_neurons.stages.benchmark import verdicts
+
+    assert set(verdicts(df).verdict) <= {"finds S*, effect not measured", "partly", "weak", "at chance"}
+
+
 def test_benchmark_errors(planted):
     fx, _ = planted
     with pytest.raises(UserError, match="no planted model 'nope'"):

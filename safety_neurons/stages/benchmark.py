@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from ..data import load_prompts
 from ..errors import UserError
 from ..evaluation import Evaluator
 from ..hooks import deactivated
@@ -33,8 +34,8 @@ from ..models import load_model
 from ..neurons import NeuronSet, select, split_scores
 from ..planted import recovery, slice_diff
 from ..scoring import score_prompts, target_answers
-from .common import harmful_set, harmless_set, load, log, random_like, store_of, tracked
-from .detect import k_per_kind, load_reference_model, stats_from
+from .common import cache_dir, harmful_set, harmless_set, load, log, random_like, store_of, tracked
+from .detect import contrasted, k_per_kind, load_reference_model, stats_from
 from .plant import planted_paths, read_plant
 
 # the goal a scorer must meet on a planted model (docs/planted-benchmark.md): recover S* (rank-AUC) and,
@@ -92,14 +93,26 @@ def _score_all(cfg, model, tok, ad, prompts, kinds, reference) -> dict:
     if any(get_scorer(s).needs_target for s in b.scorers):
         targets = target_answers(model, tok, prompts.prompts, sp, cfg.detect.target_tokens, cfg.eval.batch_size,
                                  prompts.responses, cfg.model.max_length)
+    con = ctargets = None
+    if cfg.get("contrast") is not None:  # each scorer also contrasted: minus its mean on these prompts
+        con = load_prompts(cfg.contrast, "train", cache_dir(cfg)).head(b.n_prompts)
+        if targets is not None:
+            ctargets = target_answers(model, tok, con.prompts, sp, cfg.detect.target_tokens, cfg.eval.batch_size,
+                                      con.responses, cfg.model.max_length)
     out = {}
     for name in b.scorers:
         s = get_scorer(name)
         t0 = time.time()
-        sc = score_prompts(model, tok, ad, prompts.prompts, _scorer_settings(cfg, name, kinds), sp,
-                           cfg.model.max_length, None, "benchmark", reference=reference if s.needs_reference else None,
+        settings = _scorer_settings(cfg, name, kinds)
+        sc = score_prompts(model, tok, ad, prompts.prompts, settings, sp, cfg.model.max_length, None, "benchmark",
+                           reference=reference if s.needs_reference else None,
                            targets=targets if s.needs_target else None)
         out[name] = (sc, time.time() - t0)
+        if con is not None:
+            csc = score_prompts(model, tok, ad, con.prompts, settings, sp, cfg.model.max_length, None,
+                                f"benchmark ({con.name}, contrast)", reference=reference if s.needs_reference else None,
+                                targets=ctargets if s.needs_target else None)
+            out[f"{name}-con{con.name}"] = (contrasted(sc, csc), time.time() - t0)
     return out
 
 
