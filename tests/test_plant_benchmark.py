@@ -187,8 +187,12 @@ def test_a_contrast_adds_each_scorer_minus_its_contrast_mean(planted, monkeypatc
 
 def test_benchmark_errors(planted):
     fx, _ = planted
-    with pytest.raises(UserError, match="no planted model 'nope'"):
+    with pytest.raises(UserError, match="no planted model 'nope' .*make it first with stage=plant plant.save_as=nope"):
         get_stage("benchmark")(compose(overrides(fx, fx["root"] / "r1", "stage=benchmark", "benchmark.organism=nope")))
+    # a preset's planted model is named after the preset that makes it, not after a bare save_as
+    with pytest.raises(UserError, match=r"make it first with stage=plant plant=attn1 plant.seed=1 \("):
+        get_stage("benchmark")(compose(overrides(fx, fx["root"] / "r1", "stage=benchmark",
+                                                 "benchmark.organism=planted-attn1pct-s1")))
     with pytest.raises(UserError, match="known scorers"):
         get_stage("benchmark")(compose(overrides(fx, fx["root"] / "r2", "stage=benchmark", "benchmark.scorers=[bad]")))
     with pytest.raises(UserError, match="plant.share"):

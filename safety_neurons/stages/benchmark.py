@@ -36,7 +36,7 @@ from ..planted import recovery, slice_diff
 from ..scoring import score_prompts, target_answers
 from .common import cache_dir, harmful_set, harmless_set, load, log, random_like, store_of, tracked
 from .detect import contrasted, k_per_kind, load_reference_model, stats_from
-from .plant import planted_paths, read_plant
+from .plant import default_name, planted_paths, read_plant
 
 # the goal a scorer must meet on a planted model (docs/planted-benchmark.md): recover S* (rank-AUC) and,
 # deactivated, do what zeroing S* does
@@ -208,13 +208,30 @@ def suite_summary(df: pd.DataFrame) -> pd.DataFrame:
     return d.groupby(["preset", "method"], sort=False)[cols].mean().reset_index()
 
 
+def plant_command(name: str) -> str:
+    """The stage=plant command that makes the planted model ``name``: the preset and seed whose default
+    name it is (planted-ffn1pct-s0 -> plant=ffn1 plant.seed=0), else a plant under that name."""
+    from ..cfg import CONF_DIR, group_config
+    from ..config import PlantConfig
+
+    seed = name.rsplit("-s", 1)[-1]
+    for f in sorted((CONF_DIR / "plant").glob("*.yaml")):
+        if f.stem == "default" or not seed.lstrip("-").isdigit():
+            continue
+        p = group_config("plant", f.stem, PlantConfig)
+        p.seed = int(seed)
+        if default_name(p) == name:
+            return f"stage=plant plant={f.stem}" + (f" plant.seed={seed}" if int(seed) != 0 else "")
+    return f"stage=plant plant.save_as={name}"
+
+
 def run_planted(cfg) -> dict:
     b = cfg.benchmark
     model_dir, truth_dir = planted_paths(cfg, b.organism)
     prov = read_plant(model_dir)
     if prov is None or not (truth_dir / "neurons.json").exists():
         raise UserError(f"no planted model {b.organism!r} in {store_of(cfg).root}; make it first with "
-                        f"stage=plant plant.save_as={b.organism} (or name one that exists)")
+                        f"{plant_command(b.organism)} (or name one that exists)")
     if prov["base_model"] != cfg.model.name:
         raise UserError(f"{b.organism} was planted in {prov['base_model']}, not in model={cfg.model.name}; pass "
                         f"model={prov['base_model']}")
