@@ -45,6 +45,27 @@ def num_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def asked_processes() -> int | None:
+    """The ``--num_processes`` an ``accelerate launch`` parent was given, read from its command line
+    (Linux), or None. ``accelerate launch --cpu --num_processes 2`` starts one process and passes the
+    number on to nobody, so this is the only place it can be seen."""
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any("accelerate" in a for a in argv[:3]):
+        return None
+    for i, a in enumerate(argv):
+        if a.startswith(("--num_processes=", "--num-processes=")):
+            v = a.split("=", 1)[1]
+        elif a in ("--num_processes", "--num-processes") and i + 1 < len(argv):
+            v = argv[i + 1]
+        else:
+            continue
+        return int(v) if v.isdigit() else None
+    return None
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

@@ -99,3 +99,12 @@ def test_two_process_detect_equals_one_process(tmp_path):
     n1, n2 = (json.loads((d / "neurons.json").read_text()) for d in (single, multi))
     assert n1["ranking"] == n2["ranking"] and len(n1["ranking"]) > 0
     assert n2["meta"]["n_prompts"] == 7
+    # `--cpu --num_processes 2` starts one process: the run says so instead of passing for two ranks
+    e = {**env, "SAFETY_NEURONS_RUN_DIR": str(tmp_path / "run-cpu")}
+    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "-m",
+                        "safety_neurons", *args, f"store_dir={tmp_path / 'store-cpu'}"], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "warning: accelerate launch was asked for 2 processes and started 1; on CPU use --config_file " \
+           "experiments/accelerate_cpu2.yaml" in p.stdout
+    assert json.loads((tmp_path / "run-cpu" / "results.json").read_text())["processes"] == 1

@@ -33,12 +33,15 @@ def run_stage(cfg) -> dict:
 
     get_stage(cfg.stage.name)  # an unknown stage first, then the whole config and its files, before any work
     validate(cfg)
-    from ..tracking import is_main_process, num_processes
+    from ..tracking import asked_processes, is_main_process, num_processes
 
     if is_main_process() and cfg.stage.name != "study":  # what this run is, before any work
-        n = num_processes()
+        n, asked = num_processes(), asked_processes()
         print(f"stage={cfg.stage.name}: model {cfg.model.name}, prompts {cfg.dataset.name}, "
               f"{n} process{'es' if n > 1 else ''}, run folder {cfg.run_dir}")
+        if asked is not None and asked > n:
+            print(f"warning: accelerate launch was asked for {asked} processes and started {n}; on CPU use "
+                  f"--config_file experiments/accelerate_cpu2.yaml (or --multi_gpu --num_processes {asked})")
     if cfg.get("reuse_freed_memory", True):
         from ..runtime import reuse_freed_memory
 
