@@ -42,6 +42,21 @@ def _is_index(x) -> bool:
     return True
 
 
+def resolve_set_path(path: str | Path) -> Path:
+    """``path`` as a neurons.json where it names one: a set folder's neurons.json, or the set a run
+    folder's ``set.json`` points at (detect keeps the set itself only in the store)."""
+    path = Path(path)
+    if path.is_dir() and (path / "neurons.json").exists():
+        return path / "neurons.json"
+    pointer = path / "set.json" if path.is_dir() else path
+    if pointer.name == "set.json" and pointer.is_file():
+        try:
+            return Path(json.loads(pointer.read_text())["neurons_json"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{pointer} is not a run's set pointer ({e}); give the set's neurons.json") from None
+    return path
+
+
 @dataclass
 class NeuronSet:
     ranking: list[Neuron]
@@ -126,12 +141,11 @@ class NeuronSet:
 
     @classmethod
     def load(cls, path: str | Path) -> NeuronSet:
-        path = Path(path)
+        """The set at ``path``: a neurons.json, its folder, or a run folder (or its ``set.json``) that
+        points at the set the run wrote to the store."""
+        path = resolve_set_path(path)
         if path.is_dir():
-            if (path / "neurons.json").exists():
-                path = path / "neurons.json"
-            else:
-                raise UserError(f"{path} holds no neurons.json; for released-format files use import_released()")
+            raise UserError(f"{path} holds no neurons.json; for released-format files use import_released()")
         if not path.exists():
             raise UserError(f"neuron set {path} does not exist")
         try:

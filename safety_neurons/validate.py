@@ -123,8 +123,12 @@ def check_files(cfg) -> None:
             continue
         if not Path(str(v)).expanduser().exists():
             raise UserError(f"{key}={v} does not exist; give a neurons.json, its folder, released files or a store tag")
-        p = Path(str(v)).expanduser() if v else None
-        if p is not None and (p.suffix == ".json" or (p / "neurons.json").exists()):
+        from .neurons import resolve_set_path
+
+        p = resolve_set_path(Path(str(v)).expanduser())
+        if not p.exists():
+            raise UserError(f"{key}={v} points at the set {p}, which does not exist (moved or removed from the store)")
+        if p.suffix == ".json" or (p / "neurons.json").exists():
             from .neurons import NeuronSet
 
             NeuronSet.load(p)  # its indices are checked as it loads

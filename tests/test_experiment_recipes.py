@@ -63,7 +63,7 @@ def test_experiment_files_compose(name, tmp_path):
         cfg.study.base = [f"experiment={name}"]  # what the command line gives a CLI run
         for i, step in enumerate(cfg.study.steps):
             folder, overrides = step_overrides(cfg, i, step)
-            assert overrides[-1] == f"run_dir={Path(cfg.run_dir) / folder}"
+            assert overrides[-1] == f"run_dir='{Path(cfg.run_dir) / folder}'"
             check_composes([o for o in overrides if not o.startswith("run_dir=")], tmp_path)
 
 

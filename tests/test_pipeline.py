@@ -57,6 +57,8 @@ def test_detect_artifacts_and_ranking(fx, detected):
         "set.json", "summary.csv", "heatmap.png", "scores.png"}
     assert not list(run.rglob("*.safetensors")) and not (run / "neurons.json").exists()
     assert (run / "heatmap.png").read_bytes() == (store / "heatmap.png").read_bytes()
+    # a run folder (or its set.json) names the set it wrote, wherever a stage takes a set by path
+    assert NeuronSet.load(run).ranking == NeuronSet.load(run / "set.json").ranking == NeuronSet.load(store).ranking
     ns = NeuronSet.load(store / "neurons.json")
     assert len(ns) == res["n_neurons"] > 0
     meta = ns.meta

@@ -4,6 +4,7 @@ and the top n. Each checks the invariant the option promises (which neurons, how
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +38,7 @@ def sets(fixtures, tmp_path_factory):
     exact = NeuronSet.load(stage(fixtures, run / "a", "detect", *k)["neurons_json"])
     rsn = NeuronSet.load(stage(fixtures, run / "b", "detect", *k, "dataset@reference=harmless")["neurons_json"])
     assert len(exact) > 20 and 0 < len(rsn) < len(exact)
+    exact.run_dir = run / "a"  # the detect run's folder: its set.json points at the stored set
     return exact, rsn
 
 
@@ -50,6 +52,15 @@ def params(ns, ad) -> int:
 
 
 # ------------------------------------------------------------------------------------- deactivate
+def test_a_detect_run_folder_names_its_set(fixtures, sets, tmp_path):
+    exact, _ = sets
+    res = stage(fixtures, tmp_path / "run", "deactivate", f"deactivate.neurons={exact.run_dir}", "deactivate.n=[2]")
+    assert res["set"] == "exact" and res["n_neurons"] == 2
+    used = [a for a in json.loads((tmp_path / "run" / "results.json").read_text())["artifacts"]
+            if a["kind"] == "neuron set"]
+    assert [Path(a["path"]).parent.name for a in used] == ["exact"]  # the store's set, not the run folder
+
+
 def test_deactivate_per_layer(fixtures, sets, ad, tmp_path):
     exact, _ = sets
     res = stage(fixtures, tmp_path / "run", "deactivate", "deactivate.neurons=exact", "deactivate.n=[0,2]",

@@ -18,7 +18,7 @@ from tests.builders import stage_overrides
 def study(fixtures, run, steps: list[list[str]]):
     base = [o for o in stage_overrides(fixtures, run) if not o.startswith("run_dir=")]
     steps_arg = "[" + ",".join("[" + ",".join(f"'{o}'" for o in s) + "]" for s in steps) + "]"
-    cfg = compose([f"run_dir={run}", "stage=study", f"study.steps={steps_arg}"])
+    cfg = compose([f"run_dir='{run}'", "stage=study", f"study.steps={steps_arg}"])
     cfg.study.base = base  # what a command-line run passes on from its own overrides
     return get_stage("study")(cfg)
 
@@ -56,5 +56,9 @@ def test_a_bad_step_fails_before_the_first_runs(fixtures, tmp_path):
         study(fixtures, run, [["stage=detect", "detect.save_as=never"], ["stage=deactivate", "deactivate.no_such=1"]])
     assert not (run / "00-detect").exists()
     assert not (fixtures["store"] / "neurons" / "local" / "harmbench" / "never").exists()
+    # a study folder whose name Hydra would split (a comma) still gives each step its own folder
+    odd = tmp_path / "a,b=c"
+    study(fixtures, odd, [["stage=plan", "model=local", f"model.path={fixtures['model']}"]])
+    assert (odd / "00-plan" / "plan.json").exists()
     with pytest.raises(UserError, match="study.steps is empty"):
         get_stage("study")(compose([f"run_dir={run}", "stage=study"]))

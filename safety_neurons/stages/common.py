@@ -154,7 +154,9 @@ def set_path(cfg, name: str | None, default: str) -> Path:
         p = Path(name).expanduser()
         if not p.exists():
             raise UserError(f"the neuron set {name} does not exist; give a neurons.json, its folder or a store tag")
-        return p
+        from ..neurons import resolve_set_path
+
+        return resolve_set_path(p)  # a detect run's folder (or its set.json) stands for the set it wrote
     return find_set(cfg, name)
 
 

@@ -63,12 +63,13 @@ def load_reference_model(cfg, adapter):
     return rm, rad
 
 
-def scorer_inputs(cfg, model, tok, adapter, prompt_set) -> dict:
-    """What the configured scorer needs besides the prompts: ``reference`` and ``targets``."""
+def scorer_inputs(cfg, model, tok, adapter, prompt_set, with_reference: bool = True) -> dict:
+    """What the configured scorer needs besides the prompts: ``reference`` (loaded only when
+    ``with_reference``: a second prompt set reuses the first one's) and ``targets``."""
     d = cfg.detect
     scorer = get_scorer(d.scorer)
     out: dict = {}
-    if scorer.needs_reference:
+    if scorer.needs_reference and with_reference:
         out["reference"] = load_reference_model(cfg, adapter)
     if scorer.needs_target:
         out["targets"] = target_answers(model, tok, prompt_set.prompts, cfg.model.system_prompt, d.target_tokens,
@@ -277,8 +278,7 @@ def score_and_select(cfg, model, tok, ad, acc) -> Detection:
     contrast_meta = None
     if cfg.get("contrast") is not None:  # every score minus the neuron's mean score on the contrast prompts
         con = load_prompts(cfg.contrast, "train", cache_dir(cfg)).head(d.n_reference)
-        cextra = scorer_inputs(cfg, model, tok, ad, con)
-        cextra.pop("reference", None)  # the reference model is loaded once
+        cextra = scorer_inputs(cfg, model, tok, ad, con, with_reference=False)  # the reference model: loaded once
         cscores = score_prompts(model, tok, ad, con.prompts, d, sp, ml, acc, f"importance ({con.name}, contrast)",
                                 reference=extra.get("reference"), **cextra)
         scores = contrasted(scores, cscores)
@@ -290,8 +290,7 @@ def score_and_select(cfg, model, tok, ad, acc) -> Detection:
     exclude = None
     if cfg.reference is not None:
         ref = load_prompts(cfg.reference, "train", cache_dir(cfg)).head(d.n_reference)
-        rextra = scorer_inputs(cfg, model, tok, ad, ref)
-        rextra.pop("reference", None)  # the reference model is loaded once, for both prompt sets
+        rextra = scorer_inputs(cfg, model, tok, ad, ref, with_reference=False)  # the reference model: loaded once
         found.rscores = score_prompts(model, tok, ad, ref.prompts, d, sp, ml, acc, f"importance ({ref.name})",
                                       reference=extra.get("reference"), **rextra)
         found.ref_st = stats_from(found.rscores, k_of)

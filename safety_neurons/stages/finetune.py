@@ -131,12 +131,12 @@ def tuning_set(cfg, ad):
         return None
     try:
         ns = cap_set(load_set(cfg, f, ad, set_default(cfg)), f.cap_per_matrix)
-    except UserError:
+        if f.top_n is not None:
+            ns = ns.top(f.top_n)
+    except UserError:  # LoRA without a usable set keeps its configured rank
         if f.target != "lora":
             raise
         return None
-    if f.top_n is not None:
-        ns = ns.top(f.top_n)
     if len(ns) == 0 and f.target != "lora":
         raise UserError("the neuron set is empty; detect with a lower topk.consistency or another reference")
     return ns

@@ -11,6 +11,8 @@ measurements: weights exactly, activations and optimizer state by the formulas i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..architectures import config_of, meta_model
 from ..config import KINDS
 from ..errors import UserError
@@ -70,7 +72,9 @@ def memory(ad: ModelAdapter, n_params: int, batch: int, length: int, n_gpus: int
 def config_source(mcfg) -> str:
     """Where :func:`config_of` read the shapes from, in words."""
     if mcfg.path:
-        return "model.path"
+        p = Path(mcfg.path).expanduser()
+        return "model.path" if (p / "config.json").exists() else "GGUF metadata (model.path)" \
+            if p.suffix == ".gguf" else "published config (model.path has no config.json)"
     if mcfg.organism and not mcfg.hub_id:
         return f"the base model of the recipe {mcfg.organism}"
     if mcfg.gguf_package:

@@ -10,14 +10,16 @@ from ..report import gather_rows, plot_deactivation, plot_finetune
 from .common import tracked
 
 
-def latest_sweep(root: Path, stage: str, model: str) -> Path:
-    base = root / "sweeps" / stage / model
+def latest_sweep(sweeps: Path, runs: Path, stage: str, model: str) -> Path:
+    """The newest sweep of ``stage`` and ``model`` under ``sweeps`` (paths.sweeps), else its newest run
+    folder under ``runs`` (paths.runs)."""
+    base = sweeps / stage / model
     cands = sorted(p for p in base.glob("*") if p.is_dir()) if base.exists() else []
     if not cands:
-        base = root / "runs" / stage / model
+        base = runs / stage / model
         cands = sorted(p for p in base.glob("*") if p.is_dir()) if base.exists() else []
     if not cands:
-        raise UserError(f"no {stage} sweep for model {model} under {root}; pass report.dir=DIR")
+        raise UserError(f"no {stage} sweep for model {model} under {sweeps} or {runs}; pass report.dir=DIR")
     return cands[-1]
 
 
@@ -35,7 +37,7 @@ def build_report(src: Path, out: Path, of: str) -> tuple:
 
 def run(cfg) -> dict:
     rc = cfg.report
-    src = Path(rc.dir) if rc.dir else latest_sweep(Path(cfg.paths.outputs), rc.of, cfg.model.name)
+    src = Path(rc.dir) if rc.dir else latest_sweep(Path(cfg.paths.sweeps), Path(cfg.paths.runs), rc.of, cfg.model.name)
     with tracked(cfg) as (tr, box):
         df, paths = build_report(src, tr.dir, rc.of)
         tr.log_table("report", df)

@@ -16,17 +16,23 @@ from ..io import write_csv, write_json
 STUDY_DIR = "{study_dir}"  # in a step's overrides: the study's own folder (e.g. report.dir={study_dir})
 
 
+def quoted(value: str) -> str:
+    """``value`` as one Hydra override value, whatever characters it holds (a folder with a comma)."""
+    return "'" + value.replace("'", "\\'") + "'"
+
+
 def own_overrides(cfg) -> list[str]:
     """The overrides every step inherits: the command line's (when run by Hydra) and ``study.base``,
     less those that name the study itself (its stage, steps, run folder) and Hydra's own."""
     from hydra.core.hydra_config import HydraConfig
 
     cli = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    skip = ("stage=", "study.", "run_dir=", "hydra.", "+hydra.", "~hydra.")
+    skip = ("stage=", "study.", "run_dir=", "hydra.", "hydra/")
     own = [o for o in [*cli, *cfg.study.base] if not o.lstrip("+~").startswith(skip)]
     if not cfg.logger.get("group"):  # the study's runs are one W&B group, apart from other runs of the recipe
         exp = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
-        own.append(f"logger.group={exp or 'study'}-{Path(str(cfg.run_dir)).name}")
+        group = f"{exp or 'study'}-{Path(str(cfg.run_dir)).name}"
+        own.append(f"logger.group={quoted(group)}")
     return own
 
 
@@ -40,8 +46,8 @@ def step_overrides(cfg, i: int, step) -> tuple[str, list[str]]:
         raise UserError(f"study.steps[{i}] runs stage=study; a study cannot contain a study")
     name = f"{i:02d}-{stages[0]}"
     study_dir = str(cfg.run_dir)
-    return name, [*own_overrides(cfg), *(o.replace(STUDY_DIR, study_dir) for o in step),
-                  f"run_dir={Path(study_dir) / name}"]
+    return name, [*(o.replace(STUDY_DIR, study_dir) for o in [*own_overrides(cfg), *step]),
+                  f"run_dir={quoted(str(Path(study_dir) / name))}"]
 
 
 def run(cfg) -> dict:
@@ -78,7 +84,9 @@ def run(cfg) -> dict:
         except UserError as e:  # the finished steps stay in study.csv; this one says which it was
             raise UserError(f"study.steps[{i}] ({' '.join(step)}): {e}; the {len(rows)} finished steps are in "
                             f"{out / 'study.csv'}") from None
-        rows.append({"step": i, "stage": scfg.stage.name, "overrides": " ".join(step), "run_dir": str(out / name),
+        folder = out / name  # a step that only reused a finished artifact writes no folder
+        rows.append({"step": i, "stage": scfg.stage.name, "overrides": " ".join(step),
+                     "run_dir": str(folder) if folder.exists() else "",
                      **{k: v for k, v in res.items() if isinstance(v, (int, float, str, bool)) and k != "run_dir"}})
         write_csv(out / "study.csv", pd.DataFrame(rows))
     results = {"stage": "study", "steps": len(rows), "study_csv": str(out / "study.csv"), "run_dir": str(out)}
