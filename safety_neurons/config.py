@@ -179,7 +179,7 @@ class BenchmarkConfig:
                                                         "attribution", "snip", "wanda"])
     random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     counts: list[int] = field(default_factory=lambda: [100, 300, 1000])  # effect-only mode: top-n per scorer
-    n_prompts: int | None = 64  # harmful training prompts scored (null: all)
+    n_prompts: int | None = 64  # harmful training prompts scored, and as many contrast prompts (null: all)
     deactivate: bool = True  # also measure the effect of deactivating each top set
     plants: list[str] = field(default_factory=list)  # suite: "preset:seed" plants, each planted and benchmarked
     effect_model: str | None = None  # suite: then the effect-only run on this model preset ...
