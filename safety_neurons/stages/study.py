@@ -82,8 +82,8 @@ def run(cfg) -> dict:
         try:
             res = run_stage(scfg) or {}
         except UserError as e:  # the finished steps stay in study.csv; this one says which it was
-            raise UserError(f"study.steps[{i}] ({' '.join(step)}): {e}; the {len(rows)} finished steps are in "
-                            f"{out / 'study.csv'}") from None
+            done = f"; the {len(rows)} finished steps are in {out / 'study.csv'}" if rows else ""
+            raise UserError(f"study.steps[{i}] ({' '.join(step)}): {e}{done}") from None
         folder = out / name  # a step that only reused a finished artifact writes no folder
         rows.append({"step": i, "stage": scfg.stage.name, "overrides": " ".join(step),
                      "run_dir": str(folder) if folder.exists() else "",
