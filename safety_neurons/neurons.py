@@ -204,6 +204,16 @@ def select(mean: dict[tuple[int, str], torch.Tensor], freq: dict[tuple[int, str]
     """Neurons with top-k frequency >= consistency, minus ``exclude``, ranked by (freq, mean) desc."""
     if not 0 < consistency <= 1:
         raise UserError(f"topk.consistency={consistency} must be in (0, 1]")
+    return _ranked(mean, freq, consistency, exclude)
+
+
+def rank_all(mean: dict[tuple[int, str], torch.Tensor], freq: dict[tuple[int, str], torch.Tensor]) -> list[Neuron]:
+    """Every neuron, ranked as :func:`select` ranks the ones it keeps (freq, then mean, desc; ties by
+    address): what "the top n of a scorer" means without a consistency threshold."""
+    return _ranked(mean, freq, 0.0, None)
+
+
+def _ranked(mean, freq, consistency: float, exclude) -> list[Neuron]:
     cands = []
     eps = 1e-9
     for (layer, kind), f in freq.items():

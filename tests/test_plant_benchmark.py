@@ -185,6 +185,35 @@ def test_a_contrast_adds_each_scorer_minus_its_contrast_mean(planted, monkeypatc
     assert set(verdicts(df).verdict) <= {"finds S*, effect not measured", "partly", "weak", "at chance"}
 
 
+def test_effect_only_deactivates_each_scorers_top_n_against_random(planted):
+    """Without ground truth (benchmark.organism unset): each scorer's top n over every neuron, ranked as
+    detection ranks, switched off beside random sets of its shape; n=0 of nothing is the intact model."""
+    fx, _ = planted
+    run = fx["root"] / "run-effect"
+    res = get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.scorers=[wanda]",
+                                                   "benchmark.n_prompts=3", "benchmark.counts=[1,3]",
+                                                   "benchmark.random_seeds=[0]")))
+    df = pd.read_csv(run / "benchmark.csv")
+    assert list(zip(df.method, df.n)) == [("none", 0), ("wanda", 1), ("random (wanda shape)", 1), ("wanda", 3),
+                                          ("random (wanda shape)", 3)]
+    assert df[df.method == "none"].iloc[0].kl == pytest.approx(0.0, abs=1e-6)
+    assert (df[df.role != "intact"].harmful_refusal.notna()).all() and isinstance(res["sparse_removal_found"], bool)
+
+
+def test_rank_all_orders_every_neuron_as_select_does():
+    import torch
+
+    from safety_neurons.neurons import rank_all, select
+
+    g = torch.Generator().manual_seed(0)
+    mean = {(0, "q"): torch.rand(6, generator=g), (1, "ffn"): torch.rand(4, generator=g)}
+    freq = {(0, "q"): torch.tensor([1.0, 0.5, 0.0, 0.5, 1.0, 0.0]), (1, "ffn"): torch.tensor([0.0, 1.0, 0.5, 0.5])}
+    ranked = rank_all(mean, freq)
+    assert len(ranked) == 10 and ranked[:len(select(mean, freq, 0.5))] == select(mean, freq, 0.5)
+    keys = [(-float(freq[n[:2]][n[2]]), -float(mean[n[:2]][n[2]])) for n in ranked]
+    assert keys == sorted(keys)
+
+
 def test_benchmark_errors(planted):
     fx, _ = planted
     with pytest.raises(UserError, match="no planted model 'nope' .*make it first with stage=plant plant.save_as=nope"):

@@ -31,7 +31,7 @@ from ..hooks import deactivated
 from ..importance import get_scorer
 from ..io import write_csv, write_json, write_text
 from ..models import load_model
-from ..neurons import NeuronSet, select, split_scores
+from ..neurons import NeuronSet, rank_all, split_scores
 from ..planted import recovery, slice_diff
 from ..scoring import score_prompts, target_answers
 from .common import cache_dir, harmful_set, harmless_set, load, log, random_like, store_of, tracked
@@ -365,7 +365,7 @@ def run_effect_only(cfg) -> dict:
         rows = [{"method": "none", "role": "intact", "n": 0, **_effect(m)}]
         for name, (sc, secs) in _score_all(cfg, model, tok, ad, prompts, kinds, ref).items():
             mean, freq = split_scores(stats_from(sc, k_of).tensors())
-            ranked = NeuronSet(select(mean, freq, 0.0), {"tag": name})  # every neuron, ranked as detection ranks
+            ranked = NeuronSet(rank_all(mean, freq), {"tag": name})  # every neuron, ranked as detection ranks
             for n in b.counts:
                 top = ranked.top(n)
                 m, _ = ev.evaluate(model, context=partial(deactivated, ad, top.index_map()), tag=f"{name} n={n}")
