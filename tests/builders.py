@@ -92,3 +92,16 @@ def stage_overrides(fx, run_dir, *extra) -> list[str]:
     logger, CPU)."""
     return [f"run_dir={run_dir}", f"store_dir={fx['store']}", "model=local", f"model.path={fx['model']}",
             f"dataset.path={fx['hb']}", f"harmless.path={fx['harmless']}", "debug=tiny", *extra]
+
+
+def brute_select(prompt_scores: dict, k_of: dict, consistency: float) -> set:
+    """Selection recounted by brute force from saved per-prompt scores (``<layer>.<kind>`` -> (prompts,
+    width)): every neuron in its kind's per-prompt top k on at least ``consistency`` of the prompts."""
+    out = set()
+    for name, s in prompt_scores.items():
+        lay, kind = name.split(".")
+        hits = torch.zeros(s.shape[1])
+        for row in s.float():
+            hits[row.topk(k_of[kind]).indices] += 1
+        out |= {(int(lay), kind, int(i)) for i in torch.nonzero(hits / s.shape[0] >= consistency - 1e-9).flatten()}
+    return out

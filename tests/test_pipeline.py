@@ -17,7 +17,7 @@ from safety_neurons.errors import UserError
 from safety_neurons.identity import artifact_hash
 from safety_neurons.neurons import NeuronSet
 from safety_neurons.stages import get_stage
-from tests.builders import HARMLESS, stage_files
+from tests.builders import HARMLESS, brute_select, stage_files
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +79,7 @@ def test_detect_artifacts_and_ranking(fx, detected):
     assert keys == sorted(keys, key=lambda x: (-x[0], -x[1]))
     # the selection equals a brute-force recomputation from the per-prompt scores
     ps = load_file(str(store / "prompt_scores.safetensors"))
-    expect = set()
-    k_of = meta["topk"]["k_per_kind"]
-    for name, s in ps.items():
-        lay, kind = name.split(".")
-        s = s.float()
-        hits = torch.zeros(s.shape[1])
-        for row in s:
-            hits[row.topk(k_of[kind]).indices] += 1
-        expect |= {(int(lay), kind, int(i)) for i in torch.nonzero(hits / s.shape[0] >= 0.5 - 1e-9).flatten()}
-    assert set(ns.ranking) == expect
+    assert set(ns.ranking) == brute_select(ps, meta["topk"]["k_per_kind"], 0.5)
     summary = pd.read_csv(store / "summary.csv")
     assert list(summary.columns[:6]) == ["layer", "q", "k", "v", "o", "ffn"]
     assert summary.iloc[-1]["layer"] == "total" and int(summary.iloc[-1][["q", "k", "v", "o", "ffn"]].sum()) == len(ns)
@@ -135,16 +126,6 @@ def test_reference_subtraction_and_compare(fx, detected, tmp_path):
     assert (tmp_path / "cmp" / "jaccard.png").exists()
 
 
-def _brute_select(prompt_scores: dict, k_of: dict, consistency: float) -> set:
-    out = set()
-    for name, s in prompt_scores.items():
-        lay, kind = name.split(".")
-        hits = torch.zeros(s.shape[1])
-        for row in s.float():
-            hits[row.topk(k_of[kind]).indices] += 1
-        out |= {(int(lay), kind, int(i)) for i in torch.nonzero(hits / s.shape[0] >= consistency - 1e-9).flatten()}
-    return out
-
 
 def test_select_new_k_reselects_the_reference_too(fx, detected, tmp_path):
     """stage=select with another k recomputes both the harmful and the reference frequencies from the saved
@@ -158,8 +139,8 @@ def test_select_new_k_reselects_the_reference_too(fx, detected, tmp_path):
     ns = NeuronSet.load(get_stage("select")(cfg)["neurons_json"])
     k_of = ns.meta["topk"]["k_per_kind"]
     assert k_of != NeuronSet.load(src / "neurons.json").meta["topk"]["k_per_kind"]
-    harm = _brute_select(load_file(str(src / "prompt_scores.safetensors")), k_of, 0.5)
-    ref = _brute_select(load_file(str(src / "reference_prompt_scores.safetensors")), k_of, 0.5)
+    harm = brute_select(load_file(str(src / "prompt_scores.safetensors")), k_of, 0.5)
+    ref = brute_select(load_file(str(src / "reference_prompt_scores.safetensors")), k_of, 0.5)
     assert set(ns.ranking) == harm - ref and len(ref) > 0
     # the new set's statistics are the ones it was selected with: saved means, new frequencies
     new, old = (load_file(str(d / "reference_scores.safetensors")) for d in (src.parent / "ref-k025", src))

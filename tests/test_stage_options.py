@@ -17,6 +17,7 @@ from safety_neurons.models import ModelAdapter
 from safety_neurons.neurons import NeuronSet
 from safety_neurons.stages import get_stage
 from safety_neurons.stages.common import cap_set
+from tests.builders import brute_select
 from tests.tiny import tiny_model
 
 
@@ -204,13 +205,6 @@ def test_a_contrasted_set_subtracts_the_contrast_prompts_mean_scores(fixtures, t
         if name.endswith(".mean"):
             torch.testing.assert_close(sc["c"][name], sc["p"][name] - sc["h"][name], rtol=1e-5, atol=1e-6)
     ps = load_file(str(Path(con["neurons_json"]).parent / "prompt_scores.safetensors"))
-    k_of = d["c"]["topk"]["k_per_kind"]
-    expect = set()
-    for name, s in ps.items():
-        layer, kind = name.split(".")
-        hits = torch.zeros(s.shape[1])
-        for row in s.float():
-            hits[row.topk(k_of[kind]).indices] += 1
-        expect |= {(int(layer), kind, int(i)) for i in torch.nonzero(hits / s.shape[0] >= 0.5 - 1e-9).flatten()}
+    expect = brute_select(ps, d["c"]["topk"]["k_per_kind"], 0.5)
     assert set(NeuronSet.load(con["neurons_json"]).ranking) == expect
     assert expect != set(NeuronSet.load(plain["neurons_json"]).ranking)
