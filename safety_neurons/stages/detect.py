@@ -78,8 +78,13 @@ def scorer_inputs(cfg, model, tok, adapter, prompt_set, with_reference: bool = T
 
 
 def k_per_kind(topk, adapter, kinds) -> dict[str, int]:
-    return {k: resolve_k(topk.ffn if k == "ffn" else topk.attn, adapter.width(k),
-                         "topk.ffn" if k == "ffn" else "topk.attn") for k in kinds}
+    return k_for_widths(topk, {k: adapter.width(k) for k in kinds})
+
+
+def k_for_widths(topk, widths: dict[str, int]) -> dict[str, int]:
+    """The per-prompt top k of each kind of the given widths (topk.ffn for ffn, topk.attn for the rest)."""
+    return {k: resolve_k(topk.ffn if k == "ffn" else topk.attn, w, "topk.ffn" if k == "ffn" else "topk.attn")
+            for k, w in widths.items()}
 
 
 def stats_from(scores: dict[tuple[int, str], torch.Tensor], k_of: dict[str, int]) -> TopkStats:
@@ -344,19 +349,20 @@ def write_set(cfg, out: Path, ns: NeuronSet, ad, found: Detection, table: pd.Dat
     return plot_set(ns, ad, found.mean, out, f"{cfg.model.name} {ns.meta['tag']}: {len(ns)} neurons")
 
 
-def record_run(tr, set_dir: Path, table: pd.DataFrame, plots: list[Path]) -> None:
-    """What the run folder keeps of a set written to the store: its summary and plots (small copies,
-    logged from there) and ``set.json``, which says where the set is and its hash. Scores are never
-    copied: the store holds the one copy."""
+def record_run(tr, set_dir: Path, table: pd.DataFrame | None = None, plots: list[Path] = ()) -> None:
+    """What the run folder keeps of a set written to the store: ``set.json``, which says where the set is
+    and its hash, and (from a detection) its summary and plots, small copies logged from there. Scores
+    are never copied: the store holds the one copy."""
     tr.dir.mkdir(parents=True, exist_ok=True)
-    write_csv(tr.dir / "summary.csv", table)
     write_json(tr.dir / "set.json", {"path": str(set_dir), "neurons_json": str(set_dir / "neurons.json"),
                                      "hash": artifact_hash(set_dir / "neurons.json")})
     for p in plots:
         copy = tr.dir / p.name
         atomic_write(copy, lambda t, s=set_dir / p.name: shutil.copyfile(s, t))
         tr.log_image(copy.stem, copy)
-    tr.log_table("summary", table)
+    if table is not None:
+        write_csv(tr.dir / "summary.csv", table)
+        tr.log_table("summary", table)
 
 
 def run_select(cfg) -> dict:
@@ -371,8 +377,7 @@ def run_select(cfg) -> dict:
     print(f"using the scores of {src} (neurons.json hash {artifact_hash(src / 'neurons.json')})")
     meta = dict(base.meta)
     widths = signature_widths(meta.get("model_signature") or {})
-    k_of = {k: resolve_k(cfg.topk.ffn if k == "ffn" else cfg.topk.attn, widths[k],
-                         "topk.ffn" if k == "ffn" else "topk.attn") for k in meta.get("kinds", list(KINDS))}
+    k_of = k_for_widths(cfg.topk, {k: widths[k] for k in meta.get("kinds", list(KINDS))})
     new_stats = {"scores.safetensors": saved_stats(src, "", meta, k_of)}
     exclude = None
     if meta.get("reference"):  # the reference's selection with the same k and consistency
@@ -398,9 +403,7 @@ def run_select(cfg) -> dict:
                     if (src / f).exists():  # a hard link where the file system allows: no second copy
                         _link_or_copy(src / f, art.tmp / f)
                 art.commit()
-                tr.dir.mkdir(parents=True, exist_ok=True)
-                write_json(tr.dir / "set.json", {"path": str(out), "neurons_json": str(out / "neurons.json"),
-                                                 "hash": artifact_hash(out / "neurons.json")})
+                record_run(tr, out)
             print(f"{len(ns)} neurons selected (consistency {cfg.topk.consistency}, k {k_of}) -> {out}")
             box["results"] = {"tag": tag, "n_neurons": len(ns), "neurons_json": str(out / "neurons.json"),
                               **{f"n_{k}": sum(1 for n in ns.ranking if n[1] == k) for k in KINDS}}
