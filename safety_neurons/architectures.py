@@ -59,11 +59,10 @@ def config_of(mcfg, gguf_dir=None):
             return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
     if mcfg.organism and not mcfg.hub_id:
         from .cfg import model_config
-        from .organism import RECIPES
+        from .organism import recipe_base
 
-        base = [o.split("=", 1)[1] for o in RECIPES.get(mcfg.organism, []) if o.startswith("model=")]
-        if base:
-            return config_of(model_config(base[-1]), gguf_dir)
+        if (base := recipe_base(mcfg.organism)) is not None:
+            return config_of(model_config(base), gguf_dir)
     if mcfg.gguf_package:
         from .models import find_gguf
 

@@ -79,6 +79,12 @@ def read_provenance(model_dir: str | Path) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
+def recipe_base(name: str) -> str | None:
+    """The model preset the recipe ``name`` fine-tunes (its ``model=`` override), None for no recipe."""
+    base = [o.split("=", 1)[1] for o in RECIPES.get(name, []) if o.startswith("model=")]
+    return base[-1] if base else None
+
+
 def base_model_of(store: Store, name: str) -> dict | None:
     """The config of the model that the store model ``name`` was fine-tuned from, if it records one."""
     prov = read_provenance(store.model_dir(name))
