@@ -30,6 +30,15 @@ def target_answers(model, tok, prompts: list[str], system_prompt, n_tokens: int,
     return [a if a else [tok.eos_token_id] for a in ids]
 
 
+def rank_batches(prompts: list[str], batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """The prompt indices each batch of process ``rank`` scores: one process's batches (prompts sorted by
+    length, then cut) dealt out whole, so every prompt is scored beside the same neighbours and padding
+    whatever the world size, the gathered scores are bit-identical to one process's and near-ties rank
+    the same."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    return [order[s: s + batch_size] for s in range(0, len(order), batch_size)][rank::world]
+
+
 def score_prompts(model, tok, adapter, prompts: list[str], d, system_prompt, max_length=512,
                   accelerator=None, desc="importance", reference=None, targets=None
                   ) -> dict[tuple[int, str], torch.Tensor]:
@@ -37,9 +46,9 @@ def score_prompts(model, tok, adapter, prompts: list[str], d, system_prompt, max
 
     ``d`` holds the detect settings (scorer, mode, kinds, tokens, batch size, ...). ``reference``: the
     (model, adapter) the activation-difference scorers compare against; ``targets``: one answer per
-    prompt for the gradient scorers (see :func:`target_answers`). Prompts are batched by length (scores
-    do not depend on batch composition); with Accelerate each process scores a shard and the shards are
-    gathered, so the result equals one process's.
+    prompt for the gradient scorers (see :func:`target_answers`). Prompts are batched by length; with
+    Accelerate each process scores whole batches of that one-process batching and the per-prompt scores
+    are gathered, so the result is bit-identical to one process's.
     """
     scorer = get_scorer(getattr(d, "scorer", "plnd"))
     if not prompts:
@@ -49,13 +58,12 @@ def score_prompts(model, tok, adapter, prompts: list[str], d, system_prompt, max
     opts = options(d.mode, d.qk_chunk_mb, d.qk_kernel, reference)
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
-    mine = list(range(rank, len(prompts), world))
-    order = sorted(mine, key=lambda i: len(prompts[i]))
+    batches = rank_batches(prompts, d.batch_size, rank, world)
     dev = next(model.parameters()).device
     results: dict[int, dict] = {}
-    bar = tqdm(total=len(order), desc=f"{desc} [{scorer.name}]", unit="prompt", disable=rank != 0)
-    for s in range(0, len(order), d.batch_size):
-        idx = order[s: s + d.batch_size]
+    bar = tqdm(total=sum(map(len, batches)), desc=f"{desc} [{scorer.name}]", unit="prompt",
+               disable=rank != 0)
+    for idx in batches:
         texts = [prompts[i] for i in idx]
         b = encode(tok, texts, system_prompt, template=d.chat_template, max_length=max_length,
                    responses=[targets[i] for i in idx] if scorer.needs_target else None)
