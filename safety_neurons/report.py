@@ -177,6 +177,40 @@ def plot_benchmark(df: pd.DataFrame, rocs: dict | None, out: Path, title: str) -
     return paths
 
 
+def plot_benchmark_sweep(sweep: pd.DataFrame, path: Path, title: str) -> Path:
+    """A planted benchmark's deactivation sweep on one figure: harmful refusal (left) and NLL ratio
+    (right) against the number of neurons switched off, for S* (the positive control), each scorer's
+    top n and random sets of S*'s shape (mean, and the seeds' range as a band in the legend)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9.2, 3.8))
+    for ax, col, label in ((axes[0], "harmful_refusal", "harmful refusal"), (axes[1], "nll_ratio", "NLL ratio (answer utility)")):
+        for name, d in sweep.groupby("method", sort=False):
+            d = d.sort_values("n")
+            if name == "random":
+                seeds = int(d.seeds.max()) if "seeds" in d else 0
+                if f"{col}_min" in d:
+                    ax.fill_between(d.n, d[f"{col}_min"], d[f"{col}_max"], color="0.5", alpha=0.25,
+                                    label=f"random sets, range of {seeds} seeds")
+                ax.plot(d.n, d[col], color="0.4", ls="--", marker=".", label="random sets, mean")
+            else:
+                star = name == "planted_set"
+                ax.plot(d.n, d[col], marker="*" if star else "o", ms=9 if star else 5, lw=1.4,
+                        color="k" if star else None, label="S* (planted set)" if star else name)
+        ax.set_xlabel("neurons switched off (top n)")
+        ax.set_ylabel(label)
+        if col == "harmful_refusal":
+            ax.set_ylim(0, 1.03)
+        else:
+            ax.set_ylim(bottom=0)
+            ax.axhline(1.0, color="0.6", ls=":", lw=0.8)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{title}: deactivation sweep (top n of each scorer against S* and random sets)", fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, Path(path))
+    plt.close(fig)
+    return out
+
+
 def _plot_recovery_vs_effect(plt, df: pd.DataFrame, out: Path, title: str) -> Path:
     """Rank-AUC against harmful refusal after deactivating each method's top |S*|; colour: NLL ratio."""
     from matplotlib.colors import LogNorm

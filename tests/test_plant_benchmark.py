@@ -155,6 +155,57 @@ def test_benchmark_on_the_planted_model(planted):
     assert df[df.method == "none"].iloc[0].kl == pytest.approx(0.0, abs=1e-6)
 
 
+def test_benchmark_sweep_switches_off_the_top_n_of_each_method(planted, monkeypatch):
+    """benchmark.sweep=[f]: at n = f*|S*| the benchmark switches off the first n of S*, the top n of each
+    scorer's ranking (by its mean score, as recovery ranks) and random sets with the counts per matrix
+    of those first n of S*, outside S*; sweep.csv holds those points and the |S*| points of benchmark.csv."""
+    from safety_neurons.stages import benchmark as bm
+
+    fx, _ = planted
+    seen, means = [], {}
+    real_deact, real_recovery = bm.deactivated, bm.recovery
+
+    def recording(ad, index_map):
+        seen.append({k: sorted(v.tolist()) for k, v in index_map.items()})
+        return real_deact(ad, index_map)
+
+    def rec(sc, truth):
+        means[len(means)] = sc
+        return real_recovery(sc, truth)
+
+    monkeypatch.setattr(bm, "deactivated", recording)
+    monkeypatch.setattr(bm, "recovery", rec)
+    run = fx["root"] / "run-sweep"
+    get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
+                                             "benchmark.n_prompts=3", "benchmark.scorers=[wanda]",
+                                             "benchmark.random_seeds=[0,1]", "benchmark.sweep=[0.5]")))
+    truth = NeuronSet.load(fx["store"] / "neurons" / "planted-tiny" / "planted" / "truth" / "neurons.json")
+    n = round(0.5 * len(truth))
+    sw = pd.read_csv(run / "sweep.csv")
+    assert sorted(zip(sw.method, sw.n)) == sorted(itertools.product(["planted_set", "random", "wanda"], [n, len(truth)]))
+    # calls: wanda top |S*|, S*, random x2 (the |S*| points), then the sweep: S* part, wanda top n, random x2
+    assert len(seen) == 8
+    part = truth.top(n).index_map()
+    assert seen[4] == {k: sorted(v.tolist()) for k, v in part.items()}
+    wanda_top = real_recovery(means[0], truth)["top"].top(n).index_map()
+    assert seen[5] == {k: sorted(v.tolist()) for k, v in wanda_top.items()}
+    inside = truth.index_map()
+    for rnd in seen[6:]:
+        assert {k: len(v) for k, v in rnd.items()} == {k: len(v) for k, v in part.items()}
+        assert all(not set(v) & set(inside[k].tolist()) for k, v in rnd.items())
+    assert seen[6] != seen[7]  # two seeds
+    full = pd.read_csv(run / "benchmark.csv").set_index("method")
+    for m in ("planted_set", "random", "wanda"):
+        row = sw[(sw.method == m) & (sw.n == len(truth))].iloc[0]
+        for col in ("harmful_refusal", "nll_ratio", "kl"):
+            assert row[col] == pytest.approx(full.loc[m, col], abs=1e-12), (m, col)
+    assert sw[(sw.method == "random") & (sw.n == n)].iloc[0].seeds == 2
+    assert (run / "sweep.png").exists() and "![sweep](sweep.png)" in (run / "report.md").read_text()
+    with pytest.raises(UserError, match="benchmark.sweep"):
+        get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
+                                                 "benchmark.sweep=[1.0]")))
+
+
 def test_a_contrast_adds_each_scorer_minus_its_contrast_mean(planted, monkeypatch):
     """dataset@contrast=harmless: beside each scorer a ``<scorer>-conharmless`` row, ranked by the mean
     score on the harmful prompts minus the mean on the contrast prompts (checked on the scores the

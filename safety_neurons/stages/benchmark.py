@@ -53,6 +53,11 @@ def check_benchmark_cfg(b) -> None:
         raise UserError("benchmark.random_seeds is empty; the random baseline needs seeds (3 recommended)")
     if any(n < 1 for n in b.counts):
         raise UserError(f"benchmark.counts={list(b.counts)} must be positive neuron counts")
+    if any(not 0 < f < 1 for f in b.sweep):
+        raise UserError(f"benchmark.sweep={list(b.sweep)} must be shares of |S*| between 0 and 1 (|S*| itself is "
+                        "always measured), e.g. benchmark.sweep=[0.25,0.5]")
+    if b.sweep and not b.deactivate:
+        raise UserError("benchmark.sweep needs benchmark.deactivate=true (the sweep deactivates sets)")
     if b.n_prompts is not None and b.n_prompts < 1:
         raise UserError(f"benchmark.n_prompts={b.n_prompts} must be at least 1 (null: every training prompt)")
 
@@ -247,7 +252,7 @@ def run_planted(cfg) -> dict:
         sp = cfg.model.system_prompt
         ev = (Evaluator(cfg.eval, planted, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length)
               if b.deactivate else None)
-        rows, rocs = [], {}
+        rows, rocs, tops = [], {}, {}
         common = {"organism": b.organism, "n_planted": len(truth), "share": prov["share"], "kinds": "+".join(kinds),
                   "n_prompts": len(prompts), "plant_refusal": prov["refusal"], "base_refusal": prov["base_refusal"]}
         for name, (sc, secs) in _score_all(cfg, planted, tok, pad, prompts, kinds, (base, bad)).items():
@@ -257,7 +262,7 @@ def run_planted(cfg) -> dict:
                 m, _ = ev.evaluate(planted, context=partial(deactivated, pad, rec["top"].index_map()), tag=name)
                 row.update(_effect(m))
             rows.append({**common, **row})
-            rocs[name] = rec["roc"]
+            rocs[name], tops[name] = rec["roc"], rec["top"]
             log.info("benchmark %s: AUC %.3f, precision@|S*| %.3f", name, row["auc"], row["precision_at_k"])
         rec = recovery(slice_diff(bad, pad, kinds), truth)
         rows.append({**common, "method": "weight_diff", "role": "ceiling", **_recovery_cols(rec)})
@@ -271,10 +276,30 @@ def run_planted(cfg) -> dict:
             rows.append({**common, "method": "random", "role": "baseline", "auc": 0.5,
                          **_random_rows(ev, planted, pad, truth, truth, b.random_seeds, "S* shape")})
         df = pd.DataFrame(rows)
-        _write(tr, df, cfg, rocs)
+        sweep = _sweep(ev, planted, pad, truth, tops, b, df) if b.sweep else None
+        _write(tr, df, cfg, rocs, sweep)
         box["results"] = {"organism": b.organism, "rows": rows,
                           **{f"auc_{r['method']}": r.get("auc") for r in rows if r.get("auc") is not None}}
     return box["results"]
+
+
+def _sweep(ev, model, ad, truth: NeuronSet, tops: dict[str, NeuronSet], b, df: pd.DataFrame) -> pd.DataFrame:
+    """The deactivation sweep of a planted benchmark: at each n = f*|S*| (``benchmark.sweep``, and
+    |S*| itself, read from ``df``), the top n of each scorer, the first n of S* (the positive control)
+    and random sets of that part of S*'s shape (mean, min, max over ``benchmark.random_seeds``)."""
+    rows = []
+    for f in sorted(set(b.sweep)):
+        n = max(1, round(f * len(truth)))
+        part = truth.top(n)
+        for name, top in [("planted_set", part), *tops.items()]:
+            m, _ = ev.evaluate(model, context=partial(deactivated, ad, top.top(n).index_map()), tag=f"{name} n={n}")
+            rows.append({"method": name, "n": n, "share_of_planted": f, **_effect(m)})
+        rows.append({"method": "random", "n": n, "share_of_planted": f,
+                     **_random_rows(ev, model, ad, part, truth, b.random_seeds, f"S* part n={n}")})
+    full = df[df.method.isin(["planted_set", "random", *tops])]  # the |S*| points, measured above
+    rows += [{**{k: v for k, v in r.items() if k.startswith(EFFECT) or k == "seeds"},
+              "method": r["method"], "n": len(truth), "share_of_planted": 1.0} for r in full.to_dict("records")]
+    return pd.DataFrame(rows).sort_values(["method", "n"], kind="stable").reset_index(drop=True)
 
 
 def verdicts(df: pd.DataFrame) -> pd.DataFrame:
@@ -384,8 +409,8 @@ def run_effect_only(cfg) -> dict:
     return box["results"]
 
 
-def _write(tr, df: pd.DataFrame, cfg, rocs) -> None:
-    from ..report import plot_benchmark
+def _write(tr, df: pd.DataFrame, cfg, rocs, sweep: pd.DataFrame | None = None) -> None:
+    from ..report import plot_benchmark, plot_benchmark_sweep
 
     cols = [c for c in ("method", "role", "n", "auc", "precision_at_k", "recall_at_5k", "layer_auc_mean",
                         "harmful_refusal", "over_refusal", "nll_ratio", "kl", "degenerate_share", "breaks_model")
@@ -397,6 +422,10 @@ def _write(tr, df: pd.DataFrame, cfg, rocs) -> None:
     write_json(tr.dir / "config.json", OmegaConf.to_container(cfg, resolve=True))
     title = cfg.benchmark.organism or cfg.model.name
     plots = plot_benchmark(df, rocs, tr.dir, title)
+    if sweep is not None:
+        write_csv(tr.dir / "sweep.csv", sweep)
+        tr.log_table("sweep", sweep)
+        plots.append(plot_benchmark_sweep(sweep, tr.dir / "sweep.png", title))
     for p in plots:
         tr.log_image(p.stem, p)
     tr.log_table("benchmark", df)
