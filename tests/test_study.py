@@ -62,3 +62,29 @@ def test_a_bad_step_fails_before_the_first_runs(fixtures, tmp_path):
     assert (odd / "00-plan" / "plan.json").exists()
     with pytest.raises(UserError, match="study.steps is empty"):
         get_stage("study")(compose([f"run_dir={run}", "stage=study"]))
+
+
+def test_the_study_report_gathers_each_steps_summary(fixtures, tmp_path, capsys):
+    """report.md of a study: one summary line per finetune step made from its results.json, the time of
+    every step (those of study.csv), and links to the plots the steps wrote, which exist."""
+    import re
+
+    run = tmp_path / "study-report"
+    res = study(fixtures, run, [["stage=detect", "topk.consistency=0.5", "detect.save_as=rep-set"],
+                                ["stage=finetune", "finetune.neurons=rep-set", "finetune.target=random",
+                                 "finetune.save_as=rep-random"]])
+    text = (run / "report.md").read_text()
+    ft = json.loads((run / "01-finetune" / "results.json").read_text())
+    want = (f"- tuning random neurons of the safety set's shape ({100 * ft['trainable_share']:.2f}% of parameters), "
+            f"{ft['steps']} steps: harmful refusal {ft['before_harmful_refusal']:.2f} -> {ft['after_harmful_refusal']:.2f}, "
+            f"over-refusal {ft['before_over_refusal']:.2f} -> {ft['after_over_refusal']:.2f}, "
+            f"utility NLL {ft['before_utility_nll']:.3f} -> {ft['after_utility_nll']:.3f}")
+    assert want in text.splitlines()
+    assert want in capsys.readouterr().out.splitlines()
+    table = pd.read_csv(run / "study.csv")
+    for r in table.itertuples():
+        assert f"| {r.step} | {r.stage} | `{r.overrides}` | {r.seconds:.1f} |" in text
+    assert res["seconds"] == pytest.approx(table.seconds.sum(), abs=0.11)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links and all((run / p).is_file() for p in links)
+    assert any(p.startswith("00-detect/") for p in links)

@@ -6,12 +6,13 @@ study keeps what it finished. Every step is composed and checked before the firs
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from ..errors import UserError
-from ..io import write_csv, write_json
+from ..io import write_csv, write_json, write_text
 
 STUDY_DIR = "{study_dir}"  # in a step's overrides: the study's own folder (e.g. report.dir={study_dir})
 
@@ -79,6 +80,7 @@ def run(cfg) -> dict:
     rows: list[dict] = []
     for i, (name, step, scfg) in enumerate(planned):
         print(f"study step {i + 1}/{len(planned)}: {' '.join(step)} -> {out / name}")
+        t0 = time.time()
         try:
             res = run_stage(scfg) or {}
         except UserError as e:  # the finished steps stay in study.csv; this one says which it was
@@ -86,10 +88,56 @@ def run(cfg) -> dict:
             raise UserError(f"study.steps[{i}] ({' '.join(step)}): {e}{done}") from None
         folder = out / name  # a step that only reused a finished artifact writes no folder
         rows.append({"step": i, "stage": scfg.stage.name, "overrides": " ".join(step),
-                     "run_dir": str(folder) if folder.exists() else "",
+                     "run_dir": str(folder) if folder.exists() else "", "seconds": round(time.time() - t0, 1),
                      **{k: v for k, v in res.items() if isinstance(v, (int, float, str, bool)) and k != "run_dir"}})
         write_csv(out / "study.csv", pd.DataFrame(rows))
-    results = {"stage": "study", "steps": len(rows), "study_csv": str(out / "study.csv"), "run_dir": str(out)}
+    lines = write_report(out, rows, cfg)
+    results = {"stage": "study", "steps": len(rows), "study_csv": str(out / "study.csv"), "run_dir": str(out),
+               "report": str(out / "report.md"), "seconds": round(sum(r["seconds"] for r in rows), 1)}
     write_json(out / "results.json", results)
-    print(f"study: {len(rows)} steps -> {out / 'study.csv'}")
+    print(f"study: {len(rows)} steps in {results['seconds']:.0f} s -> {out / 'study.csv'}")
+    print("\n".join(f"- {x}" for x in lines) + f"\nreport: {out / 'report.md'}")
     return results
+
+
+def finetune_line(r: dict) -> str:
+    """One line of a finetune step's results: what was tuned and the refusal, over-refusal and NLL it moved."""
+    what = {"safety": "safety neurons", "random": "random neurons of the safety set's shape", "all": "all weights",
+            "lora": "LoRA"}.get(r.get("target"), str(r.get("target")))
+    share = f" ({100 * r['trainable_share']:.2f}% of parameters)" if r.get("trainable_share") is not None else ""
+    return (f"tuning {what}{share}, {r.get('steps')} steps: harmful refusal {r['before_harmful_refusal']:.2f} -> "
+            f"{r['after_harmful_refusal']:.2f}, over-refusal {r['before_over_refusal']:.2f} -> "
+            f"{r['after_over_refusal']:.2f}, utility NLL {r['before_utility_nll']:.3f} -> {r['after_utility_nll']:.3f}")
+
+
+def step_lines(row: dict) -> list[str]:
+    """What a finished step contributes to the study's summary: the summary lines of its report.md
+    (a benchmark's), a finetune step's line, else nothing."""
+    folder = Path(row["run_dir"]) if row.get("run_dir") else None
+    if folder is not None and (folder / "report.md").exists():
+        return [x[2:] for x in (folder / "report.md").read_text().splitlines() if x.startswith("- ")]
+    if row["stage"] == "finetune" and "after_harmful_refusal" in row:
+        return [finetune_line(row)]
+    return []
+
+
+def write_report(out: Path, rows: list[dict], cfg) -> list[str]:
+    """The study's ``report.md``: the summary lines of its steps, the time of each step and every plot
+    the steps wrote (linked from their folders). Returns the summary lines."""
+    from hydra.core.hydra_config import HydraConfig
+
+    exp = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+    lines = [x for r in rows for x in step_lines(r)]
+    total = sum(r["seconds"] for r in rows)
+    text = [f"# Study: {exp or out.name}", "", f"Model {cfg.model.name}; {len(rows)} steps in {total:.0f} s.", "",
+            "## Summary", "", *[f"- {x}" for x in lines], "", "## Steps", "",
+            "| step | stage | overrides | seconds | folder |", "|---|---|---|---|---|"]
+    text += [f"| {r['step']} | {r['stage']} | `{r['overrides']}` | {r['seconds']:.1f} | "
+             + (f"[{Path(r['run_dir']).name}]({Path(r['run_dir']).name})" if r["run_dir"] else "reused") + " |"
+             for r in rows]
+    plots = [p.relative_to(out) for r in rows if r["run_dir"] for p in sorted(Path(r["run_dir"]).rglob("*.png"))
+             if "wandb" not in p.parts]
+    if plots:
+        text += ["", "## Plots", "", *[f"![{p.stem}]({p.as_posix()})" for p in plots]]
+    write_text(out / "report.md", "\n".join([*text, ""]))
+    return lines
