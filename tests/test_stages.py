@@ -79,6 +79,30 @@ def test_finetune_all_then_refuse_to_overwrite(fixtures, tmp_path):
     assert not (tmp_path / "run2").exists()  # refused before any run output
 
 
+def test_finetune_reuse_only_with_the_same_settings(fixtures, tmp_path, capsys):
+    """finetune.reuse=true: a tuned model made with the same settings, data, set and evaluation is reused
+    (its recorded results, its files untouched); any other setting is refused, or trained again with
+    finetune.overwrite=true."""
+    ft = ["stage=finetune", "finetune.target=all", "finetune.steps=2", "finetune.batch_size=2", "finetune.n_harmful=2",
+          "finetune.n_harmless=2", "finetune.max_new_tokens_distill=4", "finetune.lr=1e-3",
+          "finetune.save_as=reuse-ft", "finetune.reuse=true"]
+    first = get_stage("finetune")(compose(overrides(fixtures, tmp_path / "r1", *ft)))
+    out = fixtures["store"] / "models" / "reuse-ft"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = get_stage("finetune")(compose(overrides(fixtures, tmp_path / "r2", *ft)))
+    assert "reusing the tuned model" in capsys.readouterr().out
+    assert again["reused"] is True and {k: again[k] for k in first} == first
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    for change in ("finetune.lr=2e-3", "eval.max_new_tokens=3", "finetune.seed=1"):
+        with pytest.raises(UserError, match="made with other settings"):
+            get_stage("finetune")(compose(overrides(fixtures, tmp_path / "r3", *ft, change)))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    third = get_stage("finetune")(compose(overrides(fixtures, tmp_path / "r4", *ft, "finetune.lr=2e-3",
+                                                    "finetune.overwrite=true")))
+    assert "reused" not in third and third["lr"] == 2e-3
+    assert json.loads((out / "organism.json").read_text())["results"]["lr"] == 2e-3
+
+
 def test_evaluation_honours_model_max_length(fixtures, tmp_path):
     """model.max_length bounds evaluation too (it used to be a fixed 512), and the error names the prompt
     by its text, not by its place in a batch."""

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 from ..errors import UserError
 from ..evaluation import Evaluator
-from ..io import ArtifactDir, atomic_write, write_json
-from ..organism import PROVENANCE, provenance
+from ..io import ArtifactDir, atomic_write, sha256_of, write_json
+from ..organism import PROVENANCE, provenance, read_provenance
 from ..sft_data import training_pairs
 from ..tracking import is_main_process
 from ..training import attach_slices, bake_slices, slice_delta, train_sft
@@ -63,9 +63,41 @@ def run(cfg) -> dict:
             raise UserError("finetune.target=lora needs peft: pip install 'safety-neurons[lora]'") from None
     # the model folder is assembled beside its place and renamed in whole, under a lock taken before any work
     with ArtifactDir(out_dir, "the tuned model", active=is_main_process()) as art:
-        if (out_dir / "config.json").exists() and not f.overwrite:
-            raise UserError(f"tuned model {out_dir} exists; pass finetune.overwrite=true or finetune.save_as=OTHER")
+        if (out_dir / "config.json").exists() and not (f.overwrite or f.reuse):
+            raise UserError(f"tuned model {out_dir} exists; pass finetune.overwrite=true, finetune.reuse=true (same "
+                            "settings only) or finetune.save_as=OTHER")
         return _finetune(cfg, name, out_dir, art)
+
+
+def reuse_key(cfg, ns) -> str:
+    """What decides a tuned model and its measured results: the finetune settings (less overwrite/reuse),
+    the base model's weights, the prompt sets, the neuron set's content, the evaluation settings, the
+    package version. Equal keys: training again would give the same model and numbers."""
+    from omegaconf import OmegaConf
+
+    from .. import __version__
+    from ..identity import source_identity
+
+    f = {k: v for k, v in OmegaConf.to_container(cfg.finetune, resolve=True).items() if k not in ("overwrite", "reuse")}
+    sets = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "harmless") if cfg.get(k) is not None}
+    return sha256_of({"finetune": f, "model": source_identity(cfg.model, store_of(cfg))["source_hash"],
+                      "model_cfg": OmegaConf.to_container(cfg.model, resolve=True), "sets": sets,
+                      "neurons": sorted(ns.ranking) if ns is not None else None,
+                      "eval": OmegaConf.to_container(cfg.eval, resolve=True), "version": __version__})
+
+
+def reusable(cfg, out_dir: Path, key: str) -> dict | None:
+    """The recorded results of the tuned model in ``out_dir`` when ``finetune.reuse`` is set and it was
+    made with ``key``; with a different key, an error unless finetune.overwrite trains it again."""
+    if not cfg.finetune.reuse or not (out_dir / "config.json").exists():
+        return None
+    prov = read_provenance(out_dir) or {}
+    if prov.get("reuse_key") == key:
+        return prov["results"]
+    if not cfg.finetune.overwrite:
+        raise UserError(f"tuned model {out_dir} was made with other settings, data, neurons or evaluation than this "
+                        "run's; pass finetune.overwrite=true to train it again, or finetune.save_as=OTHER")
+    return None
 
 
 def set_default(cfg) -> str:
@@ -80,6 +112,14 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
         model, tok, ad = load(cfg)
         sp = cfg.model.system_prompt
         ns = tuning_set(cfg, ad)  # the neuron set (and its shape) first: bad input fails before any compute
+        key = reuse_key(cfg, ns)
+        done = reusable(cfg, out_dir, key)
+        if done is not None:
+            print(f"reusing the tuned model {out_dir} (finetune.reuse=true: made with the same settings, base model, "
+                  f"data, neurons and evaluation): refusal {done['before_harmful_refusal']:.2f} -> "
+                  f"{done['after_harmful_refusal']:.2f}")
+            box["results"] = {**done, "reused": True}
+            return box["results"]
         prompts, responses, data_meta = training_pairs(cfg, model, tok)
         ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length)
         before, g_before = ev.evaluate(model, tag="before")
@@ -106,7 +146,8 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
             "data": data_meta,
         }
         if tr.main:  # the model (and its delta) once, in the store; the run folder keeps the losses
-            save_model_dir(tuned, tok, art, {PROVENANCE: provenance(cfg, results)}, delta, {"base": cfg.model.name})
+            save_model_dir(tuned, tok, art, {PROVENANCE: {**provenance(cfg, results), "reuse_key": key}}, delta,
+                           {"base": cfg.model.name})
             if delta is not None:
                 results["delta_bytes"] = (out_dir / "delta.safetensors").stat().st_size
             write_json(tr.dir / "losses.json", stats["losses"])
