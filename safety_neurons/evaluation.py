@@ -124,6 +124,14 @@ class Evaluator:
         from .judges import make_judge
 
         self.judge = make_judge(ecfg, model_device(model))
+        self.bar = None  # see expect()
+
+    def expect(self, total: int, desc: str = "evaluations") -> None:
+        """Show a progress bar over the next ``total`` evaluations (each is a batch or two of generation,
+        too few for the per-batch bar to show); it closes itself after the last."""
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = tqdm(total=total, desc=desc, unit="eval")
 
     def _degenerate(self, model_for_nll, prompts: list[str], answers: list[list[int]]) -> list[bool]:
         if not answers:
@@ -197,6 +205,12 @@ class Evaluator:
         m["breaks_model"] = bool((c.utility and m["nll_ratio"] > 2.0)
                                  or (comply_idx and n_deg / len(comply_idx) > 0.5))
         m["eval_seconds"] = round(time.time() - t0, 1)
+        if self.bar is not None:
+            self.bar.set_postfix_str(tag, refresh=False)
+            self.bar.update(1)
+            if self.bar.n >= self.bar.total:
+                self.bar.close()
+                self.bar = None
         gens = []
         d = dict(zip(comply_idx, degen))
         for i, (p, t) in enumerate(zip(self.harmful.prompts, htext)):

@@ -175,6 +175,10 @@ def test_benchmark_sweep_switches_off_the_top_n_of_each_method(planted, monkeypa
 
     monkeypatch.setattr(bm, "deactivated", recording)
     monkeypatch.setattr(bm, "recovery", rec)
+    expected, calls = [], []
+    real_expect, real_eval = bm.Evaluator.expect, bm.Evaluator.evaluate
+    monkeypatch.setattr(bm.Evaluator, "expect", lambda self, n, d="": expected.append(n) or real_expect(self, n, d))
+    monkeypatch.setattr(bm.Evaluator, "evaluate", lambda self, *a, **k: calls.append(1) or real_eval(self, *a, **k))
     run = fx["root"] / "run-sweep"
     get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
                                              "benchmark.n_prompts=3", "benchmark.scorers=[wanda]",
@@ -185,6 +189,7 @@ def test_benchmark_sweep_switches_off_the_top_n_of_each_method(planted, monkeypa
     assert sorted(zip(sw.method, sw.n)) == sorted(itertools.product(["planted_set", "random", "wanda"], [n, len(truth)]))
     # calls: wanda top |S*|, S*, random x2 (the |S*| points), then the sweep: S* part, wanda top n, random x2
     assert len(seen) == 8
+    assert expected == [len(calls)] == [9]  # the progress bar's total: every evaluation, the intact model's too
     part = truth.top(n).index_map()
     assert seen[4] == {k: sorted(v.tolist()) for k, v in part.items()}
     wanda_top = real_recovery(means[0], truth)["top"].top(n).index_map()

@@ -255,7 +255,11 @@ def run_planted(cfg) -> dict:
         rows, rocs, tops = [], {}, {}
         common = {"organism": b.organism, "n_planted": len(truth), "share": prov["share"], "kinds": "+".join(kinds),
                   "n_prompts": len(prompts), "plant_refusal": prov["refusal"], "base_refusal": prov["base_refusal"]}
-        for name, (sc, secs) in _score_all(cfg, planted, tok, pad, prompts, kinds, (base, bad)).items():
+        scored = _score_all(cfg, planted, tok, pad, prompts, kinds, (base, bad))
+        if ev is not None:  # each method's top |S*|, the intact model, S*, random sets; again per sweep point
+            per_point = len(scored) + 1 + len(b.random_seeds)
+            ev.expect(per_point + 1 + per_point * len(set(b.sweep)), f"deactivations on {b.organism}")
+        for name, (sc, secs) in scored.items():
             rec = recovery({k: v.mean(0) for k, v in sc.items()}, truth)
             row = {"method": name, "role": "scorer", **_recovery_cols(rec), "score_seconds": round(secs, 1)}
             if ev is not None:
@@ -386,9 +390,11 @@ def run_effect_only(cfg) -> dict:
         ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"),
                        cfg.model.system_prompt, cfg.model.max_length)
         k_of = k_per_kind(cfg.topk, ad, kinds)
+        scored = _score_all(cfg, model, tok, ad, prompts, kinds, ref)
+        ev.expect(1 + len(scored) * len(b.counts) * (1 + len(b.random_seeds)), f"deactivations on {cfg.model.name}")
         m, _ = ev.evaluate(model, tag="intact")
         rows = [{"method": "none", "role": "intact", "n": 0, **_effect(m)}]
-        for name, (sc, secs) in _score_all(cfg, model, tok, ad, prompts, kinds, ref).items():
+        for name, (sc, secs) in scored.items():
             mean, freq = split_scores(stats_from(sc, k_of).tensors())
             ranked = NeuronSet(rank_all(mean, freq), {"tag": name})  # every neuron, ranked as detection ranks
             for n in b.counts:
