@@ -19,9 +19,10 @@ EPS = 1e-6  # keeps the relative form finite where the reference's channel is si
 
 
 @torch.no_grad()
-def site_means(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tensor, kinds: tuple[str, ...]
-               ) -> tuple[dict, dict]:
-    """Per prompt, the mean over scored tokens of ``h_tn`` and of ``|h_tn|``: two dicts of (B, width)."""
+def site_means(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tensor, kinds: tuple[str, ...],
+               with_abs: bool = True) -> tuple[dict, dict]:
+    """Per prompt, the mean over scored tokens of ``h_tn`` and (``with_abs``) of ``|h_tn|``: two dicts of
+    (B, width), the second empty without ``with_abs`` (only the relative form's reference needs it)."""
     dev = model_device(model)
     dt = compute_dtype(model)
     on = scored.to(dev).bool()
@@ -32,7 +33,8 @@ def site_means(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tensor,
     def grab(layer: int, kind: str, h: torch.Tensor) -> None:
         h = torch.where(on[..., None], h.to(dt), 0.0)  # padding rows may hold NaN: select, never multiply
         mean[(layer, kind)] = torch.einsum("bt,btn->bn", w, h)
-        mean_abs[(layer, kind)] = torch.einsum("bt,btn->bn", w, h.abs())
+        if with_abs:
+            mean_abs[(layer, kind)] = torch.einsum("bt,btn->bn", w, h.abs())
 
     b = batch.to(dev)
     with hooks(site_specs(adapter, kinds, grab)):
@@ -57,8 +59,8 @@ def activation_diff(model, adapter: ModelAdapter, batch: Batch, scored: torch.Te
                         "before alignment, same architecture)")
     ref_model, ref_adapter = reference
     check_reference(adapter, ref_adapter)
-    m, _ = site_means(model, adapter, batch, scored, kinds)
-    r, r_abs = site_means(ref_model, ref_adapter, batch, scored, kinds)
+    m, _ = site_means(model, adapter, batch, scored, kinds, with_abs=False)
+    r, r_abs = site_means(ref_model, ref_adapter, batch, scored, kinds, with_abs=relative)
     out = {}
     for key in m:
         d = (m[key] - r[key].to(m[key].device)).abs()

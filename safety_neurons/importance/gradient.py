@@ -22,6 +22,8 @@ from ..hooks import hooks
 from ..models import ModelAdapter, model_device
 from .sites import compute_dtype, site_specs, slice_linears, stack_scores
 
+SNIP_CHUNK_ELEMENTS = 1 << 24  # weight-gradient entries formed at once by snip (64 MB in float32)
+
 
 def right_padded(batch: Batch) -> Batch:
     """The same rows with their padding moved to the end. A left-padded row's padding positions attend
@@ -102,14 +104,17 @@ def snip(model, adapter: ModelAdapter, batch: Batch, kinds: tuple[str, ...]) -> 
             x = torch.where(real, io[id(lin)][0].detach().to(dt), 0.0)
             g = torch.where(real, grads[id(lin)].to(dt), 0.0)
             W = lin.weight.detach().to(dt)
+            # a few prompts' (out, in) weight gradients at a time (at most SNIP_CHUNK_ELEMENTS entries),
+            # multiplied and taken absolute in place: one buffer per chunk instead of three per prompt
+            step = max(1, SNIP_CHUNK_ELEMENTS // W.numel())
             rows = []
-            for i in range(x.shape[0]):  # one prompt's (out, in) weight gradient at a time bounds memory
-                prod = (W * (g[i].T @ x[i])).abs()
-                s = prod.sum(1 - dim)
-                if dim == 0 and lin.bias is not None:
-                    s = s + (lin.bias.detach().to(dt) * g[i].sum(0)).abs()
-                rows.append(s)
-            per_lin[(id(lin), dim)] = torch.stack(rows)
+            for i in range(0, x.shape[0], step):
+                prod = torch.bmm(g[i:i + step].transpose(1, 2), x[i:i + step])  # (b, out, in)
+                rows.append(prod.mul_(W).abs_().sum(2 - dim))
+            s = torch.cat(rows)
+            if dim == 0 and lin.bias is not None:
+                s = s + (lin.bias.detach().to(dt) * g.sum(1)).abs()
+            per_lin[(id(lin), dim)] = s
         return per_lin[(id(lin), dim)]
 
     out = {}
