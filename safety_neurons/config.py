@@ -222,6 +222,7 @@ class FinetuneConfig:
     save_as: str | None = None  # store model name for the result
     seed: int = 0
     overwrite: bool = False
+    freeze: str | None = None  # target=all: a set (tag or path) whose slices stay bit-identical
     reuse: bool = False  # a tuned model made with the same settings, data, set and evaluation is reused
 
 

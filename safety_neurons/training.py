@@ -82,6 +82,22 @@ def attach_slices(model: nn.Module, adapter: ModelAdapter, neurons: dict[tuple[i
     return handles
 
 
+def freeze_slices(adapter: ModelAdapter, neurons: dict[tuple[int, str], torch.Tensor]) -> list:
+    """Keep the METHOD 1 slices of ``neurons`` fixed while every other weight trains: a gradient hook
+    zeroes their gradient, so AdamW without weight decay leaves them bit-identical (its update of a
+    zero gradient is exactly zero; clipping scales a zero to zero). Returns the hook handles."""
+    masks: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    for (layer, kind), idx in sorted(neurons.items()):
+        idx = torch.as_tensor(idx, dtype=torch.long).unique()
+        for lin, dim, with_bias in _slices(adapter, layer, kind):
+            targets = [("weight", dim)] + ([("bias", 0)] if with_bias and lin.bias is not None else [])
+            for name, d in targets:
+                p = getattr(lin, name)
+                keep = masks.setdefault(id(p), (p, torch.zeros_like(p, dtype=torch.bool)))[1]
+                keep.index_fill_(d, idx.to(p.device), True)
+    return [p.register_hook(lambda g, keep=keep: g.masked_fill(keep, 0.0)) for p, keep in masks.values()]
+
+
 def bake_slices(handles: list[SliceHandle]) -> None:
     """Write the trained slices into the weights and remove the parametrizations."""
     for h in handles:

@@ -142,6 +142,40 @@ def test_finetune_random_set_same_shape_outside_the_set(fixtures, sets, ad, tmp_
     assert res["saved_as"] == "local-random-sn-s0"
 
 
+def test_finetune_freeze_keeps_the_sets_slices_bit_identical(fixtures, sets, tmp_path):
+    """finetune.freeze=SET with target=all: every weight trains except the set's METHOD 1 slices, which
+    stay bit-identical to the base model's (checked entry by entry against the base)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from safety_neurons.errors import UserError
+
+    exact, _ = sets
+    res = finetune(fixtures, tmp_path / "run", "finetune.target=all", "finetune.freeze=exact", "finetune.steps=2",
+                   "finetune.save_as=frozen-exact")
+    assert res["frozen_neurons"] == len(exact) and res["trainable_share"] == 1.0
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
+    base, tuned = load(fixtures["model"]), load(res["model_dir"])
+    bad, names = ModelAdapter(base), {id(m): n for n, m in base.named_modules()}
+    keep = {}
+    for (layer, kind), idx in exact.index_map().items():
+        for lin, dim in bad.site(layer, kind).slices:
+            name = names[id(lin)] + ".weight"
+            mask = keep.setdefault(name, torch.zeros_like(lin.weight, dtype=torch.bool))
+            mask.index_fill_(dim, torch.as_tensor(idx), True)
+    tp = dict(tuned.named_parameters())
+    for name, p in base.named_parameters():
+        if name in keep:
+            assert torch.equal(tp[name][keep[name]], p[keep[name]]), name  # the set's slices: unchanged
+            assert (tp[name][~keep[name]] != p[~keep[name]]).float().mean() > 0.9, name  # the rest trained
+        else:
+            assert not torch.equal(tp[name], p), name
+    with pytest.raises(UserError, match="finetune.freeze needs finetune.target=all"):
+        finetune(fixtures, tmp_path / "r2", "finetune.target=safety", "finetune.freeze=exact")
+    with pytest.raises(UserError, match="finetune.weight_decay=0"):
+        finetune(fixtures, tmp_path / "r3", "finetune.target=all", "finetune.freeze=exact", "finetune.weight_decay=0.1")
+
+
 def test_finetune_lora_rank_matches_the_set(fixtures, sets, ad, tmp_path):
     pytest.importorskip("peft")
     exact, _ = sets

@@ -11,10 +11,11 @@ from safetensors.torch import save_file
 from ..errors import UserError
 from ..evaluation import Evaluator
 from ..io import ArtifactDir, atomic_write, sha256_of, write_json
+from ..models import ModelAdapter
 from ..organism import PROVENANCE, provenance, read_provenance
 from ..sft_data import training_pairs
 from ..tracking import is_main_process
-from ..training import attach_slices, bake_slices, slice_delta, train_sft
+from ..training import attach_slices, bake_slices, freeze_slices, slice_delta, train_sft
 from .common import (
     cap_set,
     default_tag,
@@ -56,6 +57,7 @@ def run(cfg) -> dict:
     name = f.save_as or f"{cfg.model.name}-{f.target}" + (f"-{f.set}" if f.target in ("safety", "random") else "") \
         + f"-s{f.seed}"
     out_dir = store.model_dir(name)
+    check_freeze(f)
     if f.target == "lora":
         try:
             import peft  # noqa: F401
@@ -78,7 +80,9 @@ def reuse_key(cfg, ns) -> str:
     from .. import __version__
     from ..identity import source_identity
 
-    f = {k: v for k, v in OmegaConf.to_container(cfg.finetune, resolve=True).items() if k not in ("overwrite", "reuse")}
+    # unset (None) options are left out, so an option added later at its unset default keeps the key
+    f = {k: v for k, v in OmegaConf.to_container(cfg.finetune, resolve=True).items()
+         if k not in ("overwrite", "reuse") and v is not None}
     sets = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "harmless") if cfg.get(k) is not None}
     return sha256_of({"finetune": f, "model": source_identity(cfg.model, store_of(cfg))["source_hash"],
                       "model_cfg": OmegaConf.to_container(cfg.model, resolve=True), "sets": sets,
@@ -112,7 +116,8 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
         model, tok, ad = load(cfg)
         sp = cfg.model.system_prompt
         ns = tuning_set(cfg, ad)  # the neuron set (and its shape) first: bad input fails before any compute
-        key = reuse_key(cfg, ns)
+        frozen = frozen_set(cfg, ad)
+        key = reuse_key(cfg, ns if frozen is None else frozen)
         done = reusable(cfg, out_dir, key)
         if done is not None:
             print(f"reusing the tuned model {out_dir} (finetune.reuse=true: made with the same settings, base model, "
@@ -125,6 +130,8 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
         before, g_before = ev.evaluate(model, tag="before")
         log.info("before: %s", {k: before[k] for k in ("asr", "over_refusal", "utility_nll")})
         tuned, params, handles = trainable(cfg, copy.deepcopy(model), ns)
+        if frozen is not None:  # every weight trains but the frozen set's slices (zero gradient, no decay)
+            freeze_slices(ModelAdapter(tuned), frozen.index_map())
         n_train = sum(p.numel() for p in params)
         stats = train_sft(tuned, tok, prompts, responses, f, sp, params, max_length=cfg.model.max_length)
         delta = slice_delta(handles, _module_names(tuned)) if handles else None
@@ -138,6 +145,7 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
             "target": f.target, "set": f.set, "seed": f.seed, "steps": f.steps, "lr": f.lr,
             "trainable_params": n_train, "trainable_share": n_train / n_total,
             "neurons": len(ns) if ns is not None else None,
+            "frozen_neurons": len(frozen) if frozen is not None else None,
             **{f"before_{k}": v for k, v in before.items() if not isinstance(v, (list, dict))},
             **{f"after_{k}": v for k, v in after.items() if not isinstance(v, (list, dict))},
             "refusal_gain": after["harmful_refusal"] - before["harmful_refusal"],
@@ -162,6 +170,29 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
               f"trained {n_train} params ({100 * n_train / n_total:.2f}%) -> {out_dir}")
         box["results"] = results
     return box["results"]
+
+
+def frozen_set(cfg, ad):
+    """The set ``finetune.freeze`` names (kept fixed while every other weight trains), None without one."""
+    f = cfg.finetune
+    if f.freeze is None:
+        return None
+    check_freeze(f)
+    from types import SimpleNamespace
+
+    return load_set(cfg, SimpleNamespace(neurons=f.freeze), ad, f.freeze)
+
+
+def check_freeze(f) -> None:
+    """finetune.freeze is for full tuning without weight decay (checked before the model loads)."""
+    if f.freeze is None:
+        return
+    if f.target != "all":
+        raise UserError(f"finetune.freeze needs finetune.target=all (every other weight trains), not "
+                        f"target={f.target}; or drop finetune.freeze")
+    if f.weight_decay:
+        raise UserError(f"finetune.freeze needs finetune.weight_decay=0 (got {f.weight_decay}): decay would move "
+                        "the frozen slices although their gradient is zero")
 
 
 def tuning_set(cfg, ad):
