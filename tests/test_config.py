@@ -131,8 +131,15 @@ def test_experiment_align(base):
 
 def test_experiment_demo(base):
     cfg = compose(base + ["experiment=demo"])
-    assert cfg.stage.name == "benchmark" and list(cfg.benchmark.plants) == ["ffn1:0"]
-    assert list(cfg.benchmark.scorers) == ["plnd", "activation_diff_rel"] and cfg.model.name == "smollm2"
+    assert cfg.stage.name == "study" and cfg.model.name == "smollm2"
+    steps = [compose(base + ["experiment=demo", *map(str, st)]) for st in cfg.study.steps]  # as the CLI composes them
+    assert [c.stage.name for c in steps] == ["benchmark", "detect", "finetune", "finetune"]
+    bench = steps[0].benchmark
+    assert list(bench.plants) == ["ffn1:0"] and list(bench.scorers) == ["plnd", "activation_diff_rel"]
+    assert list(bench.sweep) == [0.25, 0.5] and steps[0].eval.n_harmful == 24  # the demo's short evaluation
+    assert [c.finetune.target for c in steps[2:]] == ["safety", "random"]
+    assert all(c.finetune.reuse and c.finetune.lr == 3e-4 and c.finetune.neurons is None for c in steps[2:])
+    assert steps[1].detect.reuse and steps[2].finetune.steps == steps[3].finetune.steps  # equal data and steps
     # the demo's plant is the shipped one: same name and settings, so it is rebuilt, not trained
     import json
 

@@ -45,7 +45,7 @@ def test_debug_tiny_is_the_suites_stage_settings():
     assert OmegaConf.to_container(tiny) == OmegaConf.to_container(explicit)
     assert OmegaConf.to_container(tiny) != OmegaConf.to_container(compose(["run_dir=/tmp/x"]))
     demo = compose(["run_dir=/tmp/x", "experiment=demo", "debug=tiny"])
-    assert (demo.stage.name, demo.eval.max_new_tokens, demo.logger.name) == ("benchmark", 4, "none")
+    assert (demo.stage.name, demo.eval.max_new_tokens, demo.logger.name) == ("study", 4, "none")
 
 
 def test_outputs_follow_the_paths_group(tmp_path, monkeypatch):
