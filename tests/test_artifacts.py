@@ -63,6 +63,10 @@ def _child(args: list[str], stage: str, pause: str, marker: Path, release: Path)
     import safety_neurons.stages.detect as det
     import safety_neurons.stages.finetune as ft
 
+    # a suite started in the background of a non-interactive shell inherits SIGINT ignored; the test
+    # is about what a Ctrl-C does, so the child takes Python's own handler whatever started the suite
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def hold():
         marker.touch()
         _wait_for(release, 300)
