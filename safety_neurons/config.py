@@ -116,7 +116,7 @@ class DetectConfig:
     tokens: Tokens = Tokens.content
     last_m: int = 8
     chat_template: bool = True  # False: raw prompt text (the released code's input)
-    batch_size: int = 16
+    batch_size: Any = 16  # an integer, or auto (see safety_neurons/autobatch.py)
     qk_chunk_mb: int = 256  # memory bound of the q/k perturbed-softmax work per chunk
     qk_kernel: QkKernel = QkKernel.auto  # exact q/k on CPU: native (fused C kernel) | torch | auto
     n_reference: int | None = None
@@ -203,8 +203,11 @@ class FinetuneConfig:
     n_harmful: int | None = 64  # null: every training prompt of the harmful set
     n_harmless: int | None = 64  # null: every training prompt of the harmless set
     steps: int = 24
-    batch_size: int = 8
+    batch_size: Any = 8  # an integer (Any only so that batch_size=auto gets its own error message)
     grad_accum: int = 1
+    # pairs per forward/backward inside a micro-batch (same gradient): null = the whole micro-batch,
+    # an integer, or auto (as many as fit, halved on out-of-memory)
+    forward_batch: Any = None
     lr: float = 5e-5
     weight_decay: float = 0.0
     adam_beta2: float = 0.999  # AdamW's second-moment decay; 0.95 adapts faster in short runs
@@ -231,7 +234,7 @@ class EvalConfig:
     n_harmful: int | None = 41  # null: the whole held-out set
     n_harmless: int | None = 32  # a seeded sample of the held-out harmless prompts; null: all of them
     max_new_tokens: int = 48
-    batch_size: int = 16
+    batch_size: Any = 16  # an integer, or auto
     refusal_list: str = "v1"
     judge: str | None = None  # preset (harmbench, llamaguard), hub id or local folder
     judge_type: JudgeType = JudgeType.auto

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .autobatch import BatchSize
 from .data import PromptSet, encode
 from .errors import UserError
+from .memory import estimate_for
 from .models import model_device
 
 log = logging.getLogger(__name__)
@@ -56,46 +58,81 @@ def distinct_trigram_share(ids: list[int]) -> float:
 
 
 # ---------------------------------------------------------------------------------------- primitives
+def longest_tokens(tok, prompts: list[str], system_prompt: str | None, max_length: int = 512) -> int:
+    """Tokens of the longest prompt (by characters) in the chat template: the length an automatic batch
+    size plans for."""
+    longest = max(prompts, key=len)
+    return int(encode(tok, [longest], system_prompt, max_length=max_length).input_ids.shape[1])
+
+
+def eval_batch(batch_size, model, tok, prompts: list[str], system_prompt, task: str, extra_tokens: int = 0,
+               max_length: int = 512) -> BatchSize:
+    """``batch_size`` (``eval.batch_size``: a number, ``auto`` or a :class:`BatchSize` carried over) with
+    its size fixed for these prompts."""
+    bs = BatchSize.of(batch_size, "eval.batch_size", 16)
+    if bs.size is None:
+        length = longest_tokens(tok, prompts, system_prompt, max_length) + extra_tokens
+        bs.resolve(model_device(model), estimate_for(model, task, length))
+    return bs
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], system_prompt: str | None, max_new_tokens: int,
-             batch_size: int, desc: str = "generate", max_length: int = 512) -> list[list[int]]:
+             batch_size, desc: str = "generate", max_length: int = 512) -> list[list[int]]:
     """Greedy answers (token ids, cut at EOS) with left padding and the KV cache; a prompt longer than
-    ``max_length`` tokens (``model.max_length``) is an error naming it."""
+    ``max_length`` tokens (``model.max_length``) is an error naming it. ``batch_size``: a number, ``auto``
+    or a :class:`~.autobatch.BatchSize`."""
+    if not prompts:
+        return []
     dev = model_device(model)
-    out: list[list[int]] = []
     eos = tok.eos_token_id
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=len(prompts) <= batch_size):
-        b = encode(tok, prompts[i: i + batch_size], system_prompt, max_length=max_length).to(dev)
+    bs = eval_batch(batch_size, model, tok, prompts, system_prompt, "generate", max_new_tokens, max_length)
+    bar = tqdm(total=len(prompts), desc=desc, leave=False, unit="prompt", disable=len(prompts) <= bs.size)
+
+    def one(part: list[str]) -> list[list[int]]:
+        b = encode(tok, part, system_prompt, max_length=max_length).to(dev)
         gen = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos,
                              temperature=None, top_p=None, top_k=None)
+        rows = []
         for row in gen[:, b.input_ids.shape[1]:].tolist():
             if eos in row:
                 row = row[: row.index(eos)]
-            out.append(row)
+            rows.append(row)
+        bar.update(len(part))
+        return rows
+
+    out = [row for rows in bs.run(prompts, one) for row in rows]
+    bar.close()
     return out
 
 
 @torch.no_grad()
 def answer_logprobs(model, tok, prompts: list[str], answers: list[list[int]], system_prompt: str | None,
-                    batch_size: int, max_length: int = 512) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                    batch_size, max_length: int = 512) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per prompt: (NLL of each answer token (n,), log-softmax over the vocabulary at those positions (n, V))."""
+    if not prompts:
+        return [], []
     dev = model_device(model)
-    nlls, logps = [], []
-    for i in range(0, len(prompts), batch_size):
-        ps = prompts[i: i + batch_size]
-        ans = answers[i: i + batch_size]
-        b = encode(tok, ps, system_prompt, response_ids=ans, max_length=max_length).to(dev)
+    extra = max(len(a) for a in answers)
+    bs = eval_batch(batch_size, model, tok, prompts, system_prompt, "forward", extra, max_length)
+
+    def one(part: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        b = encode(tok, [prompts[i] for i in part], system_prompt, response_ids=[answers[i] for i in part],
+                   max_length=max_length).to(dev)
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
         lp = F.log_softmax(logits[:, :-1], dim=-1)
         tgt = b.labels[:, 1:]
-        for r in range(len(ps)):
+        rows = []
+        for r in range(len(part)):
             pos = torch.nonzero(tgt[r] != -100).flatten()
             t = tgt[r, pos]
             lpr = lp[r, pos]
-            nlls.append((-lpr.gather(1, t[:, None]).squeeze(1)).cpu())
-            logps.append(lpr.cpu())
-    return nlls, logps
+            rows.append(((-lpr.gather(1, t[:, None]).squeeze(1)).cpu(), lpr.cpu()))
+        return rows
+
+    rows = [r for part in bs.run(range(len(prompts)), one) for r in part]
+    return [r[0] for r in rows], [r[1] for r in rows]
 
 
 # ----------------------------------------------------------------------------------------- evaluator
@@ -113,12 +150,16 @@ class Evaluator:
         if len(self.harmful) == 0 or len(self.harmless) == 0:
             raise UserError("evaluation needs at least one harmful and one harmless held-out prompt")
         self.markers = refusal_markers(ecfg.refusal_list)
+        # one batch size for generation and one for answer log-probabilities, kept across evaluations
+        # (an automatic size is chosen once and stays halved after an out-of-memory batch)
+        self.gen_bs = BatchSize(ecfg.batch_size, "eval.batch_size", 16, "generation")
+        self.nll_bs = BatchSize(ecfg.batch_size, "eval.batch_size", 16, "log-probabilities")
         self.ref_answers = generate(model, tok, self.harmless.prompts, system_prompt, ecfg.max_new_tokens,
-                                    ecfg.batch_size, desc="reference answers", max_length=max_length)
+                                    self.gen_bs, desc="reference answers", max_length=max_length)
         self.ref_answers = [a if a else [tok.eos_token_id] for a in self.ref_answers]
         if ecfg.utility:
             nll, self.ref_logps = answer_logprobs(model, tok, self.harmless.prompts, self.ref_answers,
-                                                  system_prompt, ecfg.batch_size, max_length)
+                                                  system_prompt, self.nll_bs, max_length)
             self.ref_nll = float(torch.cat(nll).mean())
         self._intact = model
         from .judges import make_judge
@@ -137,7 +178,7 @@ class Evaluator:
         if not answers:
             return []
         nll, _ = answer_logprobs(model_for_nll, self.tok, prompts, [a or [self.tok.eos_token_id] for a in answers],
-                                 self.system_prompt, self.cfg.batch_size, self.max_length)
+                                 self.system_prompt, self.nll_bs, self.max_length)
         out = []
         for a, n in zip(answers, nll):
             rep = distinct_trigram_share(a) < self.cfg.degenerate_distinct
@@ -157,13 +198,13 @@ class Evaluator:
         c = self.cfg
         with context():
             harm = generate(model, self.tok, self.harmful.prompts, self.system_prompt, c.max_new_tokens,
-                            c.batch_size, desc=f"harmful {tag}", max_length=self.max_length)
+                            self.gen_bs, desc=f"harmful {tag}", max_length=self.max_length)
             benign = generate(model, self.tok, self.harmless.prompts, self.system_prompt, c.max_new_tokens,
-                              c.batch_size, desc=f"harmless {tag}", max_length=self.max_length)
+                              self.gen_bs, desc=f"harmless {tag}", max_length=self.max_length)
             util = {}
             if c.utility:
                 nll, logps = answer_logprobs(model, self.tok, self.harmless.prompts, self.ref_answers,
-                                             self.system_prompt, c.batch_size, self.max_length)
+                                             self.system_prompt, self.nll_bs, self.max_length)
                 kls = [F.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean()
                        for p, q in zip(self.ref_logps, logps)]
                 util = {"utility_nll": float(torch.cat(nll).mean()), "kl": float(torch.stack(kls).mean())}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .autobatch import BatchSize
 from .data import encode, scored_mask
 from .errors import UserError
 from .importance import get_scorer, options
@@ -39,8 +40,29 @@ def rank_batches(prompts: list[str], batch_size: int, rank: int = 0, world: int 
     return [order[s: s + batch_size] for s in range(0, len(order), batch_size)][rank::world]
 
 
+def detect_batch(d, model, tok, prompts: list[str], system_prompt, max_length: int, targets, needs_grad: bool,
+                 accelerator=None, batch: BatchSize | None = None) -> BatchSize:
+    """``detect.batch_size`` (or the :class:`BatchSize` carried over from an earlier prompt set) with its
+    size fixed: an automatic size plans for the longest prompt (and target answer), a gradient scorer's
+    backward included, and every process takes the smallest size any of them chose."""
+    bs = batch if batch is not None else BatchSize(d.batch_size, "detect.batch_size", 16)
+    if bs.size is not None:
+        return bs
+    from .evaluation import longest_tokens
+    from .memory import estimate_for
+
+    extra = max((len(t) for t in targets), default=0) if targets is not None else 0  # tokens or characters
+    length = longest_tokens(tok, prompts, system_prompt, max_length) + extra
+    task = "tuning" if needs_grad else "detect"
+    size = bs.resolve(next(model.parameters()).device, estimate_for(model, task, length, d.qk_chunk_mb))
+    if accelerator is not None and accelerator.num_processes > 1:
+        sizes = accelerator.gather(torch.tensor([size], device=accelerator.device))
+        bs.size = int(sizes.min())
+    return bs
+
+
 def score_prompts(model, tok, adapter, prompts: list[str], d, system_prompt, max_length=512,
-                  accelerator=None, desc="importance", reference=None, targets=None
+                  accelerator=None, desc="importance", reference=None, targets=None, batch: BatchSize | None = None,
                   ) -> dict[tuple[int, str], torch.Tensor]:
     """Per-prompt scores of ``d.scorer`` {(layer, kind): (P, width) float32}, in prompt order.
 
@@ -48,7 +70,9 @@ def score_prompts(model, tok, adapter, prompts: list[str], d, system_prompt, max
     (model, adapter) the activation-difference scorers compare against; ``targets``: one answer per
     prompt for the gradient scorers (see :func:`target_answers`). Prompts are batched by length; with
     Accelerate each process scores whole batches of that one-process batching and the per-prompt scores
-    are gathered, so the result is bit-identical to one process's.
+    are gathered, so the result is bit-identical to one process's. ``batch``: the batch size to use
+    (see :mod:`~.autobatch`; default ``d.batch_size``); with ``auto``, a batch that runs out of memory is
+    scored in halves.
     """
     scorer = get_scorer(getattr(d, "scorer", "plnd"))
     if not prompts:
@@ -58,12 +82,15 @@ def score_prompts(model, tok, adapter, prompts: list[str], d, system_prompt, max
     opts = options(d.mode, d.qk_chunk_mb, d.qk_kernel, reference)
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
-    batches = rank_batches(prompts, d.batch_size, rank, world)
+    bs = detect_batch(d, model, tok, prompts, system_prompt, max_length, targets if scorer.needs_target else None,
+                      scorer.needs_target, accelerator, batch)
+    batches = rank_batches(prompts, bs.size, rank, world)
     dev = next(model.parameters()).device
     results: dict[int, dict] = {}
     bar = tqdm(total=sum(map(len, batches)), desc=f"{desc} [{scorer.name}]", unit="prompt",
                disable=rank != 0)
-    for idx in batches:
+
+    def one(idx: list[int]) -> None:
         texts = [prompts[i] for i in idx]
         b = encode(tok, texts, system_prompt, template=d.chat_template, max_length=max_length,
                    responses=[targets[i] for i in idx] if scorer.needs_target else None)
@@ -72,6 +99,9 @@ def score_prompts(model, tok, adapter, prompts: list[str], d, system_prompt, max
         for j, i in enumerate(idx):
             results[i] = {key: v[j].float().cpu() for key, v in sc.items()}
         bar.update(len(idx))
+
+    for idx in batches:
+        bs.run(idx, one)  # the whole batch, or (auto, out of memory) its halves
     bar.close()
     if world > 1:
         from accelerate.utils import gather_object

@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from .autobatch import BatchSize
 from .data import encode
 from .errors import UserError
 from .models import ModelAdapter
@@ -331,33 +333,71 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
 
     n_tok = [float(weights(encode(tok, [p], system_prompt, [r], max_length=max_length).labels[:, 1:]).sum())
              for p, r in zip(prompts, responses)]
-    losses = []
-    t0 = time.time()
-    bar = tqdm(total=total, desc="train", disable=not (progress and acc.is_main_process))
-    done = 0
-    for micro in step_batches(len(prompts), fcfg):
+    fb = BatchSize.of(getattr(fcfg, "forward_batch", None) or per_rank, "finetune.forward_batch", per_rank,
+                      "pairs per forward/backward")
+    if fb.size is None:  # auto: start from the estimate of one micro-batch's backward, at most a micro-batch
+        from .memory import estimate_for
+
+        longest = max(range(len(prompts)), key=lambda i: n_tok[i] + len(prompts[i]))
+        length = int(encode(tok, [prompts[longest]], system_prompt, [responses[longest]],
+                            max_length=max_length).input_ids.shape[1])
+        fb.resolve(acc.device, estimate_for(model, "tuning", length), cap=per_rank)
+
+    def pair_part(part: list[int], n_step: float) -> torch.Tensor:
+        """Forward and backward of some of a micro-batch's pairs; their (weighted loss sum, weight sum)."""
+        b = encode(tok, [prompts[i] for i in part], system_prompt, [responses[i] for i in part],
+                   max_length=max_length, padding_side="right").to(acc.device)
+        target = b.labels[:, 1:]
+        # logits only where a token carries loss: the vocabulary projection of the prompt
+        # positions is a fifth of a small model's work, and its loss is zero anyway
+        sel = target != -100
+        logits = step_logits(model, b, sel, pack=fcfg.pack, share=fcfg.share_prefix, ddp=world > 1)
+        w = weights(target)[sel]
+        loss_sum = (F.cross_entropy(logits.float(), target[sel], reduction="none") * w).sum()
+        # DDP averages gradients over processes and backward() divides by the accumulation steps
+        acc.backward(loss_sum * (world * acc.gradient_accumulation_steps / n_step))
+        return torch.stack([loss_sum.detach(), w.sum().to(loss_sum)])
+
+    def one_step(micro: list[list[int]]) -> list[float]:
+        """One optimizer step over its micro-batches; each micro-batch's pairs go through forward and
+        backward ``fb.size`` at a time (the gradient is their sum either way)."""
         n_step = max(1.0, sum(n_tok[i] for gidx in micro for i in gidx))
+        step_losses = []
         for gidx in micro:
             idx = gidx[rank * per_rank: (rank + 1) * per_rank]
-            b = encode(tok, [prompts[i] for i in idx], system_prompt, [responses[i] for i in idx],
-                       max_length=max_length, padding_side="right").to(acc.device)
             with acc.accumulate(model):
-                target = b.labels[:, 1:]
-                # logits only where a token carries loss: the vocabulary projection of the prompt
-                # positions is a fifth of a small model's work, and its loss is zero anyway
-                sel = target != -100
-                logits = step_logits(model, b, sel, pack=fcfg.pack, share=fcfg.share_prefix, ddp=world > 1)
-                w = weights(target)[sel]
-                loss_sum = (F.cross_entropy(logits.float(), target[sel], reduction="none") * w).sum()
-                # DDP averages gradients over processes and backward() divides by the accumulation steps
-                acc.backward(loss_sum * (world * acc.gradient_accumulation_steps / n_step))
+                parts = [idx[s: s + fb.size] for s in range(0, len(idx), fb.size)]
+                tot = torch.zeros(2, device=acc.device)
+                for j, part in enumerate(parts):
+                    # the gradient of all but a micro-batch's last part stays local (DDP reduces once)
+                    with acc.no_sync(model) if j < len(parts) - 1 else nullcontext():
+                        tot = tot + pair_part(part, n_step)
                 if acc.sync_gradients and fcfg.clip:
                     acc.clip_grad_norm_(params, fcfg.clip)
                 opt.step()
                 sched.step() if acc.sync_gradients else None
                 opt.zero_grad(set_to_none=True)
-            tot = acc.gather(torch.stack([loss_sum.detach(), w.sum().to(loss_sum)])[None])
-            losses.append(float(tot[:, 0].sum() / tot[:, 1].sum()))  # (weighted) token mean of the global micro-batch
+            tot = acc.gather(tot[None])
+            step_losses.append(float(tot[:, 0].sum() / tot[:, 1].sum()))  # (weighted) token mean of the global micro-batch
+        return step_losses
+
+    losses = []
+    t0 = time.time()
+    bar = tqdm(total=total, desc="train", disable=not (progress and acc.is_main_process))
+    done = 0
+    for micro in step_batches(len(prompts), fcfg):
+        at = acc.step
+        while True:
+            try:
+                losses += one_step(micro)
+                break
+            except Exception as err:  # noqa: BLE001 - halve() re-raises anything but memory with an automatic size
+                # out of memory before the optimizer stepped: the step's gradients are dropped and it is
+                # redone in smaller parts (the accumulation counter back where the step began)
+                fb.halve(err)
+                for p in params:  # not opt.zero_grad(): Accelerate's skips it between accumulation steps
+                    p.grad = None
+                acc.step = at
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done += 1
@@ -371,7 +411,7 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
     model = acc.unwrap_model(model)
     model.eval()
     return {"losses": losses, "train_seconds": time.time() - t0, "steps": done,
-            "trainable_params": sum(p.numel() for p in params)}
+            "trainable_params": sum(p.numel() for p in params), "forward_batch": fb.record()}
 
 
 def optimizer_state_numel(opt: torch.optim.Optimizer) -> int:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .autobatch import check as check_batch
+from .autobatch import is_auto
 from .errors import UserError
 from .neurons import is_path
 
@@ -143,10 +145,15 @@ def validate(cfg) -> None:
         presets = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
         raise UserError(f"model has no name (model=base_model is the bare schema, not a model); use a preset "
                         f"({', '.join(presets)}) or model=local model.path=DIR")
+    if is_auto(_get(cfg, "finetune.batch_size")):
+        raise UserError("finetune.batch_size=auto is not allowed: it is the optimizer's batch and changes the result; "
+                        "set finetune.forward_batch=auto to fit a micro-batch in memory with the same gradient")
     for key in ("finetune.steps", "finetune.batch_size", "finetune.grad_accum", "finetune.lora_r",
-                "finetune.max_new_tokens_distill", "detect.batch_size", "detect.last_m", "detect.target_tokens",
-                "eval.max_new_tokens", "eval.batch_size", "eval.judge_batch_size", "model.max_length"):
+                "finetune.max_new_tokens_distill", "detect.last_m", "detect.target_tokens",
+                "eval.max_new_tokens", "eval.judge_batch_size", "model.max_length"):
         _int(cfg, key, 1)
+    for key in ("detect.batch_size", "eval.batch_size", "finetune.forward_batch"):
+        check_batch(key, _get(cfg, key), none_ok=key == "finetune.forward_batch")
     for key in ("eval.n_harmful", "eval.n_harmless", "finetune.n_harmful", "finetune.n_harmless",
                 "dataset.n_train", "dataset.n_eval", "harmless.n_train", "harmless.n_eval", "detect.n_reference"):
         _int(cfg, key, 0, none_ok=True)

@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from ..autobatch import BatchSize
 from ..config import KINDS
 from ..data import load_prompts
 from ..errors import UserError
@@ -227,6 +228,7 @@ class Detection:
     ref_st: TopkStats | None = None
     ref_meta: dict | None = None
     contrast_meta: dict | None = None
+    batch: dict | None = None  # detect.batch_size: the setting, the size that ran, its halvings
 
 
 def run(cfg) -> dict:
@@ -255,6 +257,7 @@ def _detect(cfg, tag: str, out_store: Path, art: ArtifactDir) -> dict:
         results = {"tag": tag, "n_neurons": len(ns), "param_share": float(table["param_share"].iloc[-1]),
                    **{f"n_{k}": int(table[k].iloc[-1]) for k in KINDS}, "n_prompts": len(found.harm),
                    "detect_seconds": round(found.seconds, 1), "processes": acc.num_processes,
+                   "batch_size": found.batch["size"], "batch_halvings": found.batch["halvings"],
                    "prompts_per_second": len(found.harm) / max(found.seconds, 1e-9),
                    "neurons_json": str(out_store / "neurons.json"),
                    "reference_selected": found.ref_meta["selected"] if found.ref_meta else None}
@@ -279,13 +282,14 @@ def score_and_select(cfg, model, tok, ad, acc) -> Detection:
     sp, ml = cfg.model.system_prompt, cfg.model.max_length
     t0 = time.time()
     extra = scorer_inputs(cfg, model, tok, ad, harm)
-    scores = score_prompts(model, tok, ad, harm.prompts, d, sp, ml, acc, "importance (harmful)", **extra)
+    bs = BatchSize(d.batch_size, "detect.batch_size", 16, log=print if acc.is_main_process else lambda _m: None)
+    scores = score_prompts(model, tok, ad, harm.prompts, d, sp, ml, acc, "importance (harmful)", batch=bs, **extra)
     contrast_meta = None
     if cfg.get("contrast") is not None:  # every score minus the neuron's mean score on the contrast prompts
         con = load_prompts(cfg.contrast, "train", cache_dir(cfg)).head(d.n_reference)
         cextra = scorer_inputs(cfg, model, tok, ad, con, with_reference=False)  # the reference model: loaded once
         cscores = score_prompts(model, tok, ad, con.prompts, d, sp, ml, acc, f"importance ({con.name}, contrast)",
-                                reference=extra.get("reference"), **cextra)
+                                reference=extra.get("reference"), batch=bs, **cextra)
         scores = contrasted(scores, cscores)
         contrast_meta = con.describe()
     seconds = time.time() - t0
@@ -297,11 +301,12 @@ def score_and_select(cfg, model, tok, ad, acc) -> Detection:
         ref = load_prompts(cfg.reference, "train", cache_dir(cfg)).head(d.n_reference)
         rextra = scorer_inputs(cfg, model, tok, ad, ref, with_reference=False)  # the reference model: loaded once
         found.rscores = score_prompts(model, tok, ad, ref.prompts, d, sp, ml, acc, f"importance ({ref.name})",
-                                      reference=extra.get("reference"), **rextra)
+                                      reference=extra.get("reference"), batch=bs, **rextra)
         found.ref_st = stats_from(found.rscores, k_of)
         exclude = set(select(*split_scores(found.ref_st.tensors()), cfg.topk.consistency))
         found.ref_meta = {**ref.describe(), "selected": len(exclude)}
     found.ranking = select(mean, freq, cfg.topk.consistency, exclude)
+    found.batch = bs.record()
     return found
 
 
