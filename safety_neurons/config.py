@@ -45,6 +45,9 @@ Schedule = _choice("Schedule", "cosine linear constant")  # finetune.schedule, p
 JudgeType = _choice("JudgeType", "auto classifier causal llamaguard")  # eval.judge_type
 LoggerName = _choice("LoggerName", "wandb none")  # logger.name
 ReportOf = _choice("ReportOf", "deactivate finetune")  # report.of
+SearchTarget = _choice("SearchTarget", "deactivate finetune")  # search.target
+SearchAttack = _choice("SearchAttack", "asr asr_coherent")  # search.attack
+SearchCost = _choice("SearchCost", "kl nll_ratio")  # search.cost
 
 
 @dataclass
@@ -269,6 +272,32 @@ class PlanConfig:
 
 
 @dataclass
+class SearchConfig:
+    """stage=search: a multi-objective Optuna study kept in the run folder (safety_neurons/stages/search.py)."""
+    target: SearchTarget = SearchTarget.deactivate  # what a trial varies: a deactivation, or tuning settings
+    trials: int = 20  # finished trials the study should have (a resumed study runs the rest)
+    timeout: float | None = None  # seconds for this run's trials; null: no limit
+    resume: bool = False  # continue the study in run_dir (same space) instead of refusing to overwrite it
+    seed: int = 0  # the TPE sampler's seed
+    attack: SearchAttack = SearchAttack.asr_coherent  # deactivate: maximised (attack success, or coherent only)
+    cost: SearchCost = SearchCost.kl  # deactivate: minimised (KL to the intact model, or the NLL ratio)
+    # deactivate: the choices a trial draws from (a list of one is fixed)
+    sets: list[str] = field(default_factory=list)  # store tags or paths; empty: the set deactivate would use
+    per_layer: list[bool] = field(default_factory=lambda: [False, True])  # a count over all layers / per layer
+    regions: list[str] = field(default_factory=lambda: ["all"])  # all, under, reason, gen (layers of split=)
+    kinds: list[str] = field(default_factory=lambda: ["all", "attn", "ffn"])  # all, attn, ffn, a kind, q+k, ...
+    ablations: list[str] = field(default_factory=lambda: ["zero", "mean"])
+    n_min: int = 1  # the count's range (log scale); n_max null: the largest set (its fullest layer per layer)
+    n_max: int | None = None
+    # finetune: ranges [low, high], drawn on a log scale
+    lr: list[float] = field(default_factory=lambda: [1e-5, 1e-3])
+    top_n: list[int] = field(default_factory=lambda: [100, 10000])
+    steps: list[int] = field(default_factory=lambda: [8, 64])
+    pick: int | None = None  # a finished trial of run_dir's study: its set into the store (or its overrides)
+    save_as: str | None = None  # the picked set's tag; default search-t<trial>
+
+
+@dataclass
 class StudyConfig:
     """stage=study: the stage runs of a recipe, each a list of overrides with stage=NAME."""
     steps: list[list[str]] = field(default_factory=list)
@@ -307,6 +336,7 @@ class Config:
     plant: PlantConfig = field(default_factory=PlantConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     experiment: Any = None

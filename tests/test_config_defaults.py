@@ -16,7 +16,7 @@ from safety_neurons.cfg import compose
 GROUPS = {"split": C.SplitConfig, "detect": C.DetectConfig, "deactivate": C.DeactivateConfig,
           "finetune": C.FinetuneConfig, "eval": C.EvalConfig, "plant": C.PlantConfig,
           "benchmark": C.BenchmarkConfig, "report": C.ReportConfig, "compare": C.CompareConfig,
-          "plan": C.PlanConfig, "study": C.StudyConfig}
+          "plan": C.PlanConfig, "study": C.StudyConfig, "search": C.SearchConfig}
 
 
 def _default(f: dataclasses.Field):

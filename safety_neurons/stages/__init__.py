@@ -18,6 +18,7 @@ STAGES = {
     "benchmark": "benchmark",
     "plan": "plan",
     "study": "study",
+    "search": "search",
 }
 
 
