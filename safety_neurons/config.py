@@ -269,6 +269,11 @@ class PlanConfig:
     batch_size: int = 8
     length: int = 512  # tokens per sequence
     n_gpus: int = 1  # device_map=auto over this many GPUs
+    # time estimates: sustained matrix throughput (bf16 TFLOP/s; ~40% of an H100/H200's dense peak) and
+    # memory bandwidth (GB/s) of one GPU, and detection's cost in forward passes (measured on an H200)
+    tflops: float = 400.0
+    bandwidth_gbs: float = 3000.0
+    detect_forwards: float = 3.75
 
 
 @dataclass

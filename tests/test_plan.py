@@ -52,6 +52,17 @@ def test_plan_of_every_preset(preset, tmp_path, capsys):
         assert mem[task]["fp32"]["total_gib"] > mem[task]["bf16"]["total_gib"]
     assert mem["full_finetune"]["bf16"]["total_gib"] > mem["neuron_tuning"]["bf16"]["total_gib"]
     assert f"{n_params:,} parameters" in capsys.readouterr().out
+    # seconds per step from the FLOPs of the published shapes (tied embeddings: the head is the lookup)
+    t = plan["seconds"]
+    B, T, flops, bw = 8, 512, 400e12, 3000e9
+    tied = plan["shapes"]["tied_embeddings"]
+    matmul = n_params - vocab * D * (0 if tied else 1)  # every weight but the embedding lookup multiplies
+    fwd = (2 * matmul * B * T + 4 * L * H * d * B * T * T) / flops
+    assert t["forward"] == pytest.approx(fwd, rel=1e-3) and t["detect"] == pytest.approx(3.75 * fwd, rel=1e-3)
+    assert (t["neuron_tuning"], t["full_finetune"]) == pytest.approx((2 * fwd, 3 * fwd), rel=1e-3)
+    n_eval = 41 + 32
+    step = max(2 * n_params / bw, 2 * matmul * B / flops)
+    assert t["evaluation"] == pytest.approx(-(-n_eval // B) * (fwd + 48 * step), rel=1e-2)
 
 
 def test_plan_of_the_embedded_models_reads_their_gguf(tmp_path):

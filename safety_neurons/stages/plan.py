@@ -3,7 +3,8 @@ config.json, else the published config the package carries for the preset's hub 
 ``meta`` device, so no download and no memory; ``plan.json`` in the run directory gives the parameter
 count, the neurons and their parameter share per kind, what the ``topk`` preset selects per prompt, and
 estimated memory for detection, deactivation sweeps (generation), neuron tuning and full fine-tuning,
-in bf16 and fp32, on one GPU and per GPU with ``device_map=auto`` over ``plan.n_gpus``.
+in bf16 and fp32, on one GPU and per GPU with ``device_map=auto`` over ``plan.n_gpus``, and estimated
+seconds per step (:func:`step_seconds`).
 
 The memory figures are estimates from the shapes (what is alive at the peak, in bytes), not
 measurements: weights exactly, activations and optimizer state by the formulas in :func:`memory`.
@@ -69,6 +70,31 @@ def memory(ad: ModelAdapter, n_params: int, batch: int, length: int, n_gpus: int
     return out
 
 
+def step_seconds(ad: ModelAdapter, n_params: int, batch: int, length: int, p, new_tokens: int,
+                 n_eval_prompts: int) -> dict:
+    """Estimated seconds of one step of each task on one GPU, from FLOPs and bytes (not measured):
+
+    - a forward of ``batch`` x ``length`` tokens: 2 x (non-embedding parameters) per token plus the
+      attention products (4 L H d T per token), at ``plan.tflops``;
+    - detection: ``plan.detect_forwards`` forwards (exact scores of all five kinds, measured on an H200);
+    - one evaluation (a deactivation point): ``n_eval_prompts`` prompts in batches, each a prefill and
+      ``new_tokens`` decoding steps that read every weight once (``plan.bandwidth_gbs``, bf16);
+    - a tuning micro-batch: neuron tuning is a forward and a backward to the activations (2 forwards;
+      the slices' weight gradients are negligible); full fine-tuning adds the weight gradients (3).
+    """
+    c = ad.config
+    embed = c.vocab_size * ad.d_model * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    body = max(n_params - embed, 0) + c.vocab_size * ad.d_model  # the LM head's product counts, a lookup does not
+    tokens = batch * length
+    fwd = (2 * body * tokens + 4 * ad.n_layers * ad.n_heads * ad.head_dim * tokens * length) / (p.tflops * 1e12)
+    read = n_params * BYTES["bf16"] / (p.bandwidth_gbs * 1e9)
+    n_batches = -(-n_eval_prompts // batch)
+    decode = max(read, 2 * body * batch / (p.tflops * 1e12))
+    return {"forward": fwd, "detect": p.detect_forwards * fwd,
+            "evaluation": n_batches * (fwd + new_tokens * decode),
+            "neuron_tuning": 2 * fwd, "full_finetune": 3 * fwd}
+
+
 def config_source(mcfg) -> str:
     """Where :func:`config_of` read the shapes from, in words."""
     if mcfg.path:
@@ -101,6 +127,10 @@ def build_plan(cfg) -> dict:
     cap = cfg.finetune.cap_per_matrix or RELEASED_CAP
     # the largest set the tuning cap allows: cap neurons of every kind in every layer
     n_trainable = sum(ad.n_layers * min(cap, ad.width(k)) * ad.neuron_params(k) for k in KINDS)
+    if p.tflops <= 0 or p.bandwidth_gbs <= 0 or p.detect_forwards <= 0:
+        raise UserError(f"plan.tflops={p.tflops}, plan.bandwidth_gbs={p.bandwidth_gbs} and plan.detect_forwards="
+                        f"{p.detect_forwards} must be > 0")
+    n_eval = (cfg.eval.n_harmful or 41) + (cfg.eval.n_harmless or 32)
     return {
         "model": cfg.model.name, "hub_id": cfg.model.hub_id, "path": cfg.model.path,
         "config_source": config_source(cfg.model),
@@ -112,6 +142,10 @@ def build_plan(cfg) -> dict:
                    "max_trainable_share": n_trainable / n_params},
         "memory": {"batch_size": p.batch_size, "length": p.length, "n_gpus": p.n_gpus,
                    **memory(ad, n_params, p.batch_size, p.length, p.n_gpus, n_trainable, cfg.detect.qk_chunk_mb)},
+        "seconds": {"batch_size": p.batch_size, "length": p.length, "tflops": p.tflops,
+                    "bandwidth_gbs": p.bandwidth_gbs, "eval_prompts": n_eval, "max_new_tokens": cfg.eval.max_new_tokens,
+                    **{k: float(f"{v:.6g}") for k, v in step_seconds(ad, n_params, p.batch_size, p.length, p,
+                                                               cfg.eval.max_new_tokens, n_eval).items()}},
     }
 
 
@@ -127,6 +161,11 @@ def table(plan: dict) -> str:
     for task in ("detect", "deactivate", "neuron_tuning", "full_finetune"):
         lines.append(f"  {task:<14} bf16 {m[task]['bf16']['total_gib']:>8} ({m[task]['bf16']['per_gpu_gib']})"
                      f"   fp32 {m[task]['fp32']['total_gib']:>8} ({m[task]['fp32']['per_gpu_gib']})")
+    t = plan["seconds"]
+    lines.append(f"time (s, estimated at {t['tflops']:g} TFLOP/s and {t['bandwidth_gbs']:g} GB/s on one GPU): "
+                 f"detect batch {t['detect']:.2f}, tuning micro-batch {t['neuron_tuning']:.2f} "
+                 f"(full fine-tuning {t['full_finetune']:.2f}), one evaluation of {t['eval_prompts']} prompts x "
+                 f"{t['max_new_tokens']} tokens {t['evaluation']:.1f}")
     return "\n".join(lines)
 
 
