@@ -83,3 +83,31 @@ def test_sweep_points_and_a_bad_recipe(tmp_path):
     cfg = compose(["run_dir=/tmp/x", "stage=study"])
     with pytest.raises(UserError, match=r"study.steps\[0\] \(detect.reuse=true\) must name exactly one stage"):
         step_overrides(cfg, 0, ["detect.reuse=true"])
+
+
+@pytest.mark.parametrize("model", ["llama3", "mistral", "gemma2"])
+def test_gpu_recipes_carry_the_papers_settings(model, tmp_path):
+    """experiments/real_models: AdvBench, the released absolute k, the released SN-Tune recipe, the split."""
+    base = [f"model={model}", f"run_dir={tmp_path}"]
+    det = compose(["experiment=gpu_detect", *base])
+    assert (det.stage.name, det.dataset.name, det.topk.attn, det.topk.ffn, det.topk.consistency) == \
+        ("detect", "advbench", 1000, 2000, 1.0)
+    de = compose(["experiment=gpu_deactivate", *base])
+    assert (de.stage.name, de.split.under, de.split.gen, de.deactivate.neurons) == ("deactivate", 4, 4, "exact")
+    ft = compose(["experiment=gpu_sntune", *base])
+    f = ft.finetune
+    assert (ft.stage.name, f.target, f.lr, f.batch_size, f.grad_accum, f.clip, f.cap_per_matrix, f.warmup) == \
+        ("finetune", "safety", 2e-6, 8, 4, 0.3, 100, 0.05)
+
+
+def test_the_shipped_accelerate_configs_load():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    root = CONF_DIR.parents[1] / "experiments"
+    kinds = {p.name: str(ClusterConfig.from_yaml_file(str(p)).distributed_type).split(".")[-1]
+             for p in sorted(root.glob("accelerate_*.yaml"))}
+    # cpu2 uses the multi-GPU launcher on purpose: it starts two gloo ranks on a CPU (see the file)
+    assert kinds == {"accelerate_1gpu.yaml": "NO", "accelerate_cpu2.yaml": "MULTI_GPU",
+                     "accelerate_fsdp.yaml": "FSDP", "accelerate_multigpu.yaml": "MULTI_GPU"}
+    script = (root / "real_models" / "tuning_sweep.sh").read_text()
+    assert "experiment=gpu_sntune" in script and (root / "accelerate_multigpu.yaml").name in script
