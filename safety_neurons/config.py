@@ -229,6 +229,9 @@ class FinetuneConfig:
     seed: int = 0
     overwrite: bool = False
     freeze: str | None = None  # target=all: a set (tag or path) whose slices stay bit-identical
+    # the harmless prompts' answers come from this model (a preset or folder) instead of the tuned model:
+    # the same data for every arm of a comparison whose starting models differ
+    answers_from: str | None = None
     reuse: bool = False  # a tuned model made with the same settings, data, set and evaluation is reused
 
 
@@ -303,6 +306,21 @@ class SearchConfig:
 
 
 @dataclass
+class ClaimsConfig:
+    """stage=claims: the paper's claims against finished artifacts (safety_neurons/stages/claims.py)."""
+    which: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  # the claims to measure
+    set: str = "exact"  # claims 1, 5: the safety neurons of model= (a store tag or a path)
+    released: str = "original"  # claim 5: the released formula's set of model= (tag or path)
+    benchmark: str | None = None  # claim 2: a stage=benchmark run folder (planted and effect-only rows)
+    tuning: str = "paper-{target}-s{seed}"  # claim 3: the tuned models' store names
+    targets: list[str] = field(default_factory=lambda: ["safety", "random", "lora", "all"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # claim 4: arm -> tuned model (plain, frozen, sn_first, rsn_first), and two sets: safety, foundation
+    benign: dict[str, str] = field(default_factory=dict)
+    overlap: list[str] = field(default_factory=list)
+
+
+@dataclass
 class StudyConfig:
     """stage=study: the stage runs of a recipe, each a list of overrides with stage=NAME."""
     steps: list[list[str]] = field(default_factory=list)
@@ -343,6 +361,7 @@ class Config:
     plan: PlanConfig = field(default_factory=PlanConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    claims: ClaimsConfig = field(default_factory=ClaimsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     experiment: Any = None
     seed: int = 0

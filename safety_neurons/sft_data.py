@@ -47,6 +47,28 @@ def self_distilled(model, tok, prompts: list[str], system_prompt: str | None, ma
     return out
 
 
+def answers_of(cfg, name: str, tok, prompts: list[str]) -> list[list[int]]:
+    """Greedy answers of the model ``name`` (a preset or folder; cached like the model's own) as token ids
+    of the tuned model's tokenizer, which must be the same tokenizer."""
+    import gc
+
+    from .cfg import model_config
+    from .models import load_model
+    from .stages.common import build_missing, store_of
+
+    mcfg = model_config(name)
+    build_missing(mcfg, store_of(cfg))
+    other, otok, _ = load_model(mcfg, store_of(cfg), cfg.device)
+    if otok.get_vocab() != tok.get_vocab():
+        raise UserError(f"finetune.answers_from={name} has another tokenizer than model {cfg.model.name}; "
+                        "answers must come from a model of the same family (e.g. the base model)")
+    ids = self_distilled(other, otok, prompts, cfg.model.system_prompt, cfg.finetune.max_new_tokens_distill,
+                         cache_dir(cfg), f"{mcfg.name}:{mcfg.path or ''}", max_length=cfg.model.max_length)
+    del other
+    gc.collect()
+    return ids
+
+
 def training_pairs(cfg, model, tok) -> tuple[list[str], list[str | list[int]], dict]:
     """Refusal texts for harmful prompts, the model's own answers (token ids) for harmless ones."""
     f = cfg.finetune
@@ -61,11 +83,14 @@ def training_pairs(cfg, model, tok) -> tuple[list[str], list[str | list[int]], d
         meta["harmful_train"]["repeat"] = f.harmful_repeat
     if f.n_harmless is None or f.n_harmless > 0:  # null: all of them; 0: no harmless pairs
         benign = harmless_set(cfg, "train").head(f.n_harmless)
-        ans = self_distilled(model, tok, benign.prompts, cfg.model.system_prompt, f.max_new_tokens_distill,
-                             cache_dir(cfg), cfg.model.name, max_length=cfg.model.max_length)
+        if f.get("answers_from"):
+            ans = answers_of(cfg, f.answers_from, tok, benign.prompts)
+        else:
+            ans = self_distilled(model, tok, benign.prompts, cfg.model.system_prompt, f.max_new_tokens_distill,
+                                 cache_dir(cfg), cfg.model.name, max_length=cfg.model.max_length)
         prompts += benign.prompts
         responses += ans
-        meta["harmless_train"] = benign.describe()
+        meta["harmless_train"] = {**benign.describe(), "answers_from": f.get("answers_from") or "self"}
         if f.form_matched_repeat > 1 and benign.labels is not None:
             # harmless prompts in the harmful set's form, repeated so the form itself stops predicting refusal
             fm = [(p, a) for p, a, lab in zip(benign.prompts, ans, benign.labels) if lab in cfg.eval.form_matched]

@@ -20,7 +20,7 @@ from .neurons import is_path
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # stages that read or write the store (its cache and artifacts)
-STORE_STAGES = ("evaluate", "finetune", "detect", "select", "compare", "deactivate", "plant", "benchmark", "search")
+STORE_STAGES = ("evaluate", "finetune", "detect", "select", "compare", "deactivate", "plant", "benchmark", "search", "claims")
 
 
 def _get(cfg, key: str):

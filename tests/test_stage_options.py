@@ -176,6 +176,47 @@ def test_finetune_freeze_keeps_the_sets_slices_bit_identical(fixtures, sets, tmp
         finetune(fixtures, tmp_path / "r3", "finetune.target=all", "finetune.freeze=exact", "finetune.weight_decay=0.1")
 
 
+def test_finetune_answers_from_trains_on_another_models_answers(fixtures, sets, tmp_path):
+    """finetune.answers_from=MODEL with n_harmful=0 (benign tuning): the training pairs are the harmless
+    training prompts only, answered by MODEL (its greedy answers, EOS where finished), not by the tuned
+    model; a model with another tokenizer is refused."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from safety_neurons.cfg import model_config
+    from safety_neurons.data import harmless_set
+    from safety_neurons.errors import UserError
+    from safety_neurons.evaluation import generate
+    from safety_neurons.models import load_model
+    from safety_neurons.sft_data import training_pairs
+    from safety_neurons.stages.common import store_of
+
+    other = finetune(fixtures, tmp_path / "o", "finetune.target=all", "finetune.steps=3", "finetune.lr=1e-2",
+                     "finetune.save_as=answerer")["model_dir"]
+    cfg = compose(ov(fixtures, tmp_path / "b", "stage=finetune", "finetune.n_harmful=0", "finetune.n_harmless=3",
+                     f"finetune.answers_from={other}", "finetune.max_new_tokens_distill=5"))
+    model, tok, _ = load_model(cfg.model, store_of(cfg), "cpu")
+    prompts, responses, meta = training_pairs(cfg, model, tok)
+    want_prompts = harmless_set(cfg, "train").head(3).prompts
+    assert prompts == want_prompts and meta["harmless_train"]["answers_from"] == other
+    om, otok, _ = load_model(model_config(other), store_of(cfg), "cpu")
+    ids = generate(om, otok, want_prompts, cfg.model.system_prompt, 5, 16)
+    want = [a + [tok.eos_token_id] if len(a) < 5 else a for a in ids]
+    assert responses == want
+    own = generate(model, tok, want_prompts, cfg.model.system_prompt, 5, 16)
+    assert own != ids  # the check can tell the two models' answers apart
+    # a model whose tokenizer differs (one token added) is refused with one line
+    odd = tmp_path / "odd"
+    torch.manual_seed(0)
+    om.save_pretrained(odd)
+    t2 = AutoTokenizer.from_pretrained(other)
+    t2.add_tokens(["<zz-new>"])
+    t2.save_pretrained(odd)
+    cfg.finetune.answers_from = str(odd)
+    with pytest.raises(UserError, match="has another tokenizer"):
+        training_pairs(cfg, model, tok)
+
+
 def test_finetune_lora_rank_matches_the_set(fixtures, sets, ad, tmp_path):
     pytest.importorskip("peft")
     exact, _ = sets

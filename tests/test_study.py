@@ -88,3 +88,23 @@ def test_the_study_report_gathers_each_steps_summary(fixtures, tmp_path, capsys)
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert links and all((run / p).is_file() for p in links)
     assert any(p.startswith("00-detect/") for p in links)
+
+
+def test_a_step_with_sweep_values_is_one_step_per_combination(fixtures, tmp_path):
+    """finetune.seed=0,1-style values expand as --multirun expands them: the product, last key fastest,
+    each combination its own step and folder, with interpolations resolved per step."""
+    from safety_neurons.stages.study import expand
+
+    assert expand(["stage=plan", "seed=0,1", "plan.tflops=1,2", "+x=[a,b]"]) == [
+        ["stage=plan", "seed=0", "plan.tflops=1", "+x=[a,b]"], ["stage=plan", "seed=0", "plan.tflops=2", "+x=[a,b]"],
+        ["stage=plan", "seed=1", "plan.tflops=1", "+x=[a,b]"], ["stage=plan", "seed=1", "plan.tflops=2", "+x=[a,b]"]]
+    assert expand(["stage=plan", "seed=range(2)"]) == [["stage=plan", "seed=0"], ["stage=plan", "seed=1"]]
+    run = tmp_path / "sweep"
+    res = study(fixtures, run, [["stage=plan", "model=local", f"model.path={fixtures['model']}",
+                                 "plan.tflops=100,400"]])
+    assert res["steps"] == 2
+    table = pd.read_csv(run / "study.csv")
+    assert list(table["overrides"]) == [f"stage=plan model=local model.path={fixtures['model']} plan.tflops={t}"
+                                        for t in (100, 400)]
+    plans = [json.loads((run / f / "plan.json").read_text()) for f in ("00-plan", "01-plan")]
+    assert [p["seconds"]["tflops"] for p in plans] == [100, 400]

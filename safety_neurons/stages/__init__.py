@@ -19,6 +19,7 @@ STAGES = {
     "plan": "plan",
     "study": "study",
     "search": "search",
+    "claims": "claims",
 }
 
 

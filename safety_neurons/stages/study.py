@@ -1,6 +1,7 @@
 """``stage=study``: a recipe of stage runs, listed in an experiment file (``study.steps``), run one after
 another in one process. Each step is a stage and its overrides, composed on top of the study's own
-overrides (the command line's, and ``study.base``), with its own run folder inside the study's; the
+overrides (the command line's, and ``study.base``), with its own run folder inside the study's; a step
+with sweep values (``finetune.seed=0,1,2``) is one step per combination, as ``--multirun`` would run them. The
 study's folder gets ``study.csv``, one row per finished step, rewritten after each step so an interrupted
 study keeps what it finished. Every step is composed and checked before the first one runs."""
 
@@ -37,6 +38,25 @@ def own_overrides(cfg) -> list[str]:
     return own
 
 
+def expand(step) -> list[list[str]]:
+    """A step with sweep values (``finetune.seed=0,1,2``, ``range(3)``, ``choice(a,b)``), as ``--multirun``
+    reads them, as the steps of their product, in the order a multirun runs them; a step without any is
+    itself. A step that does not parse is kept for composition to say what is wrong."""
+    from itertools import product
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    step = [str(o) for o in step]
+    try:
+        parsed = OverridesParser.create().parse_overrides(step)
+    except HydraException:
+        return [step]
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [raw] for o, raw in zip(parsed, step)]
+    return [list(c) for c in product(*choices)]
+
+
 def step_overrides(cfg, i: int, step) -> tuple[str, list[str]]:
     """(the step's folder name, its full override list)."""
     step = [str(o) for o in step]
@@ -59,7 +79,7 @@ def run(cfg) -> dict:
     from ..validate import validate
     from . import get_stage, run_stage
 
-    steps = list(cfg.study.steps)
+    steps = [x for step in cfg.study.steps for x in expand(step)]
     if not steps:
         raise UserError("study.steps is empty; give the steps in an experiment file (experiment=organism_study "
                         "is one) as lists of overrides, each with stage=NAME")
