@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 export WANDB_SILENT ?= true
 
-.PHONY: venv demo check-repro test test-slow lint bench clean
+.PHONY: venv demo paper check-repro test test-slow lint bench clean
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 # scorer scored against the planted set S* and against random sets of its shape (docs/planted-benchmark.md)
 demo: venv
 	$(BIN)/python -m safety_neurons experiment=demo
+
+# each claim of the paper measured on SmolLM2 (cached stages; report.md with one row per claim)
+paper: venv
+	$(BIN)/python -m safety_neurons experiment=paper
 
 # the demo again, its headline numbers checked against docs/demo-headline.json within stated tolerances
 check-repro: venv

@@ -52,7 +52,7 @@ def test_every_group_has_options():
     for g in GROUPS:
         assert options(g), f"conf/{g} has no options"
     assert options("experiment") == ["align", "deactivation_sweep", "demo", "detect_7b", "finetune_sweep", "gpu_deactivate",
-                                     "gpu_detect", "gpu_sntune", "organism", "organism_study", "planted_benchmark"]
+                                     "gpu_detect", "gpu_sntune", "organism", "organism_study", "paper", "planted_benchmark"]
     assert options("debug") == ["tiny"] and options("paths") == ["default"] and options("hydra") == ["default"]
 
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from safety_neurons.cfg import CONF_DIR, compose
 from safety_neurons.errors import UserError
-from safety_neurons.stages.study import step_overrides
+from safety_neurons.stages.study import expand, step_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -38,8 +38,12 @@ def check_composes(overrides: list[str], tmp: Path) -> None:
             continue
         if (CONF_DIR / key).is_dir():  # a group choice: its file was found, or compose had failed
             continue
-        got = OmegaConf.select(cfg, key, throw_on_missing=False)
         want = o.value()
+        if isinstance(want, str) and "${" in want:  # an interpolation lands as itself (resolved per step)
+            parent, _, last = key.rpartition(".")
+            got = (OmegaConf.select(cfg, parent) if parent else cfg)._get_node(last)._value()
+        else:
+            got = OmegaConf.select(cfg, key, throw_on_missing=False)
         if isinstance(got, (list, tuple)) or OmegaConf.is_list(got):
             got = list(got)
         assert got == want or str(got) == str(want), (key, got, want)
@@ -61,7 +65,7 @@ def test_experiment_files_compose(name, tmp_path):
     if cfg.stage.name == "study":
         assert cfg.study.steps, f"{name} is a study without steps"
         cfg.study.base = [f"experiment={name}"]  # what the command line gives a CLI run
-        for i, step in enumerate(cfg.study.steps):
+        for i, step in enumerate(x for s in cfg.study.steps for x in expand(s)):  # a sweep: each combination
             folder, overrides = step_overrides(cfg, i, step)
             assert overrides[-1] == f"run_dir='{Path(cfg.run_dir) / folder}'"
             check_composes([o for o in overrides if not o.startswith("run_dir=")], tmp_path)
