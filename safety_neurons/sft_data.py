@@ -28,14 +28,20 @@ def refusals_for(prompts: list[str], seed: int) -> list[str]:
     return [rng.choice(REFUSALS) for _ in prompts]
 
 
+def distill_file(model_key: str, prompts: list[str], system_prompt: str | None, max_new_tokens: int,
+                 cache_dir: Path) -> Path:
+    """Where a model's greedy answers to ``prompts`` are cached."""
+    key = sha256_of({"model": model_key, "prompts": prompts, "sys": system_prompt, "n": max_new_tokens, "v": 2})
+    return Path(cache_dir) / "distill" / f"{key}.json"
+
+
 def self_distilled(model, tok, prompts: list[str], system_prompt: str | None, max_new_tokens: int,
                    cache_dir: Path, model_key: str, batch_size: int = 16, max_length: int = 512) -> list[list[int]]:
     """The model's own greedy answers as token ids (cached per model and prompt set).
 
     An answer the model finished within ``max_new_tokens`` ends with EOS; one cut at the budget does not,
     so training on it does not teach the model to stop mid-answer."""
-    key = sha256_of({"model": model_key, "prompts": prompts, "sys": system_prompt, "n": max_new_tokens, "v": 2})
-    f = Path(cache_dir) / "distill" / f"{key}.json"
+    f = distill_file(model_key, prompts, system_prompt, max_new_tokens, cache_dir)
     if f.exists():
         return json.loads(f.read_text())["ids"]
     ids = generate(model, tok, prompts, system_prompt, max_new_tokens, batch_size, desc="self-distil",
@@ -48,22 +54,26 @@ def self_distilled(model, tok, prompts: list[str], system_prompt: str | None, ma
 
 
 def answers_of(cfg, name: str, tok, prompts: list[str]) -> list[list[int]]:
-    """Greedy answers of the model ``name`` (a preset or folder; cached like the model's own) as token ids
-    of the tuned model's tokenizer, which must be the same tokenizer."""
+    """Greedy answers of the model ``name`` (a preset or folder), cached by its content, as token ids of
+    the tuned model's tokenizer, which must be the same tokenizer. The model is loaded only when its
+    answers are not cached yet."""
     import gc
 
     from .cfg import model_config
-    from .models import load_model
+    from .identity import source_identity
+    from .models import load_model, load_tokenizer, model_source
     from .stages.common import build_missing, store_of
 
-    mcfg = model_config(name)
-    build_missing(mcfg, store_of(cfg))
-    other, otok, _ = load_model(mcfg, store_of(cfg), cfg.device)
+    mcfg, store = model_config(name), store_of(cfg)
+    build_missing(mcfg, store)
+    key = f"{mcfg.name}:{source_identity(mcfg, store)['source_hash']}"
+    n, sp = cfg.finetune.max_new_tokens_distill, cfg.model.system_prompt
+    cached = distill_file(key, prompts, sp, n, cache_dir(cfg)).exists()
+    other, otok = (None, load_tokenizer(*model_source(mcfg, store))) if cached else load_model(mcfg, store, cfg.device)[:2]
     if otok.get_vocab() != tok.get_vocab():
         raise UserError(f"finetune.answers_from={name} has another tokenizer than model {cfg.model.name}; "
                         "answers must come from a model of the same family (e.g. the base model)")
-    ids = self_distilled(other, otok, prompts, cfg.model.system_prompt, cfg.finetune.max_new_tokens_distill,
-                         cache_dir(cfg), f"{mcfg.name}:{mcfg.path or ''}", max_length=cfg.model.max_length)
+    ids = self_distilled(other, otok, prompts, sp, n, cache_dir(cfg), key, max_length=cfg.model.max_length)
     del other
     gc.collect()
     return ids

@@ -203,6 +203,7 @@ def test_finetune_answers_from_trains_on_another_models_answers(fixtures, sets, 
     ids = generate(om, otok, want_prompts, cfg.model.system_prompt, 5, 16)
     want = [a + [tok.eos_token_id] if len(a) < 5 else a for a in ids]
     assert responses == want
+    assert training_pairs(cfg, model, tok)[1] == want  # the second time from the cache, without the model
     own = generate(model, tok, want_prompts, cfg.model.system_prompt, 5, 16)
     assert own != ids  # the check can tell the two models' answers apart
     # a model whose tokenizer differs (one token added) is refused with one line

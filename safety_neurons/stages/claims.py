@@ -184,9 +184,12 @@ def claim_tuning(cfg) -> tuple[dict, pd.DataFrame]:
 def claim_benign(cfg) -> tuple[dict, pd.DataFrame]:
     """Claim 4: refusal left after benign fine-tuning for each arm, and the safety/foundation overlap."""
     c = cfg.claims
-    rows = [{"arm": arm, "name": name, **{k: _tuned(cfg, name, f"claim 4 ({arm})").get(k) for k in
-             ("before_harmful_refusal", "after_harmful_refusal", "after_over_refusal", "after_utility_nll",
-              "frozen_neurons")}} for arm, name in c.benign.items()]
+    keys = ("before_harmful_refusal", "after_harmful_refusal", "after_over_refusal", "after_utility_nll",
+            "frozen_neurons")
+    rows = []
+    for arm, name in c.benign.items():
+        r = _tuned(cfg, name, f"claim 4 ({arm})")  # once per arm: it prints and records the artifact
+        rows.append({"arm": arm, "name": name, **{k: r.get(k) for k in keys}})
     df = pd.DataFrame(rows).set_index("arm")
     ov = ""
     if len(c.overlap) == 2:
