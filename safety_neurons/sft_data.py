@@ -56,16 +56,15 @@ def self_distilled(model, tok, prompts: list[str], system_prompt: str | None, ma
 def answers_of(cfg, name: str, tok, prompts: list[str]) -> list[list[int]]:
     """Greedy answers of the model ``name`` (a preset or folder), cached by its content, as token ids of
     the tuned model's tokenizer, which must be the same tokenizer. The model is loaded only when its
-    answers are not cached yet."""
+    answers are not cached yet; a recipe-made model must be built already (stage=finetune builds it)."""
     import gc
 
     from .cfg import model_config
     from .identity import source_identity
+    from .io import Store
     from .models import load_model, load_tokenizer, model_source
-    from .stages.common import build_missing, store_of
 
-    mcfg, store = model_config(name), store_of(cfg)
-    build_missing(mcfg, store)
+    mcfg, store = model_config(name), Store(cfg.store_dir)
     key = f"{mcfg.name}:{source_identity(mcfg, store)['source_hash']}"
     n, sp = cfg.finetune.max_new_tokens_distill, cfg.model.system_prompt
     cached = distill_file(key, prompts, sp, n, cache_dir(cfg)).exists()

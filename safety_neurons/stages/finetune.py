@@ -17,6 +17,7 @@ from ..sft_data import training_pairs
 from ..tracking import is_main_process
 from ..training import attach_slices, bake_slices, freeze_slices, slice_delta, train_sft
 from .common import (
+    build_missing,
     cap_set,
     default_tag,
     harmful_set,
@@ -125,6 +126,10 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
                   f"{done['after_harmful_refusal']:.2f}")
             box["results"] = {**done, "reused": True}
             return box["results"]
+        if f.answers_from:  # a recipe-made answering model (e.g. smollm2_refusing) is built on first use
+            from ..cfg import model_config
+
+            build_missing(model_config(f.answers_from), store_of(cfg))
         prompts, responses, data_meta = training_pairs(cfg, model, tok)
         ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length)
         before, g_before = ev.evaluate(model, tag="before")
