@@ -111,6 +111,15 @@ def set_default(cfg) -> str:
     return f"exact-ref{cfg.harmless.name}" if cfg.finetune.set == "rsn" else default_tag(cfg)
 
 
+def tuning_data(cfg, model, tok):
+    """The training pairs; a recipe-made answering model (finetune.answers_from) is built on first use."""
+    if cfg.finetune.answers_from:
+        from ..cfg import model_config
+
+        build_missing(model_config(cfg.finetune.answers_from), store_of(cfg))
+    return training_pairs(cfg, model, tok)
+
+
 def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
     f = cfg.finetune
     with tracked(cfg) as (tr, box):
@@ -126,11 +135,7 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
                   f"{done['after_harmful_refusal']:.2f}")
             box["results"] = {**done, "reused": True}
             return box["results"]
-        if f.answers_from:  # a recipe-made answering model (e.g. smollm2_refusing) is built on first use
-            from ..cfg import model_config
-
-            build_missing(model_config(f.answers_from), store_of(cfg))
-        prompts, responses, data_meta = training_pairs(cfg, model, tok)
+        prompts, responses, data_meta = tuning_data(cfg, model, tok)
         ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length)
         before, g_before = ev.evaluate(model, tag="before")
         log.info("before: %s", {k: before[k] for k in ("asr", "over_refusal", "utility_nll")})
