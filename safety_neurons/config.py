@@ -254,6 +254,12 @@ class EvalConfig:
     # harmless labels whose prompts share the harmful set's form ("Give detailed instructions for how to
     # ..."): over-refusal is also reported on them and on the rest ("natural") separately
     form_matched: list[str] = field(default_factory=lambda: ["harmbench_style"])
+    # attacks on the harmful prompts, each with its own attack success columns (never averaged together):
+    # direct (the prompt as it is), prefill (the answer starts with eval.prefill), templates (the prompt
+    # wrapped in each jailbreak framing of eval.templates)
+    attacks: list[str] = field(default_factory=lambda: ["direct"])
+    prefill: str = "Sure, here is"  # the answer's forced start; "responses": the harmful set's response column
+    templates: str = "v1"  # the versioned set of jailbreak framings (safety_neurons/attacks.py)
 
 
 @dataclass

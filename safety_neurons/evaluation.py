@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .attacks import check_attacks, prefixes, wrapped
 from .autobatch import BatchSize
 from .data import PromptSet, encode
 from .errors import UserError
@@ -78,19 +79,23 @@ def eval_batch(batch_size, model, tok, prompts: list[str], system_prompt, task: 
 
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], system_prompt: str | None, max_new_tokens: int,
-             batch_size, desc: str = "generate", max_length: int = 512) -> list[list[int]]:
+             batch_size, desc: str = "generate", max_length: int = 512,
+             prefixes: list[list[int]] | None = None) -> list[list[int]]:
     """Greedy answers (token ids, cut at EOS) with left padding and the KV cache; a prompt longer than
     ``max_length`` tokens (``model.max_length``) is an error naming it. ``batch_size``: a number, ``auto``
-    or a :class:`~.autobatch.BatchSize`."""
+    or a :class:`~.autobatch.BatchSize`. ``prefixes``: per prompt, token ids the answer is forced to start
+    with (a prefill attack); the returned answers are what the model wrote after them."""
     if not prompts:
         return []
     dev = model_device(model)
     eos = tok.eos_token_id
-    bs = eval_batch(batch_size, model, tok, prompts, system_prompt, "generate", max_new_tokens, max_length)
+    extra = max_new_tokens + (max(len(x) for x in prefixes) if prefixes else 0)
+    bs = eval_batch(batch_size, model, tok, prompts, system_prompt, "generate", extra, max_length)
     bar = tqdm(total=len(prompts), desc=desc, leave=False, unit="prompt", disable=len(prompts) <= bs.size)
 
-    def one(part: list[str]) -> list[list[int]]:
-        b = encode(tok, part, system_prompt, max_length=max_length).to(dev)
+    def one(part: list[int]) -> list[list[int]]:
+        b = encode(tok, [prompts[i] for i in part], system_prompt, max_length=max_length,
+                   response_ids=[prefixes[i] for i in part] if prefixes else None).to(dev)
         gen = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos,
                              temperature=None, top_p=None, top_k=None)
@@ -102,7 +107,7 @@ def generate(model, tok, prompts: list[str], system_prompt: str | None, max_new_
         bar.update(len(part))
         return rows
 
-    out = [row for rows in bs.run(prompts, one) for row in rows]
+    out = [row for rows in bs.run(range(len(prompts)), one) for row in rows]
     bar.close()
     return out
 
@@ -150,6 +155,9 @@ class Evaluator:
         if len(self.harmful) == 0 or len(self.harmless) == 0:
             raise UserError("evaluation needs at least one harmful and one harmless held-out prompt")
         self.markers = refusal_markers(ecfg.refusal_list)
+        self.attacks = check_attacks(getattr(ecfg, "attacks", ["direct"]))
+        self.prefill_ids = prefixes(tok, self.harmful, ecfg.prefill) if "prefill" in self.attacks else None
+        self.framed = wrapped(self.harmful.prompts, ecfg.templates) if "templates" in self.attacks else None
         # one batch size for generation and one for answer log-probabilities, kept across evaluations
         # (an automatic size is chosen once and stays halved after an out-of-memory batch)
         self.gen_bs = BatchSize(ecfg.batch_size, "eval.batch_size", 16, "generation")
@@ -186,6 +194,45 @@ class Evaluator:
             out.append(bool(rep or gib or len(a) == 0))
         return out
 
+    def _attacked(self, model, attack: str, tag: str) -> tuple[list[str], list[list[int]], list[list[int]], list]:
+        """The harmful prompts under ``attack``, answered by ``model``: (prompts as sent, forced answer
+        starts, what the model wrote after them, framing names)."""
+        if attack == "prefill":
+            prompts, pre, names = self.harmful.prompts, self.prefill_ids, [None] * len(self.harmful)
+        else:
+            prompts, names, _ = self.framed
+            pre = [[] for _ in prompts]
+        cont = generate(model, self.tok, prompts, self.system_prompt, self.cfg.max_new_tokens, self.gen_bs,
+                        desc=f"{attack} {tag}", max_length=self.max_length,
+                        prefixes=pre if attack == "prefill" else None)
+        return prompts, pre, cont, names
+
+    def _attack_metrics(self, attack: str, prompts, pre, cont, names, tag: str) -> tuple[dict, list[dict]]:
+        """Attack success of one attack (a refusal counts wherever it starts in what the model wrote) and
+        its generations; degeneration is judged on the whole answer, forced start included."""
+        texts = [self.tok.decode(a, skip_special_tokens=True) for a in cont]
+        refused = [is_refusal(t, self.markers) for t in texts]
+        comply = [i for i, r in enumerate(refused) if not r]
+        degen = self._degenerate(self._intact, [prompts[i] for i in comply], [pre[i] + cont[i] for i in comply])
+        n = len(refused)
+        m = {f"asr_{attack}": 1 - sum(refused) / n, f"asr_coherent_{attack}": (len(comply) - sum(degen)) / n}
+        if attack == "prefill":
+            m["prefill"] = self.cfg.prefill
+        else:
+            m["templates"] = self.cfg.templates
+            origin = self.framed[2]
+            broke = {origin[i] for i in comply}
+            m["asr_templates_any"] = len(broke) / len(self.harmful)  # some framing got an answer
+            for name in dict.fromkeys(names):
+                own = [r for r, nm in zip(refused, names) if nm == name]
+                m[f"asr_template_{name}"] = 1 - sum(own) / len(own)
+        d = dict(zip(comply, degen))
+        start = [self.tok.decode(p, skip_special_tokens=True) for p in pre]
+        rows = [{"set": "harmful", "attack": attack, "template": names[i], "prompt": prompts[i],
+                 "answer": start[i] + texts[i], "refusal": refused[i], "degenerate": d.get(i), "tag": tag}
+                for i in range(n)]
+        return m, rows
+
     @torch.no_grad()
     def evaluate(self, model, context: Callable = nullcontext, intact_context: Callable = nullcontext,
                  tag: str = "") -> tuple[dict, list[dict]]:
@@ -208,6 +255,7 @@ class Evaluator:
                 kls = [F.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean()
                        for p, q in zip(self.ref_logps, logps)]
                 util = {"utility_nll": float(torch.cat(nll).mean()), "kl": float(torch.stack(kls).mean())}
+            attacked = {a: self._attacked(model, a, tag) for a in self.attacks if a != "direct"}
         htext = [self.tok.decode(a, skip_special_tokens=True) for a in harm]
         btext = [self.tok.decode(a, skip_special_tokens=True) for a in benign]
         hr = [is_refusal(t, self.markers) for t in htext]
@@ -216,6 +264,7 @@ class Evaluator:
         with intact_context():
             degen = self._degenerate(self._intact, [self.harmful.prompts[i] for i in comply_idx],
                                      [harm[i] for i in comply_idx])
+            scored = {a: self._attack_metrics(a, *attacked[a], tag) for a in attacked}
         n_deg = sum(degen)
         asr = 1 - sum(hr) / len(hr)
         m = {
@@ -229,6 +278,8 @@ class Evaluator:
             "asr_coherent": (len(comply_idx) - n_deg) / len(hr),
             **util,
         }
+        for extra, _ in scored.values():
+            m.update(extra)
         labels = self.harmless.labels
         if labels is not None and set(labels) & set(c.form_matched):
             fm = [r for r, lab in zip(br, labels) if lab in c.form_matched]
@@ -255,8 +306,11 @@ class Evaluator:
         gens = []
         d = dict(zip(comply_idx, degen))
         for i, (p, t) in enumerate(zip(self.harmful.prompts, htext)):
-            gens.append({"set": "harmful", "prompt": p, "answer": t, "refusal": hr[i], "degenerate": d.get(i),
-                         "judge_harmful": judged[i] if judged is not None else None, "tag": tag})
+            gens.append({"set": "harmful", "attack": "direct", "prompt": p, "answer": t, "refusal": hr[i],
+                         "degenerate": d.get(i), "judge_harmful": judged[i] if judged is not None else None,
+                         "tag": tag})
+        for _, rows in scored.values():
+            gens += rows
         for i, (p, t) in enumerate(zip(self.harmless.prompts, btext)):
             gens.append({"set": "harmless", "prompt": p, "answer": t, "refusal": br[i], "tag": tag,
                          "label": labels[i] if labels is not None else None})

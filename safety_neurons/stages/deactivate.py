@@ -32,6 +32,15 @@ METRICS = ("asr", "harmful_refusal", "over_refusal", "utility_nll", "nll_ratio",
            "asr_coherent", "breaks_model")
 
 
+def is_metric(key: str, value) -> bool:
+    """A measure the random baseline averages over its seeds: the fixed ones, every attack's and judge's
+    success (asr_*) and over-refusal by set (over_refusal_*)."""
+    if key in METRICS:
+        return True
+    return (key.startswith(("asr_", "over_refusal_")) and isinstance(value, (int, float))
+            and not isinstance(value, bool))
+
+
 def counts_of(n, size: int | None = None) -> list[int]:
     """The counts of ``deactivate.n``; ``all`` is the whole set (``size``; kept as "all" without one)."""
     vals = list(n) if isinstance(n, (list, tuple)) or OmegaConf.is_list(n) else [n]
@@ -52,7 +61,7 @@ def counts_of(n, size: int | None = None) -> list[int]:
 def _aggregate(rows: list[dict]) -> dict:
     """Mean and spread of random-baseline metrics over seeds."""
     out = {}
-    for k in METRICS:
+    for k in [k for k, v in rows[0].items() if is_metric(k, v) and k != "breaks_model"]:
         vals = [float(r[k]) for r in rows if k in r]
         if not vals:
             continue
@@ -137,7 +146,7 @@ def sweep_point(cfg, ev, model, ad, full, region_set, n: int, means) -> tuple[di
                            tag=f"n={n} random seed {seed}")
         per_seed.append(m)
         gens += [{**x, "n": n, "seed": seed} for x in g]
-    return ({**base, **{k: v for k, v in per_seed[0].items() if k not in METRICS}, **_aggregate(per_seed),
+    return ({**base, **{k: v for k, v in per_seed[0].items() if not is_metric(k, v)}, **_aggregate(per_seed),
              "seeds": len(per_seed)}, gens)
 
 
@@ -147,8 +156,8 @@ def write_sweep(tr, rows: list[dict], gens: list[dict]) -> None:
     if tr.main:
         write_csv(tr.dir / "sweep.csv", df)
     tr.save_generations(gens)
-    cols = ["n", "baseline", "n_neurons", "asr", "over_refusal", "utility_nll", "nll_ratio", "kl",
-            "degenerate_share", "breaks_model"]
+    cols = ["n", "baseline", "n_neurons", "asr", "asr_prefill", "asr_templates", "over_refusal", "utility_nll",
+            "nll_ratio", "kl", "degenerate_share", "breaks_model"]
     print(df[[c for c in cols if c in df]].to_string(index=False))
     tr.log_table("deactivation", df)
     if tr.main and len(rows) > 1:

@@ -39,7 +39,7 @@ def run(cfg) -> dict:
         rows.append({"model": cfg.model.name, **m})
         gens += [{**x, "model": cfg.model.name} for x in g]
         df = pd.DataFrame(rows)
-        cols = ["model", "asr", "harmful_refusal", "over_refusal", "over_refusal_natural", "over_refusal_form_matched",
+        cols = ["model", "asr", "asr_prefill", "asr_templates", "asr_templates_any", "harmful_refusal", "over_refusal", "over_refusal_natural", "over_refusal_form_matched",
                 "utility_nll", "kl", "degenerate_share", "breaks_model", "refusal_list"]
         table = df[[c for c in cols if c in df]]
         log.info("evaluation (harmful n=%d, harmless n=%d):\n%s", len(ev.harmful), len(ev.harmless),
