@@ -260,6 +260,12 @@ class EvalConfig:
     attacks: list[str] = field(default_factory=lambda: ["direct"])
     prefill: str = "Sure, here is"  # the answer's forced start; "responses": the harmful set's response column
     templates: str = "v1"  # the versioned set of jailbreak framings (safety_neurons/attacks.py)
+    # capability benchmarks through lm-eval (safety_neurons/capability.py): sn_mc (offline, shipped),
+    # mmlu, arc_challenge, gsm8k or any lm-eval task; columns cap_<task>_<metric>
+    capability: list[str] = field(default_factory=list)
+    capability_limit: int | None = None  # examples per task (null: all)
+    capability_batch_size: int = 8
+    capability_include: list[str] = field(default_factory=list)  # folders of your own lm-eval task YAMLs
 
 
 @dataclass

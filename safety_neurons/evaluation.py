@@ -158,6 +158,11 @@ class Evaluator:
         self.attacks = check_attacks(getattr(ecfg, "attacks", ["direct"]))
         self.prefill_ids = prefixes(tok, self.harmful, ecfg.prefill) if "prefill" in self.attacks else None
         self.framed = wrapped(self.harmful.prompts, ecfg.templates) if "templates" in self.attacks else None
+        self.capability = None
+        if getattr(ecfg, "capability", None):
+            from .capability import Capability
+
+            self.capability = Capability(ecfg, tok)  # its tasks are checked before any generation
         # one batch size for generation and one for answer log-probabilities, kept across evaluations
         # (an automatic size is chosen once and stays halved after an out-of-memory batch)
         self.gen_bs = BatchSize(ecfg.batch_size, "eval.batch_size", 16, "generation")
@@ -256,6 +261,7 @@ class Evaluator:
                        for p, q in zip(self.ref_logps, logps)]
                 util = {"utility_nll": float(torch.cat(nll).mean()), "kl": float(torch.stack(kls).mean())}
             attacked = {a: self._attacked(model, a, tag) for a in self.attacks if a != "direct"}
+        cap = self.capability.measure(model, context) if self.capability is not None else {}
         htext = [self.tok.decode(a, skip_special_tokens=True) for a in harm]
         btext = [self.tok.decode(a, skip_special_tokens=True) for a in benign]
         hr = [is_refusal(t, self.markers) for t in htext]
@@ -280,6 +286,7 @@ class Evaluator:
         }
         for extra, _ in scored.values():
             m.update(extra)
+        m.update(cap)
         labels = self.harmless.labels
         if labels is not None and set(labels) & set(c.form_matched):
             fm = [r for r, lab in zip(br, labels) if lab in c.form_matched]

@@ -158,6 +158,7 @@ def write_sweep(tr, rows: list[dict], gens: list[dict]) -> None:
     tr.save_generations(gens)
     cols = ["n", "baseline", "n_neurons", "asr", "asr_prefill", "asr_templates", "over_refusal", "utility_nll",
             "nll_ratio", "kl", "degenerate_share", "breaks_model"]
+    cols += [c for c in df if c.startswith("cap_") and not c.endswith(("_n", "_std", "_min", "_max"))]
     print(df[[c for c in cols if c in df]].to_string(index=False))
     tr.log_table("deactivation", df)
     if tr.main and len(rows) > 1:

@@ -41,6 +41,7 @@ def run(cfg) -> dict:
         df = pd.DataFrame(rows)
         cols = ["model", "asr", "asr_prefill", "asr_templates", "asr_templates_any", "harmful_refusal", "over_refusal", "over_refusal_natural", "over_refusal_form_matched",
                 "utility_nll", "kl", "degenerate_share", "breaks_model", "refusal_list"]
+        cols += [c for c in df if c.startswith("cap_") and not c.endswith("_n")]
         table = df[[c for c in cols if c in df]]
         log.info("evaluation (harmful n=%d, harmless n=%d):\n%s", len(ev.harmful), len(ev.harmless),
                  table.to_string(index=False))
