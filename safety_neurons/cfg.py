@@ -133,3 +133,19 @@ def group_config(group: str, name: str, schema):
     for parent in parents:
         out = OmegaConf.merge(out, group_config(group, parent, schema))
     return OmegaConf.merge(out, raw)
+
+
+def dataset_preset(name: str, **over):
+    """The dataset preset ``conf/dataset/<name>.yaml`` as a config, outside a composition (``over``
+    replaces its fields, e.g. ``path``)."""
+    from .config import DatasetConfig
+    from .errors import UserError
+
+    f = CONF_DIR / "dataset" / f"{name}.yaml"
+    if not f.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))
+        raise UserError(f"no dataset preset {name!r}; known: {', '.join(known)}")
+    raw = OmegaConf.load(f)
+    raw.pop("defaults", None)
+    over = {k: v for k, v in over.items() if v is not None}
+    return OmegaConf.merge(OmegaConf.structured(DatasetConfig), raw, over)

@@ -71,7 +71,7 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     name: str = MISSING
-    kind: str = MISSING  # harmbench | advbench | jbb | circuit_breakers | harmless | alpaca | custom
+    kind: str = MISSING  # harmbench | advbench | jbb | circuit_breakers | harmless | alpaca | xstest | orbench | custom
     path: str | None = None
     url: str | None = None
     hub_id: str | None = None
@@ -80,6 +80,7 @@ class DatasetConfig:
     prompt_column: str | None = None
     response_column: str | None = None
     label_column: str | None = None  # per-prompt label, e.g. a category (default: "category" if present)
+    where: dict[str, str] | None = None  # keep only rows whose column has this value ({label: safe})
     n_train: int | None = None  # cap on training/detection prompts (None: all)
     n_eval: int | None = None  # cap on held-out evaluation prompts
     eval_fraction: float = 0.2  # for sources with no separate eval file
@@ -266,6 +267,9 @@ class EvalConfig:
     capability_limit: int | None = None  # examples per task (null: all)
     capability_batch_size: int = 8
     capability_include: list[str] = field(default_factory=list)  # folders of your own lm-eval task YAMLs
+    # over-refusal on more harmless sets beside the composed one, as over_refusal_<name> columns: a
+    # dataset preset (xstest, orbench, ...) read from its source, or preset:FILE for a local copy
+    over_refusal_sets: list[str] = field(default_factory=list)
 
 
 @dataclass

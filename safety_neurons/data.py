@@ -17,7 +17,7 @@ import torch
 from .errors import UserError
 
 DATA_DIR = Path(__file__).parent / "data"
-KNOWN_KINDS = ("harmbench", "advbench", "jbb", "circuit_breakers", "harmless", "alpaca", "custom")
+KNOWN_KINDS = ("harmbench", "advbench", "jbb", "circuit_breakers", "harmless", "alpaca", "xstest", "orbench", "custom")
 
 
 @dataclass
@@ -157,6 +157,18 @@ def _column(rows: list[Row], col: str, path, required: bool = True) -> list[str]
     return [str(r[col]) if r[col] is not None else "" for r in rows]
 
 
+def _where(rows: list[Row], where, path, group: str) -> list[Row]:
+    """The rows whose columns hold the values of ``where`` ({column: value}, compared as text)."""
+    for col in where:
+        if rows and col not in rows[0]:
+            raise UserError(f"{group}.where names column {col!r}, which {path} does not have; its columns "
+                            f"are {', '.join(rows[0])}")
+    keep = [r for r in rows if all(str(r.get(c)) == str(v) for c, v in where.items())]
+    if not keep:
+        raise UserError(f"no row of {path} has {dict(where)}; check {group}.where")
+    return keep
+
+
 def _fetch_url(url: str, cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     dst = cache / (hashlib.sha256(url.encode()).hexdigest()[:12] + "-" + url.rstrip("/").split("/")[-1])
@@ -225,7 +237,7 @@ def load_prompts(dcfg, split: str = "train", cache_dir: str | Path | None = None
         prompts = _column(rows, dcfg.prompt_column or "Behavior", f)
         meta["source"] = f.name
         n_source, held_out = len(prompts), 0
-    elif kind in ("advbench", "circuit_breakers", "custom", "harmless", "jbb", "alpaca"):
+    elif kind in ("advbench", "circuit_breakers", "custom", "harmless", "jbb", "alpaca", "xstest", "orbench"):
         if kind == "harmless" and not dcfg.path:
             f = DATA_DIR / "harmless.jsonl"
         elif dcfg.path:
@@ -236,7 +248,7 @@ def load_prompts(dcfg, split: str = "train", cache_dir: str | Path | None = None
             f = _hub_file(dcfg.hub_id, dcfg.hub_file)
         else:
             raise UserError(f"dataset {dcfg.name!r} ({kind}) needs dataset.path=FILE or dataset.url=URL")
-        rows = _read_table(f)
+        rows = _where(_read_table(f), dcfg.where, f, group) if dcfg.where else _read_table(f)
         default_col = {"advbench": "goal", "jbb": "Goal", "alpaca": "instruction"}.get(kind, "prompt")
         prompts = _column(rows, dcfg.prompt_column or default_col, f)
         if kind == "alpaca" and "input" in rows[0]:  # keep self-contained instructions only

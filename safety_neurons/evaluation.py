@@ -141,11 +141,26 @@ def answer_logprobs(model, tok, prompts: list[str], answers: list[list[int]], sy
 
 
 # ----------------------------------------------------------------------------------------- evaluator
+def over_refusal_sets(ecfg, cache_dir=None) -> dict[str, PromptSet]:
+    """``eval.over_refusal_sets`` ([xstest, orbench:FILE]): {preset name: its eval split, read from the
+    preset's source or the file after the colon, capped like the harmless set}."""
+    from .cfg import dataset_preset
+    from .data import load_prompts
+
+    out = {}
+    for entry in getattr(ecfg, "over_refusal_sets", None) or []:
+        name, _, path = str(entry).partition(":")
+        if name in out:
+            raise UserError(f"eval.over_refusal_sets names {name} twice")
+        out[name] = load_prompts(dataset_preset(name, path=path or None), "eval", cache_dir).head(ecfg.n_harmless)
+    return out
+
+
 class Evaluator:
     """Holds the held-out prompt sets and the intact model's references."""
 
     def __init__(self, ecfg, model, tok, harmful: PromptSet, harmless: PromptSet, system_prompt: str | None,
-                 max_length: int = 512):
+                 max_length: int = 512, cache_dir=None):
         self.cfg = ecfg
         self.max_length = max_length  # model.max_length: prompt (and answer) tokens allowed
         self.tok = tok
@@ -158,6 +173,7 @@ class Evaluator:
         self.attacks = check_attacks(getattr(ecfg, "attacks", ["direct"]))
         self.prefill_ids = prefixes(tok, self.harmful, ecfg.prefill) if "prefill" in self.attacks else None
         self.framed = wrapped(self.harmful.prompts, ecfg.templates) if "templates" in self.attacks else None
+        self.extra = over_refusal_sets(ecfg, cache_dir)  # over-refusal on more harmless sets
         self.capability = None
         if getattr(ecfg, "capability", None):
             from .capability import Capability
@@ -198,6 +214,18 @@ class Evaluator:
             gib = float(n.mean()) > max(self.cfg.degenerate_nll, 4 * getattr(self, "ref_nll", 0.0))
             out.append(bool(rep or gib or len(a) == 0))
         return out
+
+    def _over_refusal_by_set(self, answers: dict[str, list[list[int]]], m: dict, tag: str) -> list[dict]:
+        """over_refusal_<name> of each ``eval.over_refusal_sets`` set into ``m``; returns their generations."""
+        rows = []
+        for name, ans in answers.items():
+            texts = [self.tok.decode(a, skip_special_tokens=True) for a in ans]
+            refused = [is_refusal(t, self.markers) for t in texts]
+            m[f"over_refusal_{name}"] = sum(refused) / len(refused)
+            m[f"n_harmless_{name}"] = len(refused)
+            rows += [{"set": name, "prompt": p, "answer": t, "refusal": r, "tag": tag}
+                     for p, t, r in zip(self.extra[name].prompts, texts, refused)]
+        return rows
 
     def _attacked(self, model, attack: str, tag: str) -> tuple[list[str], list[list[int]], list[list[int]], list]:
         """The harmful prompts under ``attack``, answered by ``model``: (prompts as sent, forced answer
@@ -261,6 +289,8 @@ class Evaluator:
                        for p, q in zip(self.ref_logps, logps)]
                 util = {"utility_nll": float(torch.cat(nll).mean()), "kl": float(torch.stack(kls).mean())}
             attacked = {a: self._attacked(model, a, tag) for a in self.attacks if a != "direct"}
+            extra = {name: generate(model, self.tok, ps.prompts, self.system_prompt, c.max_new_tokens, self.gen_bs,
+                                    desc=f"{name} {tag}", max_length=self.max_length) for name, ps in self.extra.items()}
         cap = self.capability.measure(model, context) if self.capability is not None else {}
         htext = [self.tok.decode(a, skip_special_tokens=True) for a in harm]
         btext = [self.tok.decode(a, skip_special_tokens=True) for a in benign]
@@ -284,9 +314,10 @@ class Evaluator:
             "asr_coherent": (len(comply_idx) - n_deg) / len(hr),
             **util,
         }
-        for extra, _ in scored.values():
-            m.update(extra)
+        for attack_metrics, _ in scored.values():
+            m.update(attack_metrics)
         m.update(cap)
+        extra_rows = self._over_refusal_by_set(extra, m, tag)
         labels = self.harmless.labels
         if labels is not None and set(labels) & set(c.form_matched):
             fm = [r for r, lab in zip(br, labels) if lab in c.form_matched]
@@ -318,6 +349,7 @@ class Evaluator:
                          "tag": tag})
         for _, rows in scored.values():
             gens += rows
+        gens += extra_rows
         for i, (p, t) in enumerate(zip(self.harmless.prompts, btext)):
             gens.append({"set": "harmless", "prompt": p, "answer": t, "refusal": br[i], "tag": tag,
                          "label": labels[i] if labels is not None else None})

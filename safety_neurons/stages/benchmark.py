@@ -250,7 +250,7 @@ def run_planted(cfg) -> dict:
         truth.check_compatible(pad.signature())
         prompts = harmful_set(cfg, "train").head(b.n_prompts)
         sp = cfg.model.system_prompt
-        ev = (Evaluator(cfg.eval, planted, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length)
+        ev = (Evaluator(cfg.eval, planted, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length, cache_dir=cache_dir(cfg))
               if b.deactivate else None)
         rows, rocs, tops = [], {}, {}
         common = {"organism": b.organism, "n_planted": len(truth), "share": prov["share"], "kinds": "+".join(kinds),
@@ -388,7 +388,7 @@ def run_effect_only(cfg) -> dict:
         ref = load_reference_model(cfg, ad) if cfg.detect.reference_model else None
         prompts = harmful_set(cfg, "train").head(b.n_prompts)
         ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"),
-                       cfg.model.system_prompt, cfg.model.max_length)
+                       cfg.model.system_prompt, cfg.model.max_length, cache_dir=cache_dir(cfg))
         k_of = k_per_kind(cfg.topk, ad, kinds)
         scored = _score_all(cfg, model, tok, ad, prompts, kinds, ref)
         ev.expect(1 + len(scored) * len(b.counts) * (1 + len(b.random_seeds)), f"deactivations on {cfg.model.name}")

@@ -86,7 +86,7 @@ def run(cfg) -> dict:
         counts = checked_counts(cfg, region_set)
         sp = cfg.model.system_prompt
         means = ablation_means(cfg, model, tok, ad)
-        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length)
+        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length, cache_dir=cache_dir(cfg))
         rows, gens = [], []
         for n in counts:
             row, g = sweep_point(cfg, ev, model, ad, full, region_set, n, means)
@@ -158,7 +158,8 @@ def write_sweep(tr, rows: list[dict], gens: list[dict]) -> None:
     tr.save_generations(gens)
     cols = ["n", "baseline", "n_neurons", "asr", "asr_prefill", "asr_templates", "over_refusal", "utility_nll",
             "nll_ratio", "kl", "degenerate_share", "breaks_model"]
-    cols += [c for c in df if c.startswith("cap_") and not c.endswith(("_n", "_std", "_min", "_max"))]
+    cols += [c for c in df if c.startswith(("cap_", "over_refusal_")) and c not in cols
+             and not c.endswith(("_n", "_std", "_min", "_max"))]
     print(df[[c for c in cols if c in df]].to_string(index=False))
     tr.log_table("deactivation", df)
     if tr.main and len(rows) > 1:

@@ -11,7 +11,7 @@ import pandas as pd
 from ..evaluation import Evaluator
 from ..io import write_csv
 from ..organism import base_model_of
-from .common import harmful_set, harmless_set, load, log, store_of, tracked
+from .common import cache_dir, harmful_set, harmless_set, load, log, store_of, tracked
 
 
 def run(cfg) -> dict:
@@ -30,7 +30,7 @@ def run(cfg) -> dict:
             base_cfg = OmegaConf.create(made_from)
             base_model, _, _ = load_model(base_cfg, store_of(cfg), cfg.device)
         ref = base_model if base_model is not None else model
-        ev = Evaluator(cfg.eval, ref, tok, harmful, harmless, sp, cfg.model.max_length)
+        ev = Evaluator(cfg.eval, ref, tok, harmful, harmless, sp, cfg.model.max_length, cache_dir=cache_dir(cfg))
         if base_model is not None:
             m, g = ev.evaluate(base_model, tag="base")
             rows.append({"model": base_cfg.name, **m})
@@ -41,7 +41,7 @@ def run(cfg) -> dict:
         df = pd.DataFrame(rows)
         cols = ["model", "asr", "asr_prefill", "asr_templates", "asr_templates_any", "harmful_refusal", "over_refusal", "over_refusal_natural", "over_refusal_form_matched",
                 "utility_nll", "kl", "degenerate_share", "breaks_model", "refusal_list"]
-        cols += [c for c in df if c.startswith("cap_") and not c.endswith("_n")]
+        cols += [c for c in df if c.startswith(("cap_", "over_refusal_")) and c not in cols and not c.endswith("_n")]
         table = df[[c for c in cols if c in df]]
         log.info("evaluation (harmful n=%d, harmless n=%d):\n%s", len(ev.harmful), len(ev.harmless),
                  table.to_string(index=False))

@@ -18,6 +18,7 @@ from ..tracking import is_main_process
 from ..training import attach_slices, bake_slices, freeze_slices, slice_delta, train_sft
 from .common import (
     build_missing,
+    cache_dir,
     cap_set,
     default_tag,
     harmful_set,
@@ -136,7 +137,7 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
             box["results"] = {**done, "reused": True}
             return box["results"]
         prompts, responses, data_meta = tuning_data(cfg, model, tok)
-        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length)
+        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length, cache_dir=cache_dir(cfg))
         before, g_before = ev.evaluate(model, tag="before")
         log.info("before: %s", {k: before[k] for k in ("asr", "over_refusal", "utility_nll")})
         tuned, params, handles = trainable(cfg, copy.deepcopy(model), ns)
