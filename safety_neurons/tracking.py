@@ -149,8 +149,16 @@ class Tracker:
             self.wandb.log({name: wandb.Image(str(path))})
 
     def save_generations(self, rows: list[dict], name: str = "generations.jsonl") -> None:
+        """The generations as JSONL in the run folder and, with W&B, as a table (prompt, answer, its set
+        and attack, and the refusal and degeneration flags) to filter in the UI."""
         if self.main:
             write_jsonl(self.dir / name, rows)
+        if self.wandb is not None and rows:
+            cols = ["tag", "set", "attack", "template", "prompt", "answer", "refusal", "degenerate", "judge_harmful",
+                    "n", "seed", "label"]
+            df = pd.DataFrame(rows)
+            df = df[[c for c in cols if c in df]]
+            self.log_table(Path(name).stem, df.astype({c: str for c in df if df[c].dtype == object}))
 
     def finish(self, results: dict | None, error: BaseException | None = None) -> None:
         """Write results.json and results.csv (one row); always close W&B."""

@@ -114,3 +114,20 @@ def test_a_named_group_reaches_wandb(tmp_path, monkeypatch):
     tr = Tracker(cfg, cfg.run_dir)
     assert (wandb.run.group, wandb.run.job_type) == ("my-sweep", "deactivate")
     tr.finish({"asr": 0.0})
+
+
+def test_generations_are_logged_as_a_table_with_their_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = cfg_for(tmp_path, "wandb")
+    tr = Tracker(cfg, cfg.run_dir)
+    logged = {}
+    real = tr.log_table
+    monkeypatch.setattr(tr, "log_table", lambda name, df: (logged.__setitem__(name, df), real(name, df)))
+    rows = [{"set": "harmful", "attack": "prefill", "prompt": "p", "answer": "Sure, here is x", "refusal": False,
+             "degenerate": True, "tag": "n=1", "extra": [1, 2]},
+            {"set": "harmless", "prompt": "q", "answer": "I cannot", "refusal": True, "tag": "n=1"}]
+    tr.save_generations(rows)
+    tr.finish({"asr": 0.5})
+    df = logged["generations"]
+    assert list(df.columns) == ["tag", "set", "attack", "prompt", "answer", "refusal", "degenerate"]
+    assert df["answer"].tolist() == ["Sure, here is x", "I cannot"] and df["refusal"].tolist() == [False, True]
