@@ -121,8 +121,11 @@ def test_evaluate_stage_writes_each_attacks_columns_and_generations(fixtures, tm
 def test_random_baseline_averages_attack_success_over_seeds():
     from safety_neurons.stages.deactivate import _aggregate
 
-    rows = [{"asr": 0.2, "asr_prefill": 0.4, "breaks_model": False, "prefill": "Sure"},
-            {"asr": 0.4, "asr_prefill": 0.8, "breaks_model": True, "prefill": "Sure"}]
+    rows = [{"asr": 0.2, "asr_prefill": 0.4, "cap_sn_mc_acc": 0.5, "over_refusal_xstest": 0.1, "breaks_model": False,
+             "prefill": "Sure"},
+            {"asr": 0.4, "asr_prefill": 0.8, "cap_sn_mc_acc": 0.7, "over_refusal_xstest": 0.3, "breaks_model": True,
+             "prefill": "Sure"}]
     agg = _aggregate(rows)
     assert agg["asr_prefill"] == pytest.approx(0.6) and agg["asr_prefill_max"] == 0.8
+    assert agg["cap_sn_mc_acc"] == pytest.approx(0.6) and agg["over_refusal_xstest"] == pytest.approx(0.2)
     assert agg["breaks_model"] is True and "prefill_std" not in agg

@@ -34,10 +34,10 @@ METRICS = ("asr", "harmful_refusal", "over_refusal", "utility_nll", "nll_ratio",
 
 def is_metric(key: str, value) -> bool:
     """A measure the random baseline averages over its seeds: the fixed ones, every attack's and judge's
-    success (asr_*) and over-refusal by set (over_refusal_*)."""
+    success (asr_*), over-refusal by set (over_refusal_*) and capability (cap_*)."""
     if key in METRICS:
         return True
-    return (key.startswith(("asr_", "over_refusal_")) and isinstance(value, (int, float))
+    return (key.startswith(("asr_", "over_refusal_", "cap_")) and isinstance(value, (int, float))
             and not isinstance(value, bool))
 
 
