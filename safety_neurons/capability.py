@@ -11,12 +11,12 @@ choice on the raw text, no chat template), so they compare with published lm-eva
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
 from .errors import UserError
+from .hub import offline
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,6 @@ def own_task() -> dict:
                         {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0},
     }
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _import_lm_eval():
@@ -70,7 +66,7 @@ def task_specs(names, include: list[str], manager) -> list:
         if name not in manager.all_tasks:
             raise UserError(f"eval.capability names {name!r}, which lm-eval does not know; use {', '.join(PRESETS)}, "
                             f"another lm-eval task, or a task YAML in eval.capability_include=[DIR]")
-        if hub_offline() and name not in local:
+        if offline() and name not in local:
             raise UserError(f"eval.capability={name} downloads its data from the Hugging Face hub, but "
                             f"HF_HUB_OFFLINE=1; run where the hub is reachable with HF_HUB_OFFLINE=0, or use "
                             f"the offline task eval.capability=[{OWN}]")
