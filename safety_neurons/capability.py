@@ -10,6 +10,7 @@ choice on the raw text, no chat template), so they compare with published lm-eva
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -53,6 +54,14 @@ def _import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
+@functools.lru_cache(maxsize=4)
+def task_manager(include: tuple[str, ...]):
+    """lm-eval's task index (seconds to build: it reads every task YAML), built once per process and
+    include path list, so a sweep's evaluators share it."""
+    TaskManager = _import_lm_eval()[2]
+    return TaskManager(include_path=list(include) or None, verbosity="ERROR")
+
+
 def task_specs(names, include: list[str], manager) -> list:
     """lm-eval task specs for ``eval.capability``: ``sn_mc`` as its config dict, the rest by name; an
     unknown name, or a hub task while ``HF_HUB_OFFLINE`` is set, is one clear error before any work."""
@@ -94,13 +103,13 @@ class Capability:
         self.tok = tok
         self.limit = ecfg.capability_limit
         self.batch_size = ecfg.capability_batch_size
-        lm_eval, self.HFLM, TaskManager = _import_lm_eval()
+        lm_eval, self.HFLM, _ = _import_lm_eval()
         self.evaluate_fn = lm_eval.simple_evaluate
         include = [str(Path(d).expanduser()) for d in (ecfg.capability_include or [])]
         for d in include:
             if not Path(d).is_dir():
                 raise UserError(f"eval.capability_include names {d}, which is not a folder of lm-eval task YAMLs")
-        self.manager = TaskManager(include_path=include or None, verbosity="ERROR")
+        self.manager = task_manager(tuple(include))
         self.specs = task_specs(self.names, include, self.manager)
 
     def measure(self, model, context: Callable = nullcontext) -> dict:

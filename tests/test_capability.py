@@ -85,6 +85,10 @@ def test_lm_eval_accuracy_equals_brute_force_with_and_without_hooks(tok, task_di
     got_off = cap.measure(model, off)
     assert got_off["cap_tiny_qa_acc"] == pytest.approx(sum(p == 0 for p in hooked) / len(hooked))
     assert n_hooks(model) == 0
+    # a second evaluator (a sweep's next point) shares the task index instead of re-reading every YAML
+    again = Capability(ecfg(capability=["tiny_qa"], capability_include=[str(task_dir)]), tok)
+    assert again.manager is cap.manager
+    assert again.measure(model, off)["cap_tiny_qa_acc"] == got_off["cap_tiny_qa_acc"]
 
 
 def test_the_shipped_task_runs_offline_and_hub_tasks_are_refused(tok, monkeypatch):
