@@ -189,6 +189,7 @@ class BenchmarkConfig:
     plants: list[str] = field(default_factory=list)  # suite: "preset:seed" plants, each planted and benchmarked
     effect_model: str | None = None  # suite: then the effect-only run on this model preset ...
     effect_reference: str | None = None  # ... with this reference model for the activation_diff scorers
+    reuse: bool = False  # a benchmark run before with the same settings, models and plants is copied, not re-run
 
 
 @dataclass

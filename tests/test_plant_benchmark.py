@@ -397,3 +397,38 @@ def test_detect_with_other_scorers_names_them_and_equals_the_library(planted):
             torch.testing.assert_close(saved[f"{layer}.{kind}"].float(), v.half().float(), rtol=1e-2, atol=1e-3)
     with pytest.raises(UserError, match="needs detect.reference_model"):
         get_stage("detect")(compose(overrides(fx, fx["root"] / "r5", "stage=detect", "detect.scorer=activation_diff")))
+
+
+def test_benchmark_reuse_copies_a_run_with_the_same_key_and_reruns_on_any_change(planted, monkeypatch, capsys):
+    """benchmark.reuse=true: the first run keeps a copy in <store>/benchmarks/<key>/; a second run with the
+    same settings copies its files instead of scoring again (byte-identical tables), and any setting the
+    numbers depend on (here eval.n_harmful) or the planted model's content gives another key."""
+    from safety_neurons.stages import benchmark as bstage
+
+    fx, _ = planted
+    args = ["stage=benchmark", "benchmark.organism=planted-tiny", "benchmark.n_prompts=2", "detect.target_tokens=3",
+            "benchmark.scorers=[plnd]", "benchmark.random_seeds=[0]", "benchmark.reuse=true"]
+    first = get_stage("benchmark")(compose(overrides(fx, fx["root"] / "reuse-1", *args)))
+    cfg2 = compose(overrides(fx, fx["root"] / "reuse-2", *args))
+    key = bstage.reuse_key(cfg2)
+    assert (fx["store"] / "benchmarks" / key / "benchmark.csv").exists()
+
+    def no_rerun(cfg):
+        raise AssertionError("a reusable benchmark ran again")
+
+    monkeypatch.setattr(bstage, "_run", no_rerun)
+    again = get_stage("benchmark")(cfg2)
+    assert again["reused"] is True and again["auc_plnd"] == first["auc_plnd"]
+    for f in ("benchmark.csv", "report.md", "roc.png"):
+        assert (fx["root"] / "reuse-2" / f).read_bytes() == (fx["root"] / "reuse-1" / f).read_bytes(), f
+    assert "reusing the benchmark" in capsys.readouterr().out
+    # the run folder's config is this run's, not the copied one's
+    assert "reuse-2" in (fx["root"] / "reuse-2" / "config.yaml").read_text()
+    other = compose(overrides(fx, fx["root"] / "reuse-3", *args, "eval.n_harmful=1"))
+    assert bstage.reuse_key(other) != key
+    assert bstage.reuse_key(compose(overrides(fx, fx["root"] / "reuse-4", *args, "logger=none"))) == key
+    plant_json = fx["store"] / "models" / "planted-tiny" / "plant.json"
+    monkeypatch.setattr(bstage, "file_hash", lambda p, store=None: "same")
+    same = bstage.reuse_key(cfg2)
+    monkeypatch.setattr(bstage, "file_hash", lambda p, store=None: "changed" if p == plant_json else "same")
+    assert bstage.reuse_key(cfg2) != same  # a re-planted model under the same name is another benchmark

@@ -17,6 +17,8 @@ the same shape.
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -29,11 +31,12 @@ from ..errors import UserError
 from ..evaluation import Evaluator
 from ..hooks import deactivated
 from ..importance import get_scorer
-from ..io import write_csv, write_json, write_text
+from ..io import ArtifactDir, file_hash, sha256_of, write_csv, write_json, write_text
 from ..models import load_model
 from ..neurons import NeuronSet, rank_all, split_scores
 from ..planted import recovery, slice_diff
 from ..scoring import score_prompts, target_answers
+from ..tracking import is_main_process
 from .common import cache_dir, harmful_set, harmless_set, load, log, random_like, store_of, tracked
 from .detect import contrasted, k_per_kind, load_reference_model, stats_from
 from .plant import default_name, planted_paths, read_plant
@@ -124,9 +127,76 @@ def _score_all(cfg, model, tok, ad, prompts, kinds, reference) -> dict:
 def run(cfg) -> dict:
     b = cfg.benchmark
     check_benchmark_cfg(b)
+    if b.reuse:
+        return run_or_reuse(cfg)
+    return _run(cfg)
+
+
+def _run(cfg) -> dict:
+    b = cfg.benchmark
     if b.plants:
         return run_suite(cfg)
     return run_planted(cfg) if b.organism else run_effect_only(cfg)
+
+
+# what a benchmark's numbers do not depend on: where it writes, how it logs, other stages' settings
+NOT_IN_KEY = ("run_dir", "store_dir", "logger", "paths", "experiment", "study", "stage", "report", "claims",
+              "plan", "search", "compare", "finetune", "stages")
+
+
+def reuse_key(cfg) -> str:
+    """What decides a benchmark's results: every setting it reads (less benchmark.reuse), the content of
+    the base model, of the named planted model (its plant.json and delta) or of each suite preset's
+    settings, of the effect-only model, and the package version. Equal keys: running again would give the
+    same tables and plots."""
+    from .. import __version__
+    from ..cfg import group_config, model_config
+    from ..config import PlantConfig
+    from ..identity import source_identity
+
+    store = store_of(cfg)
+    b = cfg.benchmark
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_IN_KEY}
+    settings["benchmark"].pop("reuse", None)
+    parts = {"settings": settings, "model": source_identity(cfg.model, store)["source_hash"], "version": __version__}
+    if b.plants:
+        parts["plants"] = {p: OmegaConf.to_container(group_config("plant", _parse_plant(p)[0], PlantConfig))
+                           for p in b.plants}
+    elif b.organism:
+        model_dir, _ = planted_paths(cfg, b.organism)
+        parts["organism"] = {f: file_hash(model_dir / f, store) for f in ("plant.json", "delta.safetensors")
+                             if (model_dir / f).exists()}
+    if b.effect_model:
+        parts["effect_model"] = source_identity(model_config(b.effect_model), store)["source_hash"]
+    return sha256_of(parts)[:20]
+
+
+def run_or_reuse(cfg) -> dict:
+    """``benchmark.reuse=true``: copy the files of a finished benchmark with the same key
+    (``<store>/benchmarks/<key>/``) into this run folder and return its results; otherwise run it and
+    keep a copy there (assembled beside its place and renamed in whole)."""
+    key = reuse_key(cfg)
+    cache = store_of(cfg).root / "benchmarks" / key
+    out = Path(cfg.run_dir)
+    if (cache / "results.json").exists():
+        done = json.loads((cache / "results.json").read_text())
+        shutil.copytree(cache, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("results.json", "config.yaml"))
+        with tracked(cfg) as (tr, box):
+            box["results"] = {**done, "reused": True, "reused_from": str(cache)}
+        print(f"reusing the benchmark {cache} (benchmark.reuse=true: run before with the same settings, models "
+              f"and plants); its files are copied to {out}")
+        report = out / "report.md"
+        if report.exists():
+            print("\n".join(x for x in report.read_text().splitlines() if x.startswith(("#", "- ")))
+                  + f"\n\nreport: {report}")
+        return box["results"]
+    with ArtifactDir(cache, "the benchmark cache", active=is_main_process()) as art:
+        res = _run(cfg)
+        if art.active:
+            shutil.copytree(out, art.tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("wandb", ".hydra"))
+            write_json(art.tmp / "results.json", res)
+            art.commit()
+    return res
 
 
 def _parse_plant(spec: str) -> tuple[str, int]:
