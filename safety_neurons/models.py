@@ -381,3 +381,28 @@ def load_model(mcfg, store: Store, device: str = "auto"):
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
+
+def unwrapped(model):
+    """The model under a DDP or PEFT (LoRA) wrapper, for its config."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def sliding_window(model) -> int | None:
+    """The attention window of a model with sliding-window layers (Gemma 2/3, Mistral), else None."""
+    cfg = unwrapped(model).config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    w = getattr(cfg, "sliding_window", None)
+    return int(w) if w and getattr(cfg, "use_sliding_window", True) is not False else None
+
+
+def has_sliding_window(model) -> bool:
+    return sliding_window(model) is not None
+
+
+def cache_kw(model) -> str:
+    """The name transformers gives the key/value cache: ``cache`` in recent releases, ``past_key_values`` in older ones."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(unwrapped(model)).forward).parameters else "past_key_values"
+

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .autobatch import BatchSize
 from .data import encode
 from .errors import UserError
-from .models import ModelAdapter
+from .models import ModelAdapter, cache_kw, has_sliding_window, sliding_window, unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -158,23 +158,6 @@ def shared_prefix_len(b) -> int:
     return max(0, min(n, first_logit, T - 1))
 
 
-def _inner(model):
-    """The model under a DDP or PEFT (LoRA) wrapper, for its config."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _sliding_window(model) -> int | None:
-    cfg = _inner(model).config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    w = getattr(cfg, "sliding_window", None)
-    return int(w) if w and getattr(cfg, "use_sliding_window", True) is not False else None
-
-
-def _has_sliding_window(model) -> bool:
-    return _sliding_window(model) is not None
-
-
 def response_logits(model, b, keep: torch.Tensor, share: bool = True) -> torch.Tensor:
     """Logits at positions ``keep`` of a right-padded training batch.
 
@@ -183,12 +166,12 @@ def response_logits(model, b, keep: torch.Tensor, share: bool = True) -> torch.T
     row (about a quarter of a chat SFT batch's tokens). Same logits and gradients as the plain
     forward: the repeat is differentiable, so every row's gradient reaches the one prefix. Plain
     forward where nothing is shared or the model has sliding windows."""
-    p = shared_prefix_len(b) if share and not _has_sliding_window(model) else 0
+    p = shared_prefix_len(b) if share and not has_sliding_window(model) else 0
     if p < 2:
         return model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=keep).logits
     pre = model(input_ids=b.input_ids[:1, :p], attention_mask=b.attention_mask[:1, :p], use_cache=True,
                 logits_to_keep=1)
-    kw = _cache_kw(model)
+    kw = cache_kw(model)
     cache = getattr(pre, kw)
     cache.batch_repeat_interleave(b.input_ids.shape[0])
     return model(input_ids=b.input_ids[:, p:], attention_mask=b.attention_mask, use_cache=True,
@@ -210,14 +193,14 @@ def packed_logits(model, b, sel: torch.Tensor, share: bool = True) -> torch.Tens
     logit; the result (N, V) follows its row-major order. None where packing does not apply: an
     attention implementation that takes no custom mask (flash attention), a row longer than a sliding
     window, or a packed row over ``PACK_MAX_TOKENS``."""
-    inner = _inner(model)
+    inner = unwrapped(model)
     if getattr(inner.config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
         return None
     am = b.attention_mask.bool()
     if not bool((am.cumprod(1) == am).all()):
         raise ValueError("packed_logits needs a right-padded batch (encode(..., padding_side='right'))")
     n = am.sum(1).tolist()  # row i is [0, n_i)
-    win = _sliding_window(model)
+    win = sliding_window(model)
     if win is not None and max(n) > win:
         return None
     p = shared_prefix_len(b) if share else 0
@@ -254,13 +237,6 @@ def step_logits(model, b, sel: torch.Tensor, pack: bool = True, share: bool = Tr
     keep = sel.any(0).nonzero()[:, 0]
     logits = response_logits(model, b, keep, share=share and not ddp)  # (B, K, V)
     return logits[sel[:, keep]]
-
-
-def _cache_kw(model) -> str:
-    """The name transformers gives the key/value cache: ``cache`` in recent releases, ``past_key_values`` in older ones."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(_inner(model)).forward).parameters else "past_key_values"
 
 
 def step_batches(n_pairs: int, fcfg):
@@ -331,14 +307,18 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
             w = torch.where(on & (on.cumsum(1) <= m), torch.full_like(w, dw), w)
         return w
 
-    n_tok = [float(weights(encode(tok, [p], system_prompt, [r], max_length=max_length).labels[:, 1:]).sum())
-             for p, r in zip(prompts, responses)]
+    plan = list(step_batches(len(prompts), fcfg))
+    drawn = sorted({i for micro in plan for g in micro for i in g})  # the pairs these steps use
+    if any(responses[i] is None for i in drawn):
+        raise ValueError("a drawn training pair has no response (training_pairs(drawn_only=True) with other steps)")
+    n_tok = {i: float(weights(encode(tok, [prompts[i]], system_prompt, [responses[i]],
+                                     max_length=max_length).labels[:, 1:]).sum()) for i in drawn}
     fb = BatchSize.of(getattr(fcfg, "forward_batch", None) or per_rank, "finetune.forward_batch", per_rank,
                       "pairs per forward/backward")
     if fb.size is None:  # auto: start from the estimate of one micro-batch's backward, at most a micro-batch
         from .memory import estimate_for
 
-        longest = max(range(len(prompts)), key=lambda i: n_tok[i] + len(prompts[i]))
+        longest = max(drawn, key=lambda i: n_tok[i] + len(prompts[i]))
         length = int(encode(tok, [prompts[longest]], system_prompt, [responses[longest]],
                             max_length=max_length).input_ids.shape[1])
         fb.resolve(acc.device, estimate_for(model, "tuning", length), cap=per_rank)
@@ -385,7 +365,7 @@ def train_sft(model, tok, prompts: list[str], responses: list[str | list[int]], 
     t0 = time.time()
     bar = tqdm(total=total, desc="train", disable=not (progress and acc.is_main_process))
     done = 0
-    for micro in step_batches(len(prompts), fcfg):
+    for micro in plan:
         at = acc.step
         while True:
             try:

@@ -275,7 +275,8 @@ def test_decision_tokens_weighting(tok):
 def test_shared_prefix_forward_equals_plain(family, tok):
     """The system prompt run once and repeated for the batch gives the plain forward's logits and
     gradients (float64), in every family; sliding-window families take the plain path."""
-    from safety_neurons.training import _has_sliding_window, response_logits, shared_prefix_len
+    from safety_neurons.models import has_sliding_window
+    from safety_neurons.training import response_logits, shared_prefix_len
 
     model = tiny_model(family).double().train()
     b = encode(tok, PROMPTS, None, RESPONSES, padding_side="right")
@@ -284,7 +285,7 @@ def test_shared_prefix_forward_equals_plain(family, tok):
     p = shared_prefix_len(b)
     # the tiny template's system prompt and user header are shared: dozens of tokens, all before any loss
     assert p >= 20 and (b.labels[:, : p + 1] == -100).all()
-    assert _has_sliding_window(model) == (family in ("gemma2", "gemma3"))
+    assert has_sliding_window(model) == (family in ("gemma2", "gemma3"))
     out = {}
     for share in (False, True):
         model.zero_grad()
