@@ -64,6 +64,6 @@ def neuron_means(model, tok, adapter: ModelAdapter, prompts: list[str], system_p
         for i in range(0, len(prompts), batch_size):
             b = encode(tok, prompts[i: i + batch_size], system_prompt).to(dev)
             state["mask"] = b.attention_mask.float()
-            model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, logits_to_keep=1)
             count += int(b.attention_mask.sum())
     return {k: (v / count).float() for k, v in sums.items()}

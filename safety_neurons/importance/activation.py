@@ -38,7 +38,8 @@ def site_means(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tensor,
 
     b = batch.to(dev)
     with hooks(site_specs(adapter, kinds, grab)):
-        model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+        # the hooks take what is scored; logits at one position only (not a vocabulary row per token)
+        model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, logits_to_keep=1)
     return mean, mean_abs
 
 

@@ -31,7 +31,8 @@ def wanda(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tensor, kind
     lins = {id(lin): lin for layer in range(adapter.n_layers) for kind in kinds
             for lin, _ in slice_linears(adapter, layer, kind)}
     with hooks([(lin, "fwd", grab) for lin in lins.values()]):
-        model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+        # the hooks take what is scored; logits at one position only (not a vocabulary row per token)
+        model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, logits_to_keep=1)
     out = {}
     for layer in range(adapter.n_layers):
         for kind in kinds:
