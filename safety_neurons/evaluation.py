@@ -22,7 +22,7 @@ from .autobatch import BatchSize
 from .data import PromptSet, encode
 from .errors import UserError
 from .memory import estimate_for
-from .models import model_device
+from .models import cache_kw, has_sliding_window, model_device
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,57 @@ def eval_batch(batch_size, model, tok, prompts: list[str], system_prompt, task: 
     return bs
 
 
+def shared_start(ids: torch.Tensor, mask: torch.Tensor, pad: int | None, limit: int | None = None
+                 ) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """A left-padded batch re-laid for a shared prefill: ``(p, ids, mask)`` where the first ``p`` tokens
+    are those every row starts with (each row keeps at least one token of its own) and each row's
+    padding sits between them and the rest of the row. Positions follow the mask, so every row's real
+    tokens keep the positions they have alone; ``limit`` caps ``p``. None where fewer than two tokens are
+    shared."""
+    real = [row[m.bool()] for row, m in zip(ids, mask)]
+    shortest = min(len(r) for r in real)
+    same = torch.stack([r[:shortest] == real[0][:shortest] for r in real]).all(0)
+    p = min(int(same.long().cumprod(0).sum()), shortest - 1, limit if limit is not None else shortest)
+    if p < 2:
+        return None
+    width = max(len(r) for r in real) - p
+    out = torch.full((len(real), p + width), pad if pad is not None else 0, dtype=ids.dtype, device=ids.device)
+    om = torch.zeros_like(out, dtype=mask.dtype)
+    out[:, :p], om[:, :p] = real[0][:p], 1
+    for i, r in enumerate(real):
+        out[i, p + width - (len(r) - p):], om[i, p + width - (len(r) - p):] = r[p:], 1
+    return p, out, om
+
+
+def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, pad: int | None, limit: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A left-padded batch ready for a forward or ``generate`` that computes the rows' common start
+    (system prompt, user header) once: ``(ids, mask, kwargs)``, the kwargs holding that start's key/value
+    cache repeated for every row and the positions the mask gives (the padding between the start and
+    the rest does not count). The batch as it is, and no kwargs, where under two tokens are shared, for
+    one row, or for models with sliding windows (the window would count the padding)."""
+    shared = shared_start(ids, mask, pad, limit) if len(ids) > 1 and not has_sliding_window(model) else None
+    if shared is None:
+        return ids, mask, {}
+    p, ids, mask = shared
+    kw = cache_kw(model)
+    pre = model(input_ids=ids[:1, :p], attention_mask=mask[:1, :p], use_cache=True, logits_to_keep=1)
+    cache = getattr(pre, kw)
+    cache.batch_repeat_interleave(len(ids))
+    return ids, mask, {kw: cache, "position_ids": (mask.long().cumsum(-1) - 1).clamp_min(0)}
+
+
+def forward_rest(model, ids: torch.Tensor, mask: torch.Tensor, pre: dict, keep: int) -> torch.Tensor:
+    """Logits at the last ``keep`` positions of a batch from :func:`shared_prefill`: a forward over what
+    follows the cached start (over everything when nothing is cached)."""
+    if not pre:
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    kw = cache_kw(model)
+    p = pre[kw].get_seq_length()
+    return model(input_ids=ids[:, p:], attention_mask=mask, position_ids=pre["position_ids"][:, p:],
+                 logits_to_keep=keep, **{kw: pre[kw]}).logits
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], system_prompt: str | None, max_new_tokens: int,
              batch_size, desc: str = "generate", max_length: int = 512,
@@ -96,11 +147,12 @@ def generate(model, tok, prompts: list[str], system_prompt: str | None, max_new_
     def one(part: list[int]) -> list[list[int]]:
         b = encode(tok, [prompts[i] for i in part], system_prompt, max_length=max_length,
                    response_ids=[prefixes[i] for i in part] if prefixes else None).to(dev)
-        gen = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos,
-                             temperature=None, top_p=None, top_k=None)
+        ids, mask, cache = shared_prefill(model, b.input_ids, b.attention_mask, tok.pad_token_id)
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id, eos_token_id=eos, temperature=None, top_p=None,
+                             top_k=None, **cache)
         rows = []
-        for row in gen[:, b.input_ids.shape[1]:].tolist():
+        for row in gen[:, ids.shape[1]:].tolist():
             if eos in row:
                 row = row[: row.index(eos)]
             rows.append(row)
@@ -114,30 +166,93 @@ def generate(model, tok, prompts: list[str], system_prompt: str | None, max_new_
 
 @torch.no_grad()
 def answer_logprobs(model, tok, prompts: list[str], answers: list[list[int]], system_prompt: str | None,
-                    batch_size, max_length: int = 512) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per prompt: (NLL of each answer token (n,), log-softmax over the vocabulary at those positions (n, V))."""
+                    batch_size, max_length: int = 512, full: bool = True
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Per prompt: (NLL of each answer token (n,), log-softmax over the vocabulary at those positions (n, V),
+    or None without ``full``). Prompt and answer are left-padded, so every answer ends at the last position:
+    the vocabulary projection is taken only over the longest answer's span, not over the prompts."""
     if not prompts:
         return [], []
     dev = model_device(model)
     extra = max(len(a) for a in answers)
     bs = eval_batch(batch_size, model, tok, prompts, system_prompt, "forward", extra, max_length)
 
-    def one(part: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def one(part: list[int]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         b = encode(tok, [prompts[i] for i in part], system_prompt, response_ids=[answers[i] for i in part],
                    max_length=max_length).to(dev)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
-        lp = F.log_softmax(logits[:, :-1], dim=-1)
-        tgt = b.labels[:, 1:]
+        T = b.input_ids.shape[1]
+        keep = min(max(len(answers[i]) for i in part) + 1, T)
+        tgt = b.labels[:, T - keep + 1:]  # the answers end every row: the last keep - 1 tokens hold them all
+        ids, mask, pre = shared_prefill(model, b.input_ids, b.attention_mask, tok.pad_token_id, limit=T - keep)
+        logits = forward_rest(model, ids, mask, pre, keep).float()
+        lp = F.log_softmax(logits[:, :-1], dim=-1)  # position j predicts token T - keep + 1 + j
         rows = []
         for r in range(len(part)):
             pos = torch.nonzero(tgt[r] != -100).flatten()
             t = tgt[r, pos]
             lpr = lp[r, pos]
-            rows.append(((-lpr.gather(1, t[:, None]).squeeze(1)).cpu(), lpr.cpu()))
+            rows.append(((-lpr.gather(1, t[:, None]).squeeze(1)).cpu(), lpr.cpu() if full else None))
         return rows
 
     rows = [r for part in bs.run(range(len(prompts)), one) for r in part]
     return [r[0] for r in rows], [r[1] for r in rows]
+
+
+class PromptCache:
+    """A model's key/value cache of a fixed list of prompts, made in one prefill, so that the NLL of
+    answers to any of them takes a forward over the answer tokens alone. The degeneration check scores
+    every evaluation's compliant answers under the intact model, always on the same held-out prompts:
+    their prefill is done once instead of once per evaluation. Rows keep the left padding of their
+    batch; an answer continues its row at the next position, as in one forward over prompt and answer."""
+
+    def __init__(self, model, tok, prompts: list[str], system_prompt: str | None, batch_size, max_length: int = 512):
+        self.row = {p: i for i, p in enumerate(prompts)}
+        self.chunks: list[tuple[list[int], object, torch.Tensor, torch.Tensor]] = []
+        dev = model_device(model)
+        bs = eval_batch(batch_size, model, tok, prompts, system_prompt, "forward", 0, max_length)
+
+        @torch.no_grad()
+        def one(part: list[int]) -> list:
+            b = encode(tok, [prompts[i] for i in part], system_prompt, max_length=max_length).to(dev)
+            out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=True, logits_to_keep=1)
+            return [(part, getattr(out, cache_kw(model)), b.attention_mask, F.log_softmax(out.logits[:, -1].float(), -1))]
+
+        self.chunks = [c for cs in bs.run(range(len(prompts)), one) for c in cs]
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def covers(self, prompts: list[str]) -> bool:
+        return all(p in self.row for p in prompts)
+
+    @torch.no_grad()
+    def nll(self, model, prompts: list[str], answers: list[list[int]]) -> list[torch.Tensor]:
+        """NLL of each answer token (n,) given its prompt, for prompts of this cache (answers non-empty)."""
+        import copy
+
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        where = {}
+        for j, p in enumerate(prompts):
+            where.setdefault(self.row[p], []).append(j)
+        for part, cache, mask, last in self.chunks:
+            pos = {r: k for k, r in enumerate(part)}
+            jobs = [(pos[r], j) for r in part if r in where for j in where[r]]
+            if not jobs:
+                continue
+            rows = torch.tensor([k for k, _ in jobs], device=mask.device)
+            n = max(len(answers[j]) for _, j in jobs)
+            ids = torch.full((len(jobs), n), self.pad, dtype=torch.long, device=mask.device)
+            am = torch.zeros((len(jobs), n), dtype=mask.dtype, device=mask.device)
+            for b, (_, j) in enumerate(jobs):
+                ids[b, : len(answers[j])] = torch.tensor(answers[j])
+                am[b, : len(answers[j])] = 1
+            c = copy.deepcopy(cache)
+            c.batch_select_indices(rows)
+            logits = model(input_ids=ids, attention_mask=torch.cat([mask[rows], am], 1), use_cache=False,
+                           **{cache_kw(model): c}).logits.float()
+            lp = torch.cat([last[rows][:, None], F.log_softmax(logits[:, :-1], -1)], 1)  # (jobs, n, V)
+            for b, (_, j) in enumerate(jobs):
+                t = torch.tensor(answers[j], device=lp.device)
+                out[j] = (-lp[b, : len(t)].gather(1, t[:, None]).squeeze(1)).cpu()
+        return out
 
 
 # ----------------------------------------------------------------------------------------- evaluator
@@ -191,6 +306,7 @@ class Evaluator:
                                                   system_prompt, self.nll_bs, max_length)
             self.ref_nll = float(torch.cat(nll).mean())
         self._intact = model
+        self._prompt_cache: PromptCache | None = None  # made on first use, see _degenerate
         from .judges import make_judge
 
         self.judge = make_judge(ecfg, model_device(model))
@@ -206,8 +322,17 @@ class Evaluator:
     def _degenerate(self, model_for_nll, prompts: list[str], answers: list[list[int]]) -> list[bool]:
         if not answers:
             return []
-        nll, _ = answer_logprobs(model_for_nll, self.tok, prompts, [a or [self.tok.eos_token_id] for a in answers],
-                                 self.system_prompt, self.nll_bs, self.max_length)
+        scored = [a or [self.tok.eos_token_id] for a in answers]
+        if model_for_nll is self._intact and self._prompt_cache is None and set(prompts) <= set(self.harmful.prompts):
+            # the held-out harmful prompts, prefilled once on the intact model (made here, inside the
+            # intact context, on the first evaluation that has compliant answers to check)
+            self._prompt_cache = PromptCache(self._intact, self.tok, self.harmful.prompts, self.system_prompt,
+                                             self.nll_bs, self.max_length)
+        if model_for_nll is self._intact and self._prompt_cache is not None and self._prompt_cache.covers(prompts):
+            nll = self._prompt_cache.nll(self._intact, prompts, scored)
+        else:
+            nll, _ = answer_logprobs(model_for_nll, self.tok, prompts, scored, self.system_prompt, self.nll_bs,
+                                     self.max_length, full=False)
         out = []
         for a, n in zip(answers, nll):
             rep = distinct_trigram_share(a) < self.cfg.degenerate_distinct
@@ -277,10 +402,16 @@ class Evaluator:
         t0 = time.time()
         c = self.cfg
         with context():
-            harm = generate(model, self.tok, self.harmful.prompts, self.system_prompt, c.max_new_tokens,
-                            self.gen_bs, desc=f"harmful {tag}", max_length=self.max_length)
-            benign = generate(model, self.tok, self.harmless.prompts, self.system_prompt, c.max_new_tokens,
-                              self.gen_bs, desc=f"harmless {tag}", max_length=self.max_length)
+            # harmful, harmless and further over-refusal prompts in one generation: fuller batches, one
+            # decoding loop (each answer is the same greedy answer whichever batch it is in)
+            sets = [self.harmful.prompts, self.harmless.prompts, *(ps.prompts for ps in self.extra.values())]
+            answers = generate(model, self.tok, [p for ps in sets for p in ps], self.system_prompt,
+                               c.max_new_tokens, self.gen_bs, desc=f"answers {tag}", max_length=self.max_length)
+            split, at = [], 0
+            for ps in sets:
+                split.append(answers[at: at + len(ps)])
+                at += len(ps)
+            harm, benign, extra = split[0], split[1], dict(zip(self.extra, split[2:]))
             util = {}
             if c.utility:
                 nll, logps = answer_logprobs(model, self.tok, self.harmless.prompts, self.ref_answers,
@@ -289,8 +420,6 @@ class Evaluator:
                        for p, q in zip(self.ref_logps, logps)]
                 util = {"utility_nll": float(torch.cat(nll).mean()), "kl": float(torch.stack(kls).mean())}
             attacked = {a: self._attacked(model, a, tag) for a in self.attacks if a != "direct"}
-            extra = {name: generate(model, self.tok, ps.prompts, self.system_prompt, c.max_new_tokens, self.gen_bs,
-                                    desc=f"{name} {tag}", max_length=self.max_length) for name, ps in self.extra.items()}
         cap = self.capability.measure(model, context) if self.capability is not None else {}
         htext = [self.tok.decode(a, skip_special_tokens=True) for a in harm]
         btext = [self.tok.decode(a, skip_special_tokens=True) for a in benign]
