@@ -78,8 +78,13 @@ def answers_of(cfg, name: str, tok, prompts: list[str]) -> list[list[int]]:
     return ids
 
 
-def training_pairs(cfg, model, tok) -> tuple[list[str], list[str | list[int]], dict]:
-    """Refusal texts for harmful prompts, the model's own answers (token ids) for harmless ones."""
+def training_pairs(cfg, model, tok, drawn_only: bool = False) -> tuple[list[str], list[str | list[int] | None], dict]:
+    """Refusal texts for harmful prompts, the model's own answers (token ids) for harmless ones.
+
+    ``drawn_only``: answer only the harmless prompts that ``finetune.steps`` optimizer steps draw (the
+    draw depends on the number of pairs and the seed alone, see :func:`~.training.step_batches`); the
+    pairs never drawn keep ``None`` as their response. A short tuning uses a fraction of a large pool,
+    and generating the model's answers is most of its cost; what trains is the same."""
     f = cfg.finetune
     harm = harmful_set(cfg, "train").head(f.n_harmful)
     prompts, responses = list(harm.prompts), (list(harm.responses) if harm.responses else refusals_for(harm.prompts, f.seed))
@@ -92,11 +97,19 @@ def training_pairs(cfg, model, tok) -> tuple[list[str], list[str | list[int]], d
         meta["harmful_train"]["repeat"] = f.harmful_repeat
     if f.n_harmless is None or f.n_harmless > 0:  # null: all of them; 0: no harmless pairs
         benign = harmless_set(cfg, "train").head(f.n_harmless)
+        need = list(range(len(benign)))
+        if drawn_only:
+            need = drawn_harmless(cfg, len(prompts), benign)
+            meta["harmless_answered"] = len(need)
+        asked = [benign.prompts[i] for i in need]
         if f.get("answers_from"):
-            ans = answers_of(cfg, f.answers_from, tok, benign.prompts)
+            got = answers_of(cfg, f.answers_from, tok, asked)
         else:
-            ans = self_distilled(model, tok, benign.prompts, cfg.model.system_prompt, f.max_new_tokens_distill,
+            got = self_distilled(model, tok, asked, cfg.model.system_prompt, f.max_new_tokens_distill,
                                  cache_dir(cfg), cfg.model.name, max_length=cfg.model.max_length)
+        ans = [None] * len(benign)
+        for i, a in zip(need, got):
+            ans[i] = a
         prompts += benign.prompts
         responses += ans
         meta["harmless_train"] = {**benign.describe(), "answers_from": f.get("answers_from") or "self"}
@@ -109,3 +122,18 @@ def training_pairs(cfg, model, tok) -> tuple[list[str], list[str | list[int]], d
             meta["harmless_train"]["form_matched"] = len(fm)
             meta["harmless_train"]["form_matched_repeat"] = f.form_matched_repeat
     return prompts, responses, meta
+
+
+def drawn_harmless(cfg, n_harmful_pairs: int, benign) -> list[int]:
+    """Indices of the harmless prompts that ``finetune.steps`` steps draw, in order, for the pool that
+    :func:`training_pairs` builds: the harmful pairs, each harmless prompt, then the form-matched ones
+    repeated."""
+    from .training import step_batches
+
+    f = cfg.finetune
+    pool = list(range(len(benign)))  # pool position after the harmful pairs -> harmless prompt index
+    if f.form_matched_repeat > 1 and benign.labels is not None:
+        fm = [i for i, lab in enumerate(benign.labels) if lab in cfg.eval.form_matched]
+        pool += fm * (f.form_matched_repeat - 1)
+    drawn = {i for micro in step_batches(n_harmful_pairs + len(pool), f) for g in micro for i in g}
+    return sorted({pool[i - n_harmful_pairs] for i in drawn if i >= n_harmful_pairs})

@@ -284,3 +284,47 @@ def test_a_contrasted_set_subtracts_the_contrast_prompts_mean_scores(fixtures, t
     expect = brute_select(ps, d["c"]["topk"]["k_per_kind"], 0.5)
     assert set(NeuronSet.load(con["neurons_json"]).ranking) == expect
     assert expect != set(NeuronSet.load(plain["neurons_json"]).ranking)
+
+
+def test_finetune_answers_only_the_harmless_prompts_its_steps_draw(fixtures, tmp_path):
+    """training_pairs(drawn_only=True), as stage=finetune calls it: the same pairs in the same order, the
+    model's answers to exactly the harmless prompts that the steps draw (form-matched copies included)
+    and None for the rest; tuning on them gives bit-identical weights to tuning on the full answers."""
+    import json
+
+    import torch
+
+    from safety_neurons.models import load_model
+    from safety_neurons.sft_data import training_pairs
+    from safety_neurons.stages.common import store_of
+    from safety_neurons.training import step_batches, train_sft
+
+    rows = [{"prompt": f"harmless question number {i} about {w}", "category": "harmbench_style" if i % 2 else "chat"}
+            for i, w in enumerate(["bread", "rain", "cats", "trees", "the sea", "colours", "numbers", "clouds",
+                                   "music", "maps", "salt", "wind"])]
+    harmless = tmp_path / "labelled.jsonl"
+    harmless.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose([*ov(fixtures, tmp_path / "run", "stage=finetune"), f"harmless.path={harmless}",
+                   "finetune.n_harmful=2", "finetune.harmful_repeat=2", "finetune.n_harmless=null",
+                   "finetune.form_matched_repeat=3", "finetune.steps=2", "finetune.batch_size=3",
+                   "finetune.max_new_tokens_distill=4"])
+    model, tok, _ = load_model(cfg.model, store_of(cfg), "cpu")
+    prompts, full, _ = training_pairs(cfg, model, tok)
+    prompts2, lazy, meta = training_pairs(cfg, model, tok, drawn_only=True)
+    assert prompts2 == prompts and len(lazy) == len(full)
+    drawn = {i for micro in step_batches(len(prompts), cfg.finetune) for g in micro for i in g}
+    n_harm = 2 * 2
+    want = {prompts[i] for i in drawn if i >= n_harm}  # harmless prompts (any copy) the two steps use
+    answered = {p for p, r in zip(prompts[n_harm:], lazy[n_harm:]) if r is not None}
+    assert answered == want and meta["harmless_answered"] == len(want) < len(rows)
+    assert lazy[:n_harm] == full[:n_harm]
+    for i in drawn:
+        assert lazy[i] == full[i]
+    weights = []
+    for responses in (full, lazy):
+        m = load_model(cfg.model, store_of(cfg), "cpu")[0]
+        train_sft(m, tok, prompts, responses, cfg.finetune, cfg.model.system_prompt, list(m.parameters()),
+                  progress=False)
+        weights.append(m.state_dict())
+    for k, v in weights[0].items():
+        assert torch.equal(v, weights[1][k]), k

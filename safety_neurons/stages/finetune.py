@@ -118,7 +118,7 @@ def tuning_data(cfg, model, tok):
         from ..cfg import model_config
 
         build_missing(model_config(cfg.finetune.answers_from), store_of(cfg))
-    return training_pairs(cfg, model, tok)
+    return training_pairs(cfg, model, tok, drawn_only=True)
 
 
 def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
