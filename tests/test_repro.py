@@ -62,3 +62,22 @@ def test_check_repro_exit_status_and_message(study, tmp_path, capsys):
     assert "1 of 10 headline numbers differ beyond their tolerance: p/plnd/auc 0.5600 vs 0.7000" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no study.csv"):
         repro.main(["--run", str(tmp_path / "nothing")])
+
+
+def test_check_repro_runs_the_benchmark_and_tunings_anew(monkeypatch, tmp_path):
+    """The demo reuses a finished benchmark and tuned models; check-repro turns that off on its command
+    line, and every step of the demo study sees it (no step sets reuse itself)."""
+    from safety_neurons.cfg import compose
+    from safety_neurons.stages.study import step_overrides
+
+    calls = []
+    monkeypatch.setattr(repro.subprocess, "run", lambda args, env: calls.append(args) or type("P", (), {"returncode": 0}))
+    repro.run_demo(tmp_path)
+    cli = [a for a in calls[0] if "=" in a and not a.startswith("experiment=")]
+    assert {"benchmark.reuse=false", "finetune.reuse=false"} <= set(cli)
+    demo = compose(["experiment=demo", f"run_dir={tmp_path}"])
+    assert demo.benchmark.reuse and demo.finetune.reuse  # the demo itself reuses
+    for i, step in enumerate(demo.study.steps):
+        _, ov = step_overrides(demo, i, step)
+        c = compose(["experiment=demo", *cli, *ov])
+        assert not c.benchmark.reuse and not c.finetune.reuse, ov

@@ -1,6 +1,6 @@
 """`make demo` end to end on the real SmolLM2 (a few minutes, twice): from a fresh store the shipped plant
-is rebuilt from its delta, the study's steps write what the report says, the tuned models are reused by
-a second run, which repeats every headline number exactly, and the numbers agree with the committed
+is rebuilt from its delta, the study's steps write what the report says, the benchmark and the tuned
+models are reused by a second run, which repeats every headline number exactly, and the numbers agree with the committed
 ones (docs/demo-headline.json) within `make check-repro`'s tolerances."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def test_demo_twice_from_a_fresh_store(tmp_path):
     assert f"report: {run / 'report.md'}" in out
 
     out2, run2 = demo(tmp_path, "second")
-    assert out2.count("reusing the tuned model") == 2 and "reusing the planted model" in out2
+    assert out2.count("reusing the tuned model") == 2 and "reusing the benchmark" in out2
     first, second = repro.headline(run), repro.headline(run2)
     assert second == first  # greedy and seeded: the cached run repeats every number
     table = repro.compare(json.loads(repro.EXPECTED.read_text()), first)
