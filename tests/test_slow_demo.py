@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def demo(tmp_path, name):
+    # on every core, as make demo runs (the suite's own process keeps to one thread: conftest.py)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFETY_NEURONS_STORE": str(tmp_path / "store"),
-           "SAFETY_NEURONS_RUN_DIR": str(tmp_path / name)}
+           "SAFETY_NEURONS_RUN_DIR": str(tmp_path / name), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     p = subprocess.run([sys.executable, "-m", "safety_neurons", "experiment=demo", "logger=none"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stderr[-3000:]
