@@ -25,6 +25,7 @@ from .memory import estimate_for
 from .models import cache_kw, has_sliding_window, model_device
 
 log = logging.getLogger(__name__)
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 # Versioned refusal markers: matched case-insensitively in the first 160 characters of an answer.
 # A new version gets a new key; results always name the version they used.
@@ -103,10 +104,16 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, pad: int | None
                    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """A left-padded batch ready for a forward or ``generate`` that computes the rows' common start
     (system prompt, user header) once: ``(ids, mask, kwargs)``, the kwargs holding that start's key/value
-    cache repeated for every row and the positions the mask gives (the padding between the start and
-    the rest does not count). The batch as it is, and no kwargs, where under two tokens are shared, for
-    one row, or for models with sliding windows (the window would count the padding)."""
-    shared = shared_start(ids, mask, pad, limit) if len(ids) > 1 and not has_sliding_window(model) else None
+    cache repeated for every row. Positions must then come from the mask (the padding between the start
+    and the rest does not count): ``generate`` derives them so where the model's forward takes
+    ``position_ids``, :func:`forward_rest` passes them. The batch as it is, and no kwargs, where under
+    two tokens are shared, for one row, for a forward that takes no positions, or for models with
+    sliding windows (the window would count the padding)."""
+    import inspect
+
+    usable = len(ids) > 1 and not has_sliding_window(model) and \
+        "position_ids" in inspect.signature(model.forward).parameters
+    shared = shared_start(ids, mask, pad, limit) if usable else None
     if shared is None:
         return ids, mask, {}
     p, ids, mask = shared
@@ -114,7 +121,7 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, pad: int | None
     pre = model(input_ids=ids[:1, :p], attention_mask=mask[:1, :p], use_cache=True, logits_to_keep=1)
     cache = getattr(pre, kw)
     cache.batch_repeat_interleave(len(ids))
-    return ids, mask, {kw: cache, "position_ids": (mask.long().cumsum(-1) - 1).clamp_min(0)}
+    return ids, mask, {kw: cache}
 
 
 def forward_rest(model, ids: torch.Tensor, mask: torch.Tensor, pre: dict, keep: int) -> torch.Tensor:
@@ -124,8 +131,9 @@ def forward_rest(model, ids: torch.Tensor, mask: torch.Tensor, pre: dict, keep: 
         return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
     kw = cache_kw(model)
     p = pre[kw].get_seq_length()
-    return model(input_ids=ids[:, p:], attention_mask=mask, position_ids=pre["position_ids"][:, p:],
-                 logits_to_keep=keep, **{kw: pre[kw]}).logits
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    return model(input_ids=ids[:, p:], attention_mask=mask, position_ids=pos[:, p:], logits_to_keep=keep,
+                 **{kw: pre[kw]}).logits
 
 
 @torch.no_grad()
@@ -205,11 +213,13 @@ class PromptCache:
     their prefill is done once instead of once per evaluation. Rows keep the left padding of their
     batch; an answer continues its row at the next position, as in one forward over prompt and answer."""
 
-    def __init__(self, model, tok, prompts: list[str], system_prompt: str | None, batch_size, max_length: int = 512):
+    def __init__(self, model, tok, prompts: list[str], system_prompt: str | None, batch_size, max_length: int = 512,
+                 answer_tokens: int = 0):
         self.row = {p: i for i, p in enumerate(prompts)}
         self.chunks: list[tuple[list[int], object, torch.Tensor, torch.Tensor]] = []
         dev = model_device(model)
-        bs = eval_batch(batch_size, model, tok, prompts, system_prompt, "forward", 0, max_length)
+        # an automatic batch size is planned for the prompts and the answers that will follow them
+        bs = eval_batch(batch_size, model, tok, prompts, system_prompt, "forward", answer_tokens, max_length)
 
         @torch.no_grad()
         def one(part: list[int]) -> list:
@@ -237,7 +247,7 @@ class PromptCache:
             jobs = [(pos[r], j) for r in part if r in where for j in where[r]]
             if not jobs:
                 continue
-            rows = torch.tensor([k for k, _ in jobs], device=mask.device)
+            rows = torch.tensor([k for k, _ in jobs])  # on the CPU: it indexes caches on every device
             n = max(len(answers[j]) for _, j in jobs)
             ids = torch.full((len(jobs), n), self.pad, dtype=torch.long, device=mask.device)
             am = torch.zeros((len(jobs), n), dtype=mask.dtype, device=mask.device)
@@ -306,7 +316,7 @@ class Evaluator:
                                                   system_prompt, self.nll_bs, max_length)
             self.ref_nll = float(torch.cat(nll).mean())
         self._intact = model
-        self._prompt_cache: PromptCache | None = None  # made on first use, see _degenerate
+        self._prompt_cache: PromptCache | None | bool = None  # made on first use; False: off (see _cached_nll)
         from .judges import make_judge
 
         self.judge = make_judge(ecfg, model_device(model))
@@ -323,14 +333,8 @@ class Evaluator:
         if not answers:
             return []
         scored = [a or [self.tok.eos_token_id] for a in answers]
-        if model_for_nll is self._intact and self._prompt_cache is None and set(prompts) <= set(self.harmful.prompts):
-            # the held-out harmful prompts, prefilled once on the intact model (made here, inside the
-            # intact context, on the first evaluation that has compliant answers to check)
-            self._prompt_cache = PromptCache(self._intact, self.tok, self.harmful.prompts, self.system_prompt,
-                                             self.nll_bs, self.max_length)
-        if model_for_nll is self._intact and self._prompt_cache is not None and self._prompt_cache.covers(prompts):
-            nll = self._prompt_cache.nll(self._intact, prompts, scored)
-        else:
+        nll = self._cached_nll(model_for_nll, prompts, scored)
+        if nll is None:
             nll, _ = answer_logprobs(model_for_nll, self.tok, prompts, scored, self.system_prompt, self.nll_bs,
                                      self.max_length, full=False)
         out = []
@@ -339,6 +343,28 @@ class Evaluator:
             gib = float(n.mean()) > max(self.cfg.degenerate_nll, 4 * getattr(self, "ref_nll", 0.0))
             out.append(bool(rep or gib or len(a) == 0))
         return out
+
+    def _cached_nll(self, model_for_nll, prompts: list[str], answers: list[list[int]]) -> list[torch.Tensor] | None:
+        """The NLLs from the intact model's cache of the held-out harmful prompts (made here, inside the
+        intact context, on the first evaluation with compliant answers to check); None where the cache
+        does not apply, or after it ran out of memory once (then the batched path, which halves, is used)."""
+        if model_for_nll is not self._intact or self._prompt_cache is False:
+            return None
+        if self._prompt_cache is None and set(prompts) <= set(self.harmful.prompts):
+            longest_start = max((len(x) for x in self.prefill_ids), default=0) if self.prefill_ids else 0
+            self._prompt_cache = PromptCache(self._intact, self.tok, self.harmful.prompts, self.system_prompt,
+                                             self.nll_bs, self.max_length, self.cfg.max_new_tokens + longest_start)
+        if self._prompt_cache is None or not self._prompt_cache.covers(prompts):
+            return None
+        try:
+            return self._prompt_cache.nll(self._intact, prompts, answers)
+        except OOM as err:
+            log.warning("the degeneration check's prompt cache ran out of memory (%s); scoring answers with their "
+                        "prompts in batches from now on", str(err).splitlines()[0])
+            self._prompt_cache = False
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
 
     def _over_refusal_by_set(self, answers: dict[str, list[list[int]]], m: dict, tag: str) -> list[dict]:
         """over_refusal_<name> of each ``eval.over_refusal_sets`` set into ``m``; returns their generations."""

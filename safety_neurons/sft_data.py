@@ -28,29 +28,43 @@ def refusals_for(prompts: list[str], seed: int) -> list[str]:
     return [rng.choice(REFUSALS) for _ in prompts]
 
 
-def distill_file(model_key: str, prompts: list[str], system_prompt: str | None, max_new_tokens: int,
-                 cache_dir: Path) -> Path:
-    """Where a model's greedy answers to ``prompts`` are cached."""
-    key = sha256_of({"model": model_key, "prompts": prompts, "sys": system_prompt, "n": max_new_tokens, "v": 2})
+def distill_file(model_key: str, system_prompt: str | None, max_new_tokens: int, cache_dir: Path) -> Path:
+    """Where a model's greedy answers are cached, prompt by prompt (one file per model, system prompt and
+    token budget), so that every caller asking for any subset shares them."""
+    key = sha256_of({"model": model_key, "sys": system_prompt, "n": max_new_tokens, "v": 3})
     return Path(cache_dir) / "distill" / f"{key}.json"
+
+
+def _distilled(f: Path) -> dict:
+    return json.loads(f.read_text())["by_prompt"] if f.exists() else {}
+
+
+def distill_missing(model_key: str, prompts: list[str], system_prompt: str | None, max_new_tokens: int,
+                    cache_dir: Path) -> list[str]:
+    """The prompts (each once, in order) whose answers are not cached yet."""
+    have = _distilled(distill_file(model_key, system_prompt, max_new_tokens, cache_dir))
+    return [p for p in dict.fromkeys(prompts) if p not in have]
 
 
 def self_distilled(model, tok, prompts: list[str], system_prompt: str | None, max_new_tokens: int,
                    cache_dir: Path, model_key: str, batch_size: int = 16, max_length: int = 512) -> list[list[int]]:
-    """The model's own greedy answers as token ids (cached per model and prompt set).
+    """The model's own greedy answers as token ids, cached per prompt (a prompt answered once is never
+    answered again, whichever set asks for it; ``model`` may be None when all are cached).
 
     An answer the model finished within ``max_new_tokens`` ends with EOS; one cut at the budget does not,
     so training on it does not teach the model to stop mid-answer."""
-    f = distill_file(model_key, prompts, system_prompt, max_new_tokens, cache_dir)
-    if f.exists():
-        return json.loads(f.read_text())["ids"]
-    ids = generate(model, tok, prompts, system_prompt, max_new_tokens, batch_size, desc="self-distil",
-                   max_length=max_length)
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    out = [a + eos if len(a) < max_new_tokens else a for a in ids]
-    write_json(f, {"model": model_key, "ids": out, "finished": [len(a) < max_new_tokens for a in ids],
-                   "answers": [tok.decode(a, skip_special_tokens=True) for a in ids]})
-    return out
+    f = distill_file(model_key, system_prompt, max_new_tokens, cache_dir)
+    have = _distilled(f)
+    missing = [p for p in dict.fromkeys(prompts) if p not in have]
+    if missing:
+        ids = generate(model, tok, missing, system_prompt, max_new_tokens, batch_size, desc="self-distil",
+                       max_length=max_length)
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        for p, a in zip(missing, ids):
+            have[p] = {"ids": a + eos if len(a) < max_new_tokens else a, "finished": len(a) < max_new_tokens,
+                       "answer": tok.decode(a, skip_special_tokens=True)}
+        write_json(f, {"model": model_key, "by_prompt": have})
+    return [have[p]["ids"] for p in prompts]
 
 
 def answers_of(cfg, name: str, tok, prompts: list[str]) -> list[list[int]]:
@@ -67,7 +81,7 @@ def answers_of(cfg, name: str, tok, prompts: list[str]) -> list[list[int]]:
     mcfg, store = model_config(name), Store(cfg.store_dir)
     key = f"{mcfg.name}:{source_identity(mcfg, store)['source_hash']}"
     n, sp = cfg.finetune.max_new_tokens_distill, cfg.model.system_prompt
-    cached = distill_file(key, prompts, sp, n, cache_dir(cfg)).exists()
+    cached = not distill_missing(key, prompts, sp, n, cache_dir(cfg))
     other, otok = (None, load_tokenizer(*model_source(mcfg, store))) if cached else load_model(mcfg, store, cfg.device)[:2]
     if otok.get_vocab() != tok.get_vocab():
         raise UserError(f"finetune.answers_from={name} has another tokenizer than model {cfg.model.name}; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import functools
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +16,19 @@ from omegaconf import OmegaConf
 from .io import write_csv, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """Hash of the package's own code and shipped configs (every .py, .c, .h and .yaml file under it): what a
+    result cached for reuse must have been computed with. Any edit, committed or not, changes it."""
+    import hashlib
+
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(p for ext in ("*.py", "*.c", "*.h", "*.yaml") for p in root.rglob(ext)):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def code_version() -> str:

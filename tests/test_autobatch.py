@@ -5,6 +5,7 @@ generation, tuning). Out-of-memory is injected: this suite runs on a CPU."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -61,6 +62,7 @@ def test_halving_covers_every_item_once_in_order():
 
 
 def oom_above(n, fn):
+    @functools.wraps(fn)  # the signature stays the wrapped one's (generate reads forward's)
     def wrapped(*a, **k):
         ids = k.get("input_ids", a[0] if a else None)
         if ids is not None and ids.shape[0] > n:

@@ -75,6 +75,43 @@ def test_generation_with_a_shared_prefill_equals_each_prompt_alone(tok, family):
     assert all(torch.equal(a[:p], alone[0][:p]) for a in alone) and not all(a[p] == alone[0][p] for a in alone)
     for row, m, a in zip(ids, mask, alone):
         assert torch.equal(row[m.bool()], a) and bool(m[:p].all())
-    got = generate(model, tok, PROMPTS, "be brief", 6, 5)
+    from safety_neurons import evaluation as E
+
+    used = []
+    real = E.shared_start
+    E.shared_start = lambda *a, **k: used.append(real(*a, **k)) or used[-1]
+    try:
+        got = generate(model, tok, PROMPTS, "be brief", 6, 5)
+    finally:
+        E.shared_start = real
+    assert bool(used and used[0] is not None) == (family != "gemma2")  # sliding windows: the plain layout
     for a, answer in zip(alone, got):
         assert answer == greedy(model, a.tolist(), 6, tok.eos_token_id)
+
+
+def test_degeneration_check_uses_the_prompt_cache_and_falls_back_on_out_of_memory(tok, monkeypatch):
+    """The evaluator scores compliant answers to the held-out harmful prompts from their cached prefill,
+    with the same NLLs (so the same degeneration flags) as the batched forward; if the cache runs out of
+    memory once, it is dropped and the batched path takes over."""
+    from safety_neurons import evaluation as E
+    from tests.test_attacks import HARMFUL, evaluator
+
+    ev = evaluator(tok, ["direct", "prefill"], degenerate_nll=1.0)
+    prompts, answers = [HARMFUL[2], HARMFUL[0]], [[40, 41, 42], [50, 51]]
+    calls = []
+    batched = E.answer_logprobs
+    monkeypatch.setattr(E, "answer_logprobs", lambda *a, **k: calls.append(1) or batched(*a, **k))
+    want, _ = batched(ev._intact, tok, prompts, answers, None, 2, full=False)
+    got = ev._cached_nll(ev._intact, prompts, answers)
+    assert isinstance(ev._prompt_cache, E.PromptCache) and not calls
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    flags = ev._degenerate(ev._intact, prompts, answers)
+    assert not calls  # the cache served it
+    assert ev._cached_nll(ev._intact, ["not held out"], [[5]]) is None  # another prompt: the batched path
+
+    def oom(*a, **k):
+        raise E.OOM("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(E.PromptCache, "nll", oom)
+    assert ev._degenerate(ev._intact, prompts, answers) == flags and calls and ev._prompt_cache is False

@@ -427,8 +427,29 @@ def test_benchmark_reuse_copies_a_run_with_the_same_key_and_reruns_on_any_change
     other = compose(overrides(fx, fx["root"] / "reuse-3", *args, "eval.n_harmful=1"))
     assert bstage.reuse_key(other) != key
     assert bstage.reuse_key(compose(overrides(fx, fx["root"] / "reuse-4", *args, "logger=none"))) == key
+    assert bstage.reuse_key(compose(overrides(fx, fx["root"] / "reuse-5", *args, "detect.reuse=true"))) == key
     plant_json = fx["store"] / "models" / "planted-tiny" / "plant.json"
     monkeypatch.setattr(bstage, "file_hash", lambda p, store=None: "same")
     same = bstage.reuse_key(cfg2)
     monkeypatch.setattr(bstage, "file_hash", lambda p, store=None: "changed" if p == plant_json else "same")
     assert bstage.reuse_key(cfg2) != same  # a re-planted model under the same name is another benchmark
+    from safety_neurons import tracking
+
+    monkeypatch.setattr(bstage, "file_hash", lambda p, store=None: "same")
+    monkeypatch.setattr(tracking, "source_hash", lambda: "edited code")
+    assert bstage.reuse_key(cfg2) != same  # results cached by other code are not reused
+
+
+def test_a_reused_suite_keeps_its_parts_files(tmp_path):
+    """Copying a finished run leaves out the top folder's results.json and config.yaml (the new run writes
+    its own) but keeps those of a suite's parts, which the report stage reads."""
+    from safety_neurons.stages.benchmark import _copy_run
+
+    src = tmp_path / "src"
+    (src / "benchmark-p" / "wandb").mkdir(parents=True)
+    for f in ("results.json", "config.yaml", "report.md", "benchmark-p/results.json", "benchmark-p/config.yaml",
+              "benchmark-p/wandb/x"):
+        (src / f).write_text(f)
+    _copy_run(src, tmp_path / "dst", skip_top=("results.json", "config.yaml"), skip=("wandb",))
+    got = sorted(str(p.relative_to(tmp_path / "dst")) for p in (tmp_path / "dst").rglob("*") if p.is_file())
+    assert got == ["benchmark-p/config.yaml", "benchmark-p/results.json", "report.md"]

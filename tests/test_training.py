@@ -378,3 +378,25 @@ def test_reuse_freed_memory_changes_no_number(tok):
     train_sft(b, tok, PROMPTS, RESPONSES, fcfg(steps=2), None, list(b.parameters()), progress=False)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_self_distilled_answers_are_cached_prompt_by_prompt(tok, tmp_path, monkeypatch):
+    """A subset asked first and the whole set asked later share the cached answers: only the prompts not
+    answered yet are generated, and a fully cached request needs no model."""
+    import safety_neurons.sft_data as sd
+
+    asked = []
+
+    def fake_generate(model, tok_, prompts, sp, max_new_tokens, bs, desc="", max_length=512):
+        asked.append(list(prompts))
+        return [[10 + ord(p[0]), 5, 6] for p in prompts]
+
+    monkeypatch.setattr(sd, "generate", fake_generate)
+    sub = sd.self_distilled(object(), tok, ["b", "d"], None, 3, tmp_path, "m")
+    full = sd.self_distilled(object(), tok, ["a", "b", "c", "d", "b"], None, 3, tmp_path, "m")
+    assert asked == [["b", "d"], ["a", "c"]]
+    assert full[1] == full[4] == sub[0] and full[3] == sub[1] and full[0] == [10 + ord("a"), 5, 6]
+    assert sd.distill_missing("m", ["a", "b", "e"], None, 3, tmp_path) == ["e"]
+    assert sd.self_distilled(None, tok, ["c", "a"], None, 3, tmp_path, "m") == [full[2], full[0]]
+    assert len(asked) == 2
+    assert sd.distill_missing("m", ["a"], "another system prompt", 3, tmp_path) == ["a"]

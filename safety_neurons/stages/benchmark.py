@@ -142,23 +142,45 @@ def _run(cfg) -> dict:
 # what a benchmark's numbers do not depend on: where it writes, how it logs, other stages' settings
 NOT_IN_KEY = ("run_dir", "store_dir", "logger", "paths", "experiment", "study", "stage", "report", "claims",
               "plan", "search", "compare", "finetune", "stages")
+NOT_IN_KEY_OF = {"benchmark": ("reuse",), "detect": ("reuse", "overwrite", "save_as")}
+
+
+def keyed_models(cfg) -> dict:
+    """The model configs a benchmark reads weights from: the base model; the activation_diff reference of
+    an effect-only run (a planted model's reference is its base model); a suite's effect-only model and
+    its reference."""
+    from ..cfg import model_config
+
+    b = cfg.benchmark
+    effect_only = not b.organism and not b.plants
+    names = {"model": cfg.model, "reference": cfg.detect.reference_model if effect_only else None,
+             "effect_model": b.effect_model, "effect_reference": b.effect_reference}
+    return {k: (v if not isinstance(v, str) else model_config(v)) for k, v in names.items() if v}
 
 
 def reuse_key(cfg) -> str:
-    """What decides a benchmark's results: every setting it reads (less benchmark.reuse), the content of
-    the base model, of the named planted model (its plant.json and delta) or of each suite preset's
-    settings, of the effect-only model, and the package version. Equal keys: running again would give the
-    same tables and plots."""
-    from .. import __version__
-    from ..cfg import group_config, model_config
+    """What decides a benchmark's results: every setting it reads (less where it writes and whether it
+    reuses), the content of every model it reads (recipe-made ones are built first, so the key never
+    names a model that is not there yet), of the named planted model (its plant.json and delta) or each
+    suite preset's settings, and the package's code. Equal keys: running again would give the same
+    tables and plots."""
+    from ..cfg import group_config
     from ..config import PlantConfig
     from ..identity import source_identity
+    from ..tracking import source_hash
+    from .common import build_missing
 
     store = store_of(cfg)
     b = cfg.benchmark
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_IN_KEY}
-    settings["benchmark"].pop("reuse", None)
-    parts = {"settings": settings, "model": source_identity(cfg.model, store)["source_hash"], "version": __version__}
+    for group, keys in NOT_IN_KEY_OF.items():
+        for k in keys:
+            settings.get(group, {}).pop(k, None)
+    models = {}
+    for role, mcfg in keyed_models(cfg).items():
+        build_missing(mcfg, store)
+        models[role] = source_identity(mcfg, store)["source_hash"]
+    parts = {"settings": settings, "models": models, "code": source_hash()}
     if b.plants:
         parts["plants"] = {p: OmegaConf.to_container(group_config("plant", _parse_plant(p)[0], PlantConfig))
                            for p in b.plants}
@@ -166,9 +188,15 @@ def reuse_key(cfg) -> str:
         model_dir, _ = planted_paths(cfg, b.organism)
         parts["organism"] = {f: file_hash(model_dir / f, store) for f in ("plant.json", "delta.safetensors")
                              if (model_dir / f).exists()}
-    if b.effect_model:
-        parts["effect_model"] = source_identity(model_config(b.effect_model), store)["source_hash"]
     return sha256_of(parts)[:20]
+
+
+def _copy_run(src: Path, dst: Path, skip_top: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> None:
+    """``src``'s files into ``dst``: ``skip_top`` names left out of the top folder only (a suite's parts
+    keep their own results.json and config.yaml), ``skip`` names left out everywhere."""
+    top = Path(src).resolve()
+    shutil.copytree(src, dst, dirs_exist_ok=True,
+                    ignore=lambda d, names: [n for n in names if n in skip or (Path(d).resolve() == top and n in skip_top)])
 
 
 def run_or_reuse(cfg) -> dict:
@@ -180,7 +208,7 @@ def run_or_reuse(cfg) -> dict:
     out = Path(cfg.run_dir)
     if (cache / "results.json").exists():
         done = json.loads((cache / "results.json").read_text())
-        shutil.copytree(cache, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("results.json", "config.yaml"))
+        _copy_run(cache, out, skip_top=("results.json", "config.yaml"))
         with tracked(cfg) as (tr, box):
             box["results"] = {**done, "reused": True, "reused_from": str(cache)}
         print(f"reusing the benchmark {cache} (benchmark.reuse=true: run before with the same settings, models "
@@ -193,7 +221,7 @@ def run_or_reuse(cfg) -> dict:
     with ArtifactDir(cache, "the benchmark cache", active=is_main_process()) as art:
         res = _run(cfg)
         if art.active:
-            shutil.copytree(out, art.tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("wandb", ".hydra"))
+            _copy_run(out, art.tmp, skip=("wandb", ".hydra"))
             write_json(art.tmp / "results.json", res)
             art.commit()
     return res

@@ -76,20 +76,20 @@ def run(cfg) -> dict:
 def reuse_key(cfg, ns) -> str:
     """What decides a tuned model and its measured results: the finetune settings (less overwrite/reuse),
     the base model's weights, the prompt sets, the neuron set's content, the evaluation settings, the
-    package version. Equal keys: training again would give the same model and numbers."""
+    package's code. Equal keys: training again would give the same model and numbers."""
     from omegaconf import OmegaConf
 
-    from .. import __version__
     from ..identity import source_identity
+    from ..tracking import source_hash
 
-    # unset (None) options are left out, so an option added later at its unset default keeps the key
+    # unset (None) options are left out
     f = {k: v for k, v in OmegaConf.to_container(cfg.finetune, resolve=True).items()
          if k not in ("overwrite", "reuse") and v is not None}
     sets = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "harmless") if cfg.get(k) is not None}
     return sha256_of({"finetune": f, "model": source_identity(cfg.model, store_of(cfg))["source_hash"],
                       "model_cfg": OmegaConf.to_container(cfg.model, resolve=True), "sets": sets,
                       "neurons": sorted(ns.ranking) if ns is not None else None,
-                      "eval": OmegaConf.to_container(cfg.eval, resolve=True), "version": __version__})
+                      "eval": OmegaConf.to_container(cfg.eval, resolve=True), "code": source_hash()})
 
 
 def reusable(cfg, out_dir: Path, key: str) -> dict | None:
