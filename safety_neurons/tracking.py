@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-import functools
 import subprocess
 import time
 from pathlib import Path
