@@ -242,3 +242,50 @@ def _plot_recovery_vs_effect(plt, df: pd.DataFrame, out: Path, title: str) -> Pa
     path = _save(fig, out / "recovery_vs_effect.png")
     plt.close(fig)
     return path
+
+
+def claims_plot_data(tuning: pd.DataFrame | None, benign: pd.DataFrame | None) -> pd.DataFrame:
+    """What the claims figure shows, one row per bar: claim 3's harmful refusal and over-refusal after
+    tuning per target (mean and sample sd over seeds, with the intact model's as ``before``), claim 4's
+    harmful refusal before and after benign fine-tuning per arm."""
+    rows = []
+    if tuning is not None and len(tuning):
+        for t, d in tuning.groupby("target", sort=False):
+            for col, what in (("after_harmful_refusal", "harmful refusal"), ("after_over_refusal", "over-refusal")):
+                v = d[col].astype(float)
+                rows.append({"claim": 3, "label": str(t), "measure": what, "value": float(v.mean()),
+                             "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
+                             "before": float(d[col.replace("after_", "before_")].astype(float).iloc[0])})
+    if benign is not None and len(benign):
+        for r in benign.itertuples(index=False):
+            rows.append({"claim": 4, "label": str(r.arm), "measure": "harmful refusal",
+                         "value": float(r.after_harmful_refusal), "sd": 0.0, "n": 1,
+                         "before": float(r.before_harmful_refusal)})
+    return pd.DataFrame(rows, columns=["claim", "label", "measure", "value", "sd", "n", "before"])
+
+
+def plot_claims(data: pd.DataFrame, path: Path, title: str) -> Path:
+    """The claims figure from :func:`claims_plot_data`: one panel per claim and measure, a bar per target
+    or arm with its seed spread, the state before tuning as a dotted line (claim 4: per arm, a marker)."""
+    plt = _plt()
+    panels = list(data.groupby(["claim", "measure"], sort=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), squeeze=False)
+    for ax, ((claim, what), d) in zip(axes[0], panels):
+        x = range(len(d))
+        ax.bar(x, d.value, yerr=d.sd if claim == 3 else None, capsize=3, color="C0" if claim == 3 else "C2",
+               label="after")
+        if claim == 3:
+            ax.axhline(float(d.before.iloc[0]), color="red", ls=":", label="before tuning")
+            ax.set_title(f"claim 3: {what} after tuning\n(mean ± sd over {int(d.n.max())} seeds)", fontsize=9)
+        else:
+            ax.scatter(list(x), d.before, color="red", marker="_", s=300, zorder=3, label="before")
+            ax.set_title(f"claim 4: {what}, before/after benign tuning", fontsize=9)
+        ax.set_xticks(list(x), d.label, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("rate", fontsize=8)
+        ax.legend(fontsize=7, loc="upper right" if claim == 3 else "lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    p = _save(fig, Path(path))
+    plt.close(fig)
+    return p

@@ -146,6 +146,10 @@ def test_claim_4_follows_its_rule_and_counts_the_overlap(fixtures, made, tmp_pat
     a, b = set(NeuronSet.load(ex["neurons_json"]).ranking), set(NeuronSet.load(orig["neurons_json"]).ranking)
     assert f"Jaccard {len(a & b) / len(a | b):.2f} ({len(a & b)} shared of {len(a)} and {len(b)})" in row.measured
     assert f"plain: 1.00 -> {plain:.2f}; rsn_first: 1.00 -> {rsn:.2f}" in row.measured
+    fig = pd.read_csv(tmp_path / "c" / "claims_plot.csv")  # the figure's bars: each arm's before and after
+    assert fig[["claim", "label", "value", "before"]].values.tolist() == [[4, "plain", plain, 1.0],
+                                                                          [4, "rsn_first", rsn, 1.0]]
+    assert (tmp_path / "c" / "claims.png").stat().st_size > 0
 
 
 def test_a_missing_artifact_is_refused_before_anything_is_written(fixtures, made, tmp_path):
@@ -178,3 +182,11 @@ def test_claim_3_mean_and_sd_over_seeds(fixtures, tmp_path, sn, agree):
     for t, vs in vals.items():
         assert f"{t}: refusal {np.mean(vs):.2f}±{np.std(vs, ddof=1):.2f}" in row.measured
     assert bool(row.agree) is agree
+    # the figure shows the same means and sample sds, the over-refusal beside them, and the report links it
+    fig = pd.read_csv(tmp_path / "c" / "claims_plot.csv").set_index(["label", "measure"])
+    for t, vs in vals.items():
+        bar = fig.loc[(t, "harmful refusal")]
+        assert (bar.value, bar.sd, bar.n, bar.before) == pytest.approx((np.mean(vs), np.std(vs, ddof=1), 2, 0.0))
+        assert fig.loc[(t, "over-refusal")].value == pytest.approx(0.05)
+    assert "![claims](claims.png)" in (tmp_path / "c" / "report.md").read_text()
+    assert (tmp_path / "c" / "claims.png").stat().st_size > 0

@@ -233,7 +233,19 @@ def markdown(df: pd.DataFrame) -> list[str]:
             *["| " + " | ".join(cell(v) for v in r) + " |" for r in df.itertuples(index=False)]]
 
 
-def write_report(out: Path, rows: list[dict], extra: dict[str, pd.DataFrame]) -> list[str]:
+def figure(out: Path, extra: dict[str, pd.DataFrame], cfg) -> str | None:
+    """claims.png (and the numbers it shows, claims_plot.csv) where claim 3 or 4 was measured; its name."""
+    from ..report import claims_plot_data, plot_claims
+
+    data = claims_plot_data(extra.get("Claim 3: every tuned model"), extra.get("Claim 4: benign fine-tuning arms"))
+    if data.empty:
+        return None
+    write_csv(out / "claims_plot.csv", data)
+    plot_claims(data, out / "claims.png", f"the paper's claims on {cfg.model.name}")
+    return "claims.png"
+
+
+def write_report(out: Path, rows: list[dict], extra: dict[str, pd.DataFrame], plot: str | None = None) -> list[str]:
     def esc(s: str) -> str:
         return str(s).replace("|", "\\|")
 
@@ -242,6 +254,8 @@ def write_report(out: Path, rows: list[dict], extra: dict[str, pd.DataFrame]) ->
             "| claim | the paper | measured | settings | agrees | rule |", "|---|---|---|---|---|---|"]
     text += [f"| {r['claim']} | {esc(STATEMENTS[r['claim']])} | {esc(r['measured'])} | {esc(r['settings'])} | "
              f"{'yes' if r['agree'] else 'no'} | {esc(RULES[r['claim']])} |" for r in rows]
+    if plot:
+        text += ["", f"![claims]({plot})"]
     for name, df in extra.items():
         text += ["", f"## {name}", "", *markdown(df)]
     write_text(out / "report.md", "\n".join([*text, ""]))
@@ -276,7 +290,7 @@ def run(cfg) -> dict:
             write_csv(tr.dir / "claims.csv", table)
             for name, df in extra.items():
                 write_csv(tr.dir / f"claim{name.split()[1].rstrip(':')}.csv", df)
-            lines = write_report(tr.dir, rows, extra)
+            lines = write_report(tr.dir, rows, extra, figure(tr.dir, extra, cfg))
             write_json(tr.dir / "claims.json", json.loads(table.to_json(orient="records")))
         tr.log_table("claims", table[["claim", "measured", "settings", "agree"]])
         print("\n".join(f"- {x}" for x in lines) + f"\nclaims: {tr.dir / 'report.md'}")
