@@ -20,13 +20,14 @@ log = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
-    """Hash of the package's own code and shipped configs (every .py, .c, .h and .yaml file under it): what a
-    result cached for reuse must have been computed with. Any edit, committed or not, changes it."""
+    """Hash of the package's own code, shipped configs and shipped data (every .py, .c, .h, .yaml, .json,
+    .jsonl and .safetensors file under it; not build outputs): what a result cached for reuse must have
+    been computed with. Any edit, committed or not, changes it."""
     import hashlib
 
     root = Path(__file__).parent
     h = hashlib.sha256()
-    for f in sorted(p for ext in ("*.py", "*.c", "*.h", "*.yaml") for p in root.rglob(ext)):
+    for f in sorted(p for ext in ("*.py", "*.c", "*.h", "*.yaml", "*.json", "*.jsonl", "*.safetensors") for p in root.rglob(ext)):
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
