@@ -22,7 +22,7 @@ from .autobatch import BatchSize
 from .data import PromptSet, encode
 from .errors import UserError
 from .memory import estimate_for
-from .models import cache_kw, has_sliding_window, model_device
+from .models import cache_kw, has_sliding_window, model_device, prefix_cache
 
 log = logging.getLogger(__name__)
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -117,10 +117,7 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, pad: int | None
     if shared is None:
         return ids, mask, {}
     p, ids, mask = shared
-    kw = cache_kw(model)
-    pre = model(input_ids=ids[:1, :p], attention_mask=mask[:1, :p], use_cache=True, logits_to_keep=1)
-    cache = getattr(pre, kw)
-    cache.batch_repeat_interleave(len(ids))
+    kw, cache = prefix_cache(model, ids, mask, p)
     return ids, mask, {kw: cache}
 
 
@@ -216,7 +213,6 @@ class PromptCache:
     def __init__(self, model, tok, prompts: list[str], system_prompt: str | None, batch_size, max_length: int = 512,
                  answer_tokens: int = 0):
         self.row = {p: i for i, p in enumerate(prompts)}
-        self.chunks: list[tuple[list[int], object, torch.Tensor, torch.Tensor]] = []
         dev = model_device(model)
         # an automatic batch size is planned for the prompts and the answers that will follow them
         bs = eval_batch(batch_size, model, tok, prompts, system_prompt, "forward", answer_tokens, max_length)
@@ -227,7 +223,9 @@ class PromptCache:
             out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=True, logits_to_keep=1)
             return [(part, getattr(out, cache_kw(model)), b.attention_mask, F.log_softmax(out.logits[:, -1].float(), -1))]
 
-        self.chunks = [c for cs in bs.run(range(len(prompts)), one) for c in cs]
+        # per batch: (its prompt indices, its cache, its attention mask, its last position's log-softmax)
+        self.chunks: list[tuple[list[int], object, torch.Tensor, torch.Tensor]] = [
+            c for cs in bs.run(range(len(prompts)), one) for c in cs]
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def covers(self, prompts: list[str]) -> bool:
@@ -351,7 +349,7 @@ class Evaluator:
         if model_for_nll is not self._intact or self._prompt_cache is False:
             return None
         if self._prompt_cache is None and set(prompts) <= set(self.harmful.prompts):
-            longest_start = max((len(x) for x in self.prefill_ids), default=0) if self.prefill_ids else 0
+            longest_start = max(map(len, self.prefill_ids or []), default=0)  # a prefill attack's forced start
             self._prompt_cache = PromptCache(self._intact, self.tok, self.harmful.prompts, self.system_prompt,
                                              self.nll_bs, self.max_length, self.cfg.max_new_tokens + longest_start)
         if self._prompt_cache is None or not self._prompt_cache.covers(prompts):

@@ -406,3 +406,13 @@ def cache_kw(model) -> str:
 
     return "cache" if "cache" in inspect.signature(type(unwrapped(model)).forward).parameters else "past_key_values"
 
+
+def prefix_cache(model, ids: torch.Tensor, mask: torch.Tensor, p: int) -> tuple[str, object]:
+    """``(keyword, cache)``: the key/value cache of the first ``p`` tokens of row 0, computed once and
+    repeated for every row of ``ids`` (rows that start with the same ``p`` tokens), under the keyword
+    this transformers passes a cache by. Differentiable: each row's gradient reaches the one prefix."""
+    kw = cache_kw(model)
+    pre = model(input_ids=ids[:1, :p], attention_mask=mask[:1, :p], use_cache=True, logits_to_keep=1)
+    cache = getattr(pre, kw)
+    cache.batch_repeat_interleave(ids.shape[0])
+    return kw, cache

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .autobatch import BatchSize
 from .data import encode
 from .errors import UserError
-from .models import ModelAdapter, cache_kw, has_sliding_window, sliding_window, unwrapped
+from .models import ModelAdapter, has_sliding_window, prefix_cache, sliding_window, unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +169,7 @@ def response_logits(model, b, keep: torch.Tensor, share: bool = True) -> torch.T
     p = shared_prefix_len(b) if share and not has_sliding_window(model) else 0
     if p < 2:
         return model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=keep).logits
-    pre = model(input_ids=b.input_ids[:1, :p], attention_mask=b.attention_mask[:1, :p], use_cache=True,
-                logits_to_keep=1)
-    kw = cache_kw(model)
-    cache = getattr(pre, kw)
-    cache.batch_repeat_interleave(b.input_ids.shape[0])
+    kw, cache = prefix_cache(model, b.input_ids, b.attention_mask, p)
     return model(input_ids=b.input_ids[:, p:], attention_mask=b.attention_mask, use_cache=True,
                  logits_to_keep=keep - p, **{kw: cache}).logits
 
