@@ -7,11 +7,13 @@ any modified model (hooks active, or tuned weights) against that reference.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from .attacks import check_attacks, prefixes, wrapped
 from .autobatch import BatchSize
 from .data import PromptSet, encode
 from .errors import UserError
+from .io import atomic_write, write_json
 from .memory import estimate_for
 from .models import cache_kw, has_sliding_window, model_device, prefix_cache
 
@@ -283,8 +286,12 @@ class Evaluator:
     """Holds the held-out prompt sets and the intact model's references."""
 
     def __init__(self, ecfg, model, tok, harmful: PromptSet, harmless: PromptSet, system_prompt: str | None,
-                 max_length: int = 512, cache_dir=None):
+                 max_length: int = 512, cache_dir=None, saved: Path | None = None):
+        """``saved``: a folder for this intact model's references and its own evaluation
+        (:meth:`evaluate_intact`), read instead of computed where an evaluation with the same model, prompts,
+        settings and code wrote them; the caller's key must cover all of these."""
         self.cfg = ecfg
+        self.saved = Path(saved) if saved is not None else None
         self.max_length = max_length  # model.max_length: prompt (and answer) tokens allowed
         self.tok = tok
         self.system_prompt = system_prompt
@@ -306,19 +313,52 @@ class Evaluator:
         # (an automatic size is chosen once and stays halved after an out-of-memory batch)
         self.gen_bs = BatchSize(ecfg.batch_size, "eval.batch_size", 16, "generation")
         self.nll_bs = BatchSize(ecfg.batch_size, "eval.batch_size", 16, "log-probabilities")
-        self.ref_answers = generate(model, tok, self.harmless.prompts, system_prompt, ecfg.max_new_tokens,
-                                    self.gen_bs, desc="reference answers", max_length=max_length)
-        self.ref_answers = [a if a else [tok.eos_token_id] for a in self.ref_answers]
-        if ecfg.utility:
-            nll, self.ref_logps = answer_logprobs(model, tok, self.harmless.prompts, self.ref_answers,
-                                                  system_prompt, self.nll_bs, max_length)
-            self.ref_nll = float(torch.cat(nll).mean())
+        ref_file = self.saved / "reference.pt" if self.saved is not None else None
+        if ref_file is not None and ref_file.exists():
+            ref = torch.load(ref_file, weights_only=True)
+            self.ref_answers = ref["answers"]
+            if ecfg.utility:
+                self.ref_logps, self.ref_nll = ref["logps"], ref["nll"]
+        else:
+            self.ref_answers = generate(model, tok, self.harmless.prompts, system_prompt, ecfg.max_new_tokens,
+                                        self.gen_bs, desc="reference answers", max_length=max_length)
+            self.ref_answers = [a if a else [tok.eos_token_id] for a in self.ref_answers]
+            if ecfg.utility:
+                nll, self.ref_logps = answer_logprobs(model, tok, self.harmless.prompts, self.ref_answers,
+                                                      system_prompt, self.nll_bs, max_length)
+                self.ref_nll = float(torch.cat(nll).mean())
+            if ref_file is not None:
+                ref = {"answers": self.ref_answers}
+                if ecfg.utility:
+                    ref.update(logps=self.ref_logps, nll=self.ref_nll)
+                atomic_write(ref_file, lambda p: torch.save(ref, p))
         self._intact = model
         self._prompt_cache: PromptCache | None | bool = None  # made on first use; False: off (see _cached_nll)
         from .judges import make_judge
 
         self.judge = make_judge(ecfg, model_device(model))
         self.bar = None  # see expect()
+
+    def evaluate_intact(self, tag: str = "") -> tuple[dict, list[dict]]:
+        """:meth:`evaluate` of the intact model itself, read from ``saved`` where it was done before."""
+        f = self.saved / "evaluation.json" if self.saved is not None else None
+        if f is not None and f.exists():
+            d = json.loads(f.read_text())
+            log.info("the intact model's evaluation is taken from %s (same model, prompts, settings and code)", f)
+            self._tick(tag)
+            return d["metrics"], [{**g, "tag": tag} for g in d["generations"]]
+        m, gens = self.evaluate(self._intact, tag=tag)
+        if f is not None:
+            write_json(f, {"metrics": m, "generations": gens})
+        return m, gens
+
+    def _tick(self, tag: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(tag, refresh=False)
+            self.bar.update(1)
+            if self.bar.n >= self.bar.total:
+                self.bar.close()
+                self.bar = None
 
     def expect(self, total: int, desc: str = "evaluations") -> None:
         """Show a progress bar over the next ``total`` evaluations (each is a batch or two of generation,
@@ -488,12 +528,7 @@ class Evaluator:
         m["breaks_model"] = bool((c.utility and m["nll_ratio"] > 2.0)
                                  or (comply_idx and n_deg / len(comply_idx) > 0.5))
         m["eval_seconds"] = round(time.time() - t0, 1)
-        if self.bar is not None:
-            self.bar.set_postfix_str(tag, refresh=False)
-            self.bar.update(1)
-            if self.bar.n >= self.bar.total:
-                self.bar.close()
-                self.bar = None
+        self._tick(tag)
         gens = []
         d = dict(zip(comply_idx, degen))
         for i, (p, t) in enumerate(zip(self.harmful.prompts, htext)):

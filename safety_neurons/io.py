@@ -261,7 +261,8 @@ class Store:
     """Artifacts later stages consume, keyed by names so no path has to be passed around.
 
     layout: ``<root>/models/<model>/`` (converted or tuned HF folders),
-    ``<root>/neurons/<model>/<dataset>/<tag>/`` (neuron sets with their scores).
+    ``<root>/neurons/<model>/<dataset>/<tag>/`` (neuron sets with their scores),
+    ``<root>/evaluations/<key>/`` (an intact model's evaluation, see ``Evaluator``).
     """
 
     def __init__(self, root: str | Path):
@@ -272,6 +273,10 @@ class Store:
 
     def neuron_dir(self, model: str, dataset: str, tag: str) -> Path:
         return self.root / "neurons" / safe_name(model) / safe_name(dataset) / safe_name(tag)
+
+    def evaluation_dir(self, key: str) -> Path:
+        """An intact model's evaluation (its reference answers and metrics), keyed by what decides it."""
+        return self.root / "evaluations" / safe_name(key)
 
     @staticmethod
     def _sets(base: Path) -> list[Path]:

@@ -142,6 +142,39 @@ def test_finetune_random_set_same_shape_outside_the_set(fixtures, sets, ad, tmp_
     assert res["saved_as"] == "local-random-sn-s0"
 
 
+def test_finetune_evaluates_the_untuned_model_once(fixtures, sets, tmp_path, monkeypatch):
+    """Two tunings of one model with the same prompts and evaluation settings: the second takes the untuned
+    model's references and evaluation from the store (the same numbers, no generation for either); another
+    evaluation setting is evaluated anew."""
+    import safety_neurons.evaluation as E
+
+    calls = []
+    real = E.generate
+
+    def counted(*a, **kw):
+        if not kw.get("desc", "").startswith("self-distil"):  # the training data's answers are cached apart
+            calls.append(kw.get("desc"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(E, "generate", counted)
+    mine = "eval.degenerate_nll=4.25"  # a setting no other test uses: this test's own key
+    a = finetune(fixtures, tmp_path / "a", "finetune.target=random", "finetune.neurons=exact", mine,
+                 "finetune.save_as=once-a")
+    assert calls == ["reference answers", "answers before", "answers after"]
+    saved = list((fixtures["store"] / "evaluations").glob("*/evaluation.json"))
+    b = finetune(fixtures, tmp_path / "b", "finetune.target=safety", "finetune.neurons=exact", mine,
+                 "finetune.save_as=once-b")
+    assert calls[3:] == ["answers after"]
+    before = {k: v for k, v in a.items() if k.startswith("before_")}
+    assert before and before == {k: v for k, v in b.items() if k.startswith("before_")}
+    gens = [json.loads(x) for x in (tmp_path / "b" / "generations.jsonl").read_text().splitlines()]
+    assert {g["tag"] for g in gens} == {"before", "after"}
+    finetune(fixtures, tmp_path / "c", "finetune.target=safety", "finetune.neurons=exact", "eval.degenerate_nll=4.3",
+             "finetune.save_as=once-c")
+    assert calls[4:] == ["reference answers", "answers before", "answers after"]
+    assert len(list((fixtures["store"] / "evaluations").glob("*/evaluation.json"))) == len(saved) + 1
+
+
 def test_finetune_freeze_keeps_the_sets_slices_bit_identical(fixtures, sets, tmp_path):
     """finetune.freeze=SET with target=all: every weight trains except the set's METHOD 1 slices, which
     stay bit-identical to the base model's (checked entry by entry against the base)."""

@@ -73,23 +73,30 @@ def run(cfg) -> dict:
         return _finetune(cfg, name, out_dir, art)
 
 
-def reuse_key(cfg, ns) -> str:
-    """What decides a tuned model and its measured results: the finetune settings (less overwrite/reuse),
-    the base model's weights, the prompt sets, the neuron set's content, the evaluation settings, the
-    package's code. Equal keys: training again would give the same model and numbers."""
+def intact_key(cfg) -> dict:
+    """What decides the untuned model's evaluation: its weights and config, the prompt sets, the
+    evaluation settings, the package's code."""
     from omegaconf import OmegaConf
 
     from ..identity import source_identity
     from ..tracking import source_hash
 
+    sets = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "harmless") if cfg.get(k) is not None}
+    return {"model": source_identity(cfg.model, store_of(cfg))["source_hash"],
+            "model_cfg": OmegaConf.to_container(cfg.model, resolve=True), "sets": sets,
+            "eval": OmegaConf.to_container(cfg.eval, resolve=True), "code": source_hash()}
+
+
+def reuse_key(cfg, ns) -> str:
+    """What decides a tuned model and its measured results: the finetune settings (less overwrite/reuse),
+    the neuron set's content and all that decides the untuned model's evaluation (:func:`intact_key`).
+    Equal keys: training again would give the same model and numbers."""
+    from omegaconf import OmegaConf
+
     # unset (None) options are left out
     f = {k: v for k, v in OmegaConf.to_container(cfg.finetune, resolve=True).items()
          if k not in ("overwrite", "reuse") and v is not None}
-    sets = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "harmless") if cfg.get(k) is not None}
-    return sha256_of({"finetune": f, "model": source_identity(cfg.model, store_of(cfg))["source_hash"],
-                      "model_cfg": OmegaConf.to_container(cfg.model, resolve=True), "sets": sets,
-                      "neurons": sorted(ns.ranking) if ns is not None else None,
-                      "eval": OmegaConf.to_container(cfg.eval, resolve=True), "code": source_hash()})
+    return sha256_of({"finetune": f, **intact_key(cfg), "neurons": sorted(ns.ranking) if ns is not None else None})
 
 
 def reusable(cfg, out_dir: Path, key: str) -> dict | None:
@@ -137,8 +144,12 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
             box["results"] = {**done, "reused": True}
             return box["results"]
         prompts, responses, data_meta = tuning_data(cfg, model, tok)
-        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length, cache_dir=cache_dir(cfg))
-        before, g_before = ev.evaluate(model, tag="before")
+        # the untuned model's evaluation is the same for every tuning of it with these prompts and settings
+        # (an SN-Tune and its random control, a search's trials): done once, kept in the store
+        saved = store_of(cfg).evaluation_dir(sha256_of(intact_key(cfg)))
+        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp,
+                       cfg.model.max_length, cache_dir=cache_dir(cfg), saved=saved)
+        before, g_before = ev.evaluate_intact(tag="before")
         log.info("before: %s", {k: before[k] for k in ("asr", "over_refusal", "utility_nll")})
         tuned, params, handles = trainable(cfg, copy.deepcopy(model), ns)
         if frozen is not None:  # every weight trains but the frozen set's slices (zero gradient, no decay)
