@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,6 +268,32 @@ def assemble_gguf(package: str, target: Path) -> Path:
     return target
 
 
+@contextmanager
+def one_gguf_parse():
+    """transformers parses a GGUF file's metadata anew for the tokenizer's config, the tokenizer, the
+    model's config and its weights (3 s each for SmolLM2's 49k-token vocabulary), and builds gguf's
+    tensor-name table once per submodule of the model (5 s in all): within this block every parse of one
+    file is the first one's reader (read-only, memory-mapped) and each table is built once."""
+    import functools
+
+    import gguf
+
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def shared(path, mode="r"):
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared, functools.cache(real_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+
+
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """De-quantize a GGUF checkpoint once into an fp32 HF folder (safetensors); atomic."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -275,8 +302,9 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         return out
     log.info("converting %s to an fp32 HF folder at %s (once)", gguf.name, out)
     tmp = out.with_name(out.name + ".partial")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    qmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with one_gguf_parse():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        qmodel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # the de-quantized weights are plain fp32, but a model flagged as GGUF-quantized refuses to save:
     # rebuild it from a clean config and copy the state dict (exact: same tensors, same logits)
     cfg = qmodel.config

@@ -171,3 +171,27 @@ def test_scores_do_not_depend_on_attention_implementation(tmp_path, family):
         res[impl] = prompt_scores(model, ad, batch, sc, check=True)
     for key, ref in res["eager"].items():
         torch.testing.assert_close(res["sdpa"][key], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_one_gguf_parse_shares_a_reader_per_file_and_restores_gguf(tmp_path):
+    import gguf
+
+    from safety_neurons.models import one_gguf_parse
+
+    made = []
+    real = gguf.GGUFReader
+
+    class Fake:
+        def __init__(self, path, mode="r"):
+            made.append(path)
+
+    gguf.GGUFReader = Fake
+    try:
+        with one_gguf_parse():
+            a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+            assert gguf.GGUFReader(a) is gguf.GGUFReader(str(a)) and gguf.GGUFReader(b) is not gguf.GGUFReader(a)
+            assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert made == [a, b] and gguf.GGUFReader is Fake
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is not gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    finally:
+        gguf.GGUFReader = real
