@@ -206,6 +206,20 @@ def test_benchmark_sweep_switches_off_the_top_n_of_each_method(planted, monkeypa
             assert row[col] == pytest.approx(full.loc[m, col], abs=1e-12), (m, col)
     assert sw[(sw.method == "random") & (sw.n == n)].iloc[0].seeds == 2
     assert (run / "sweep.png").exists() and "![sweep](sweep.png)" in (run / "report.md").read_text()
+    # without the control's curve: S* only at |S*|, one evaluation less per sweep point, the rest the same
+    seen.clear(), expected.clear(), calls.clear()
+    run2 = fx["root"] / "run-sweep-nocontrol"
+    get_stage("benchmark")(compose(overrides(fx, run2, "stage=benchmark", "benchmark.organism=planted-tiny",
+                                             "benchmark.n_prompts=3", "benchmark.scorers=[wanda]",
+                                             "benchmark.random_seeds=[0,1]", "benchmark.sweep=[0.5]",
+                                             "benchmark.sweep_control=false")))
+    sw2 = pd.read_csv(run2 / "sweep.csv")
+    assert sorted(zip(sw2.method, sw2.n)) == sorted([("planted_set", len(truth)), *itertools.product(
+        ["random", "wanda"], [n, len(truth)])])
+    assert len(seen) == 7 and expected == [len(calls)] == [8]
+    assert seen[4] == {k: sorted(v.tolist()) for k, v in wanda_top.items()}
+    pd.testing.assert_frame_equal(sw2.reset_index(drop=True), sw[~((sw.method == "planted_set") & (sw.n == n))]
+                                  .reset_index(drop=True))
     with pytest.raises(UserError, match="benchmark.sweep"):
         get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
                                                  "benchmark.sweep=[1.0]")))

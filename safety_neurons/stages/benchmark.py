@@ -355,8 +355,9 @@ def run_planted(cfg) -> dict:
                   "n_prompts": len(prompts), "plant_refusal": prov["refusal"], "base_refusal": prov["base_refusal"]}
         scored = _score_all(cfg, planted, tok, pad, prompts, kinds, (base, bad))
         if ev is not None:  # each method's top |S*|, the intact model, S*, random sets; again per sweep point
-            per_point = len(scored) + 1 + len(b.random_seeds)
-            ev.expect(per_point + 1 + per_point * len(set(b.sweep)), f"deactivations on {b.organism}")
+            at_s = len(scored) + 1 + len(b.random_seeds)  # at |S*|: each scorer's top, S*, random sets
+            per_point = len(scored) + int(b.sweep_control) + len(b.random_seeds)
+            ev.expect(at_s + 1 + per_point * len(set(b.sweep)), f"deactivations on {b.organism}")
         for name, (sc, secs) in scored.items():
             rec = recovery({k: v.mean(0) for k, v in sc.items()}, truth)
             row = {"method": name, "role": "scorer", **_recovery_cols(rec), "score_seconds": round(secs, 1)}
@@ -387,13 +388,14 @@ def run_planted(cfg) -> dict:
 
 def _sweep(ev, model, ad, truth: NeuronSet, tops: dict[str, NeuronSet], b, df: pd.DataFrame) -> pd.DataFrame:
     """The deactivation sweep of a planted benchmark: at each n = f*|S*| (``benchmark.sweep``, and
-    |S*| itself, read from ``df``), the top n of each scorer, the first n of S* (the positive control)
-    and random sets of that part of S*'s shape (mean, min, max over ``benchmark.random_seeds``)."""
+    |S*| itself, read from ``df``), the top n of each scorer, the first n of S* (the positive control;
+    with ``benchmark.sweep_control``) and random sets of that part of S*'s shape (mean, min, max over
+    ``benchmark.random_seeds``)."""
     rows = []
     for f in sorted(set(b.sweep)):
         n = max(1, round(f * len(truth)))
         part = truth.top(n)
-        for name, top in [("planted_set", part), *tops.items()]:
+        for name, top in [("planted_set", part)] * bool(b.sweep_control) + list(tops.items()):
             m, _ = ev.evaluate(model, context=partial(deactivated, ad, top.top(n).index_map()), tag=f"{name} n={n}")
             rows.append({"method": name, "n": n, "share_of_planted": f, **_effect(m)})
         rows.append({"method": "random", "n": n, "share_of_planted": f,
