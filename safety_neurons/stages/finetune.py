@@ -128,6 +128,15 @@ def tuning_data(cfg, model, tok):
     return training_pairs(cfg, model, tok, drawn_only=True)
 
 
+def intact_evaluator(cfg, model, tok) -> Evaluator:
+    """The evaluator of the untuned ``model``. Its evaluation is the same for every tuning of it with these
+    prompts and settings (an SN-Tune and its random control, a search's trials): done once, kept in the
+    store under :func:`intact_key`."""
+    saved = store_of(cfg).evaluation_dir(sha256_of(intact_key(cfg)))
+    return Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), cfg.model.system_prompt,
+                     cfg.model.max_length, cache_dir=cache_dir(cfg), saved=saved)
+
+
 def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
     f = cfg.finetune
     with tracked(cfg) as (tr, box):
@@ -144,11 +153,7 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
             box["results"] = {**done, "reused": True}
             return box["results"]
         prompts, responses, data_meta = tuning_data(cfg, model, tok)
-        # the untuned model's evaluation is the same for every tuning of it with these prompts and settings
-        # (an SN-Tune and its random control, a search's trials): done once, kept in the store
-        saved = store_of(cfg).evaluation_dir(sha256_of(intact_key(cfg)))
-        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp,
-                       cfg.model.max_length, cache_dir=cache_dir(cfg), saved=saved)
+        ev = intact_evaluator(cfg, model, tok)
         before, g_before = ev.evaluate_intact(tag="before")
         log.info("before: %s", {k: before[k] for k in ("asr", "over_refusal", "utility_nll")})
         tuned, params, handles = trainable(cfg, copy.deepcopy(model), ns)
