@@ -51,26 +51,31 @@ class SliceScatter(nn.Module):
         return x.index_copy(self.dim, self.idx, part.to(x.dtype))
 
 
-def slice_grad_hook(weight: SliceScatter | None, bias: SliceScatter | None):
+def _scatter(mod: nn.Module, name: str) -> SliceScatter | None:
+    if not parametrize.is_parametrized(mod, name):
+        return None
+    sc = getattr(mod.parametrizations, name)[0]
+    return sc if isinstance(sc, SliceScatter) else None
+
+
+def slice_grad_hook(mod, args, out):
     """Forward hook of a linear layer whose weight (and bias) slices train: adds a term that is exactly
-    zero in value and carries the slices' gradients, formed from the slice alone."""
-
-    def hook(_mod, args, out):
-        if not torch.is_grad_enabled():
-            return None
-        x = args[0].detach()
-        if weight is not None and weight.part.requires_grad:
-            dp = weight.part - weight.part.detach()  # zero, with d(dp)/d(part) = identity
-            if weight.dim == 0:  # rows: output features idx
-                out = out.index_add(-1, weight.idx, F.linear(x, dp.to(x.dtype)))
-            else:  # columns: input features idx
-                out = out + F.linear(x.index_select(-1, weight.idx), dp.to(x.dtype))
-        if bias is not None and bias.part.requires_grad:
-            db = (bias.part - bias.part.detach()).to(out.dtype)
-            out = out.index_add(-1, bias.idx, db.expand(*out.shape[:-1], -1))
-        return out
-
-    return hook
+    zero in value and carries the slices' gradients, formed from the slice alone. The slices are looked
+    up on the module it is called with, so a deep copy of a model trains its own copies."""
+    if not torch.is_grad_enabled():
+        return None
+    weight, bias = _scatter(mod, "weight"), _scatter(mod, "bias")
+    x = args[0].detach()
+    if weight is not None and weight.detach and weight.part.requires_grad:
+        dp = weight.part - weight.part.detach()  # zero, with d(dp)/d(part) = identity
+        if weight.dim == 0:  # rows: output features idx
+            out = out.index_add(-1, weight.idx, F.linear(x, dp.to(x.dtype)))
+        else:  # columns: input features idx
+            out = out + F.linear(x.index_select(-1, weight.idx), dp.to(x.dtype))
+    if bias is not None and bias.detach and bias.part.requires_grad:
+        db = (bias.part - bias.part.detach()).to(out.dtype)
+        out = out.index_add(-1, bias.idx, db.expand(*out.shape[:-1], -1))
+    return out
 
 
 # (projection, dim of the weight that indexes the neuron, include bias entry: rows carry one, columns not)
@@ -120,9 +125,8 @@ def attach_slices(model: nn.Module, adapter: ModelAdapter, neurons: dict[tuple[i
         for h in handles:
             first.setdefault(id(h.module), h)
         for h in first.values():
-            sc = {x.name: x.scatter for x in handles if x.module is h.module}
             # first among the module's forward hooks: any other sees the output its gradient flows through
-            h.hook = h.module.register_forward_hook(slice_grad_hook(sc.get("weight"), sc.get("bias")), prepend=True)
+            h.hook = h.module.register_forward_hook(slice_grad_hook, prepend=True)
     return handles
 
 

@@ -213,6 +213,20 @@ def test_slice_gradients_are_those_of_the_scattered_weight(family, tok):
         torch.testing.assert_close(g, grads[False][key], rtol=1e-10, atol=1e-12, msg=str(key))
 
 
+def test_a_deep_copy_with_slices_trains_its_own_slices(tok):
+    """The slice-gradient hook finds the slices on the module it runs on: a deep copy of a model with
+    slices attached sends its gradients to its own copies, not to the original's."""
+    model = tiny_model("llama")
+    ad = ModelAdapter(model)
+    handles = attach_slices(model, ad, pick(ad, seed=4))
+    twin = copy.deepcopy(model)
+    b = encode(tok, PROMPTS[:2], None, RESPONSES[:2], padding_side="right")
+    twin(input_ids=b.input_ids).logits.sum().backward()
+    assert all(h.scatter.part.grad is None for h in handles)
+    parts = [p for n, p in twin.named_parameters() if n.endswith("part")]
+    assert len(parts) == len(handles) and all(p.grad is not None and p.grad.abs().sum() > 0 for p in parts)
+
+
 def test_apply_delta_rejects_other_model(tok):
     model = tiny_model("llama")
     ad = ModelAdapter(model)
