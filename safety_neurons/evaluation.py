@@ -282,6 +282,28 @@ def over_refusal_sets(ecfg, cache_dir=None) -> dict[str, PromptSet]:
     return out
 
 
+def _is_main() -> bool:
+    from .tracking import is_main_process
+
+    return is_main_process()
+
+
+def _read_saved(f: Path | None, read: Callable, keys: list[str]):
+    """A saved evaluation file's content, or None where there is none or it cannot be read (then it is
+    computed again and written over)."""
+    if f is None or not f.exists():
+        return None
+    try:
+        d = read(f)
+        if all(k in d for k in keys):
+            return d
+    except Exception as err:  # noqa: BLE001 - any unreadable file is recomputed
+        log.warning("%s cannot be read (%s); computing it again", f, err)
+        return None
+    log.warning("%s lacks %s; computing it again", f, [k for k in keys if k not in d])
+    return None
+
+
 class Evaluator:
     """Holds the held-out prompt sets and the intact model's references."""
 
@@ -314,8 +336,8 @@ class Evaluator:
         self.gen_bs = BatchSize(ecfg.batch_size, "eval.batch_size", 16, "generation")
         self.nll_bs = BatchSize(ecfg.batch_size, "eval.batch_size", 16, "log-probabilities")
         ref_file = self.saved / "reference.pt" if self.saved is not None else None
-        if ref_file is not None and ref_file.exists():
-            ref = torch.load(ref_file, weights_only=True)
+        ref = _read_saved(ref_file, lambda f: torch.load(f, weights_only=True), ["answers"] + ["logps", "nll"] * bool(ecfg.utility))
+        if ref is not None:
             self.ref_answers = ref["answers"]
             if ecfg.utility:
                 self.ref_logps, self.ref_nll = ref["logps"], ref["nll"]
@@ -327,7 +349,7 @@ class Evaluator:
                 nll, self.ref_logps = answer_logprobs(model, tok, self.harmless.prompts, self.ref_answers,
                                                       system_prompt, self.nll_bs, max_length)
                 self.ref_nll = float(torch.cat(nll).mean())
-            if ref_file is not None:
+            if ref_file is not None and _is_main():
                 ref = {"answers": self.ref_answers}
                 if ecfg.utility:
                     ref.update(logps=self.ref_logps, nll=self.ref_nll)
@@ -342,13 +364,13 @@ class Evaluator:
     def evaluate_intact(self, tag: str = "") -> tuple[dict, list[dict]]:
         """:meth:`evaluate` of the intact model itself, read from ``saved`` where it was done before."""
         f = self.saved / "evaluation.json" if self.saved is not None else None
-        if f is not None and f.exists():
-            d = json.loads(f.read_text())
+        d = _read_saved(f, lambda f: json.loads(f.read_text()), ["metrics", "generations"])
+        if d is not None:
             log.info("the intact model's evaluation is taken from %s (same model, prompts, settings and code)", f)
             self._tick(tag)
-            return d["metrics"], [{**g, "tag": tag} for g in d["generations"]]
+            return {**d["metrics"], "reused_from": str(f.parent)}, [{**g, "tag": tag} for g in d["generations"]]
         m, gens = self.evaluate(self._intact, tag=tag)
-        if f is not None:
+        if f is not None and _is_main():
             write_json(f, {"metrics": m, "generations": gens})
         return m, gens
 

@@ -75,8 +75,9 @@ def compare(expected: dict[str, float], got: dict[str, float]) -> pd.DataFrame:
 
 def run_demo(run_dir: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "SAFETY_NEURONS_RUN_DIR": str(run_dir)}
-    # the benchmark and the tunings are run again, not taken from a run before (the demo reuses them); the
-    # conversion, the plant, the set and the self-distilled answers come from the store as they are
+    # the benchmark, the tunings and the untuned model's evaluation are run again, not taken from a run
+    # before (the demo reuses them); the conversion, the plant, the set and the self-distilled answers
+    # come from the store as they are
     p = subprocess.run([sys.executable, "-m", "safety_neurons", "experiment=demo", "logger=none", "benchmark.reuse=false",
                         "finetune.reuse=false"], env=env)
     if p.returncode != 0:

@@ -143,9 +143,10 @@ def test_finetune_random_set_same_shape_outside_the_set(fixtures, sets, ad, tmp_
 
 
 def test_finetune_evaluates_the_untuned_model_once(fixtures, sets, tmp_path, monkeypatch):
-    """Two tunings of one model with the same prompts and evaluation settings: the second takes the untuned
-    model's references and evaluation from the store (the same numbers, no generation for either); another
-    evaluation setting is evaluated anew."""
+    """With finetune.reuse, two tunings of one model with the same prompts and evaluation settings: the
+    second takes the untuned model's references and evaluation from the store (the same numbers, no
+    generation for either); another evaluation setting is evaluated anew, so is every run without
+    finetune.reuse, and an unreadable saved evaluation is computed again."""
     import safety_neurons.evaluation as E
 
     calls = []
@@ -157,22 +158,44 @@ def test_finetune_evaluates_the_untuned_model_once(fixtures, sets, tmp_path, mon
         return real(*a, **kw)
 
     monkeypatch.setattr(E, "generate", counted)
-    mine = "eval.degenerate_nll=4.25"  # a setting no other test uses: this test's own key
-    a = finetune(fixtures, tmp_path / "a", "finetune.target=random", "finetune.neurons=exact", mine,
+    mine = ["eval.degenerate_nll=4.25", "finetune.reuse=true"]  # a setting no other test uses: this test's own key
+    fresh = ["reference answers", "answers before", "answers after"]
+    a = finetune(fixtures, tmp_path / "a", "finetune.target=random", "finetune.neurons=exact", *mine,
                  "finetune.save_as=once-a")
-    assert calls == ["reference answers", "answers before", "answers after"]
-    saved = list((fixtures["store"] / "evaluations").glob("*/evaluation.json"))
-    b = finetune(fixtures, tmp_path / "b", "finetune.target=safety", "finetune.neurons=exact", mine,
+    assert calls == fresh
+    saved = sorted((fixtures["store"] / "evaluations").glob("*/evaluation.json"))
+    b = finetune(fixtures, tmp_path / "b", "finetune.target=safety", "finetune.neurons=exact", *mine,
                  "finetune.save_as=once-b")
     assert calls[3:] == ["answers after"]
     before = {k: v for k, v in a.items() if k.startswith("before_")}
-    assert before and before == {k: v for k, v in b.items() if k.startswith("before_")}
+    assert before and before == {k: v for k, v in b.items() if k.startswith("before_") and k != "before_reused_from"}
+    assert b["before_reused_from"] in {str(f.parent) for f in saved}
     gens = [json.loads(x) for x in (tmp_path / "b" / "generations.jsonl").read_text().splitlines()]
     assert {g["tag"] for g in gens} == {"before", "after"}
     finetune(fixtures, tmp_path / "c", "finetune.target=safety", "finetune.neurons=exact", "eval.degenerate_nll=4.3",
-             "finetune.save_as=once-c")
-    assert calls[4:] == ["reference answers", "answers before", "answers after"]
+             "finetune.reuse=true", "finetune.save_as=once-c")
+    assert calls[4:] == fresh
     assert len(list((fixtures["store"] / "evaluations").glob("*/evaluation.json"))) == len(saved) + 1
+    finetune(fixtures, tmp_path / "d", "finetune.target=safety", "finetune.neurons=exact", "eval.degenerate_nll=4.25",
+             "finetune.save_as=once-d")  # finetune.reuse off: nothing read from the store
+    assert calls[7:] == fresh
+    mine_file = Path(b["before_reused_from"]) / "evaluation.json"
+    mine_file.write_text("{not json")
+    c = finetune(fixtures, tmp_path / "e", "finetune.target=safety", "finetune.neurons=exact", *mine,
+                 "finetune.save_as=once-e")
+    assert calls[10:] == ["answers before", "answers after"]  # the references still read; the evaluation redone
+    assert "before_reused_from" not in c and json.loads(mine_file.read_text())["metrics"]["harmful_refusal"] == \
+        a["before_harmful_refusal"]
+    # the key holds the dtype the model runs in (a bf16 run's references are not a float32 run's)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from safety_neurons.stages.finetune import intact_key
+
+    cfg = compose(ov(fixtures, tmp_path / "k", *FT))
+    m = AutoModelForCausalLM.from_pretrained(fixtures["model"], dtype=torch.float32)
+    k32 = intact_key(cfg, m)
+    assert k32 == intact_key(cfg, m) and k32 != intact_key(cfg, m.to(torch.bfloat16))
 
 
 def test_finetune_freeze_keeps_the_sets_slices_bit_identical(fixtures, sets, tmp_path):

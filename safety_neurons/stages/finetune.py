@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from ..errors import UserError
@@ -73,21 +74,26 @@ def run(cfg) -> dict:
         return _finetune(cfg, name, out_dir, art)
 
 
-def intact_key(cfg) -> dict:
-    """What decides the untuned model's evaluation: its weights and config, the prompt sets, the
-    evaluation settings, the package's code."""
+def intact_key(cfg, model) -> dict:
+    """What decides the untuned model's evaluation: its weights and config, the device and dtype it runs
+    in, the prompt sets, the evaluation settings, the package's code and the versions of torch and
+    transformers."""
+    import transformers
     from omegaconf import OmegaConf
 
     from ..identity import source_identity
+    from ..models import model_device
     from ..tracking import source_hash
 
     sets = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "harmless") if cfg.get(k) is not None}
     return {"model": source_identity(cfg.model, store_of(cfg))["source_hash"],
             "model_cfg": OmegaConf.to_container(cfg.model, resolve=True), "sets": sets,
-            "eval": OmegaConf.to_container(cfg.eval, resolve=True), "code": source_hash()}
+            "run_on": [str(model_device(model)), str(next(model.parameters()).dtype)],
+            "eval": OmegaConf.to_container(cfg.eval, resolve=True), "code": source_hash(),
+            "versions": [torch.__version__, transformers.__version__]}
 
 
-def reuse_key(cfg, ns) -> str:
+def reuse_key(cfg, ns, model) -> str:
     """What decides a tuned model and its measured results: the finetune settings (less overwrite/reuse),
     the neuron set's content and all that decides the untuned model's evaluation (:func:`intact_key`).
     Equal keys: training again would give the same model and numbers."""
@@ -96,7 +102,8 @@ def reuse_key(cfg, ns) -> str:
     # unset (None) options are left out
     f = {k: v for k, v in OmegaConf.to_container(cfg.finetune, resolve=True).items()
          if k not in ("overwrite", "reuse") and v is not None}
-    return sha256_of({"finetune": f, **intact_key(cfg), "neurons": sorted(ns.ranking) if ns is not None else None})
+    return sha256_of({"finetune": f, **intact_key(cfg, model),
+                      "neurons": sorted(ns.ranking) if ns is not None else None})
 
 
 def reusable(cfg, out_dir: Path, key: str) -> dict | None:
@@ -129,10 +136,10 @@ def tuning_data(cfg, model, tok):
 
 
 def intact_evaluator(cfg, model, tok) -> Evaluator:
-    """The evaluator of the untuned ``model``. Its evaluation is the same for every tuning of it with these
-    prompts and settings (an SN-Tune and its random control, a search's trials): done once, kept in the
-    store under :func:`intact_key`."""
-    saved = store_of(cfg).evaluation_dir(sha256_of(intact_key(cfg)))
+    """The evaluator of the untuned ``model``. With ``finetune.reuse``, its references and evaluation,
+    the same for every tuning of it with these prompts and settings (an SN-Tune and its random control),
+    are made once and kept in the store under :func:`intact_key`."""
+    saved = store_of(cfg).evaluation_dir(sha256_of(intact_key(cfg, model))) if cfg.finetune.reuse else None
     return Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), cfg.model.system_prompt,
                      cfg.model.max_length, cache_dir=cache_dir(cfg), saved=saved)
 
@@ -144,7 +151,7 @@ def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:
         sp = cfg.model.system_prompt
         ns = tuning_set(cfg, ad)  # the neuron set (and its shape) first: bad input fails before any compute
         frozen = frozen_set(cfg, ad)
-        key = reuse_key(cfg, ns if frozen is None else frozen)
+        key = reuse_key(cfg, ns if frozen is None else frozen, model)
         done = reusable(cfg, out_dir, key)
         if done is not None:
             print(f"reusing the tuned model {out_dir} (finetune.reuse=true: made with the same settings, base model, "
