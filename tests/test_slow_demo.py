@@ -41,7 +41,9 @@ def test_demo_twice_from_a_fresh_store(tmp_path):
     assert list(df[df.role == "scorer"].method) == ["plnd", "activation_diff_rel"]
     assert df[df.method == "planted_set"].iloc[0].harmful_refusal <= 0.1  # S* carries the refusal
     sweep = pd.read_csv(bench / "sweep.csv")
-    assert sorted(set(sweep.n)) == [112, 225, 450] and len(sweep) == 4 * 3
+    # plnd, activation_diff_rel and random at each n; S* itself only whole (benchmark.sweep_control=false)
+    assert sorted(set(sweep.n)) == [112, 225, 450] and len(sweep) == 3 * 3 + 1
+    assert list(sweep[sweep.method == "planted_set"].n) == [450]
     report = (run / "report.md").read_text()
     want = "- verdict: " + ", ".join(f"{r.method} {r.verdict}" for r in verdicts(df).itertuples())
     assert want in report.splitlines() and want in out.splitlines()
