@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -27,7 +28,7 @@ from tests.builders import stage_overrides as overrides
 
 PLANT = ["stage=plant", "plant.share=0.1", "plant.kinds=[ffn,q,o]", "plant.lr=5e-2", "plant.steps=3",
          "plant.check_every=2", "plant.batch_size=2", "plant.n_harmful=4", "plant.n_harmless=4",
-         "plant.max_new_tokens_distill=4", "plant.save_as=planted-tiny"]
+         "plant.max_new_tokens_distill=4", "plant.check_prompts=null", "plant.save_as=planted-tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_plant_provenance_and_reuse(planted, capsys):
               "base_refusal", "history"):
         assert k in prov, k
     assert prov["base_model"] == "local" and prov["layers"] == [0, 1] and 1 <= prov["steps"] <= 3
-    assert [h["step"] for h in prov["history"]][-1] == prov["steps"]
+    assert prov["history"][-1]["step"] == prov["trained_steps"] and prov["steps"] in [h["step"] for h in prov["history"]]
     again = get_stage("plant")(compose(overrides(fx, fx["root"] / "run-plant2", *PLANT)))
     assert again["reused"] and again["n_planted"] == res["n_planted"]
     assert "reusing the planted model" in capsys.readouterr().out
@@ -94,6 +95,61 @@ def test_reuse_needs_the_same_settings(planted):
     fx, _ = planted
     with pytest.raises(UserError, match=r"planted with other settings: lr=0.05 \(asked 0.01\)"):
         get_stage("plant")(compose(overrides(fx, fx["root"] / "run-plant3", *PLANT, "plant.lr=1e-2")))
+
+
+def test_the_stop_check_uses_training_prompts_the_plant_does_not_train_on(planted, monkeypatch):
+    """plant.check_prompts=n: n harmful and n harmless training prompts are checked and left out of
+    training; none of them is a held-out eval prompt (the benchmark's); null checks on the eval split."""
+    from safety_neurons.data import harmful_set, harmless_set
+    from safety_neurons.stages import plant as plant_stage
+
+    fx, _ = planted
+    seen = {}
+    real_train, real_rates = plant_stage.train_sft, plant_stage.refusal_rates
+    monkeypatch.setattr(plant_stage, "train_sft", lambda m, t, prompts, *a, **k: seen.update(train=list(prompts))
+                        or real_train(m, t, prompts, *a, **k))
+    monkeypatch.setattr(plant_stage, "refusal_rates", lambda m, t, harm, benign, *a: seen.update(check=(harm, benign))
+                        or real_rates(m, t, harm, benign, *a))
+    cfg = compose(overrides(fx, fx["root"] / "run-check", *PLANT, "plant.check_prompts=2", "plant.save_as=p-check"))
+    res = get_stage("plant")(cfg)
+    harm, benign = seen["check"]
+    assert len(harm) == len(benign) == 2 and res["data"]["check"]["from"] == "training prompts held out"
+    train_harm = harmful_set(cfg, "train").head(4).prompts
+    train_benign = harmless_set(cfg, "train").head(4).prompts
+    assert set(harm) <= set(train_harm) and set(benign) <= set(train_benign)
+    assert not set(harm + benign) & set(harmful_set(cfg, "eval").prompts + harmless_set(cfg, "eval").prompts)
+    # trained on exactly the other training prompts, each as often as without a check
+    assert sorted(set(seen["train"])) == sorted(set(train_harm + train_benign) - set(harm + benign))
+    assert res["data"]["check"]["train_pairs"] == len(seen["train"]) == 4
+    get_stage("plant")(compose(overrides(fx, fx["root"] / "run-check2", *PLANT, "plant.save_as=p-check2")))
+    assert seen["check"] == (harmful_set(cfg, "eval").head(cfg.eval.n_harmful).prompts,
+                             harmless_set(cfg, "eval").head(cfg.eval.n_harmless).prompts)
+    with pytest.raises(UserError, match="plant.check_prompts=3 would hold out 3 of the 4 harmful"):
+        get_stage("plant")(compose(overrides(fx, fx["root"] / "r", *PLANT, "plant.check_prompts=3", "plant.save_as=x")))
+
+
+def test_a_plant_that_misses_the_targets_keeps_its_best_check(planted, monkeypatch):
+    """At the step cap with no check meeting the targets, the slices of the best check are kept: bit for bit
+    the plant whose cap is that check's step."""
+    from safety_neurons.stages import plant as plant_stage
+
+    fx, _ = planted
+
+    def plant(steps, rates, name, *more):
+        script = iter([(0.0, 0.0), *rates])  # the base model's check first
+        monkeypatch.setattr(plant_stage, "refusal_rates", lambda *a: next(script))
+        res = get_stage("plant")(compose(overrides(fx, fx["root"] / f"run-{name}", *PLANT, f"plant.steps={steps}",
+                                                   "plant.check_every=1", f"plant.save_as={name}", *more)))
+        return res, load_file(f"{res['model_dir']}/delta.safetensors")
+
+    # step 3 refuses most but over-refuses; step 2 is the best within the over-refusal limit
+    long, d_long = plant(4, [(0.5, 0.0), (0.8, 0.05), (0.95, 0.5), (0.6, 0.0)], "p-long")
+    short, d_short = plant(2, [(0.5, 0.0), (0.8, 0.05)], "p-short")
+    assert long["steps"] == 2 and long["trained_steps"] == 4 and long["refusal"] == 0.8 and not long["reached"]
+    assert d_long.keys() == d_short.keys() and all(torch.equal(d_long[k], d_short[k]) for k in d_long)
+    # without keep_best the last step's slices stay
+    last, d_last = plant(4, [(0.5, 0.0), (0.8, 0.05), (0.95, 0.5), (0.6, 0.0)], "p-last", "plant.keep_best=false")
+    assert last["steps"] == 4 and last["refusal"] == 0.6 and not all(torch.equal(d_last[k], d_long[k]) for k in d_long)
 
 
 def test_a_shipped_plant_is_rebuilt_bit_for_bit(planted, tmp_path, monkeypatch, capsys):
@@ -349,8 +405,13 @@ def test_recovery_metrics_by_hand():
     assert r["auc"] == 0.0 and r["precision_at_k"] == 0.0 and r["recall_at_5k"] == 0.0  # 5|S*| < the 86 unplanted
 
 
-def test_suite_plants_benchmarks_and_times_each_part(planted, capsys):
+def test_suite_plants_benchmarks_and_times_each_part(planted, capsys, monkeypatch):
+    import safety_neurons.cfg as cfg_module
+
     fx, _ = planted
+    real_group = cfg_module.group_config  # the tiny prompt sets are too small to hold out check prompts
+    monkeypatch.setattr(cfg_module, "group_config", lambda g, name, schema: OmegaConf.merge(
+        real_group(g, name, schema), {"check_prompts": None} if g == "plant" else {}))
     run = fx["root"] / "run-suite"
     cfg = compose(overrides(fx, run, "stage=benchmark", "benchmark.plants=[ffn02:3]", "benchmark.n_prompts=2",
                             "detect.target_tokens=2", "benchmark.random_seeds=[0]",

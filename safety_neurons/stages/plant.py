@@ -4,7 +4,9 @@ From a model that does not refuse (``model=``, default SmolLM2 as shipped), S* i
 (``plant.share`` of each planted (layer, kind), seeded) and only S*'s slices are trained, with the
 neuron-slice tuning of SN-Tune, on refusal templates for harmful training prompts and the model's own
 answers for harmless ones, until held-out refusal >= ``plant.target_refusal`` with over-refusal <=
-``plant.max_over_refusal`` (checked every ``plant.check_every`` steps) or the step cap. Writes the model
+``plant.max_over_refusal`` (checked every ``plant.check_every`` steps on ``plant.check_prompts`` harmful and
+harmless training prompts kept out of training, so the benchmark's held-out prompts play no part in the
+choice) or the step cap, where the best check's slices are kept. Writes the model
 to ``models/<save_as>/`` in the store (with ``delta.safetensors`` and ``plant.json``) and S* as a ranked
 set at ``neurons/<save_as>/planted/truth/neurons.json``. A finished plant is reused, never overwritten
 unless ``plant.overwrite=true``.
@@ -17,6 +19,8 @@ import json
 import shutil
 import time
 from pathlib import Path
+
+import torch
 
 from omegaconf import OmegaConf
 from torch.nn.utils import parametrize
@@ -53,6 +57,9 @@ def check_plant_cfg(p) -> None:
             raise UserError(f"plant.{key}={getattr(p, key)} must be at least 1")
     if p.lr <= 0:
         raise UserError(f"plant.lr={p.lr} must be positive")
+    if p.check_prompts is not None and p.check_prompts < 1:
+        raise UserError(f"plant.check_prompts={p.check_prompts} must be at least 1 (or null: check on the eval "
+                        f"split's held-out prompts)")
     for key in ("target_refusal", "max_over_refusal"):
         if not 0 <= getattr(p, key) <= 1:
             raise UserError(f"plant.{key}={getattr(p, key)} must be a rate between 0 and 1")
@@ -88,6 +95,37 @@ def refusal_rates(model, tok, harmful: list[str], harmless: list[str], sp, ecfg,
                        max_length=max_length)
         rate.append(sum(is_refusal(tok.decode(a, skip_special_tokens=True), markers) for a in ans) / len(ans))
     return rate[0], rate[1]
+
+
+def check_sets(cfg) -> tuple[list[str], list[str], str]:
+    """The stop check's (harmful, harmless) prompts and where they come from.
+
+    ``plant.check_prompts=n``: a seeded n of the harmful and n of the harmless training prompts (half of
+    those in the harmful set's form when the set labels them), which the plant then does not train on: the
+    stop is chosen on prompts that neither the tuning nor the benchmark's evaluation sees. ``null``: the
+    eval split's held-out prompts, the ones the benchmark evaluates on (its intact refusal is then the best
+    of several looks)."""
+    import random
+
+    p = cfg.plant
+    if p.check_prompts is None:
+        return (harmful_set(cfg, "eval").head(cfg.eval.n_harmful).prompts,
+                harmless_set(cfg, "eval").head(cfg.eval.n_harmless).prompts, "eval split")
+    n = p.check_prompts
+    harm = harmful_set(cfg, "train").head(p.n_harmful)
+    benign = harmless_set(cfg, "train").head(p.n_harmless)
+    for what, s in (("harmful", harm), ("harmless", benign)):
+        if len(s) < 2 * n:  # at least as many left to train on as checked
+            raise UserError(f"plant.check_prompts={n} would hold out {n} of the {len(s)} {what} training prompts "
+                            f"(of {s.name}), leaving fewer to train on; lower plant.check_prompts or give more prompts")
+    rng = random.Random(12345)  # fixed, not plant.seed: every S* seed is checked on the same prompts
+    checked_harm = rng.sample(harm.prompts, n)
+    labels = benign.labels or [None] * len(benign)
+    fm = [q for q, lab in zip(benign.prompts, labels) if lab in cfg.eval.form_matched]
+    nat = [q for q, lab in zip(benign.prompts, labels) if lab not in cfg.eval.form_matched]
+    k = min(len(fm), n // 2)
+    checked_benign = rng.sample(fm, k) + rng.sample(nat, n - k)
+    return checked_harm, checked_benign, "training prompts held out"
 
 
 def planted_paths(cfg, name: str):
@@ -144,7 +182,7 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
         model, tok, ad = load(cfg)
         truth = draw_planted_set(ad, p.share, list(p.kinds), p.layers, p.seed)
         tuned, delta, stats, history, base = train_plant(cfg, tr, model, tok, truth)
-        last = history[-1]
+        last = stats["kept"]
         reached = last["refusal"] >= p.target_refusal and last["over_refusal"] <= p.max_over_refusal
         n_params = ad.n_params()
         results = {
@@ -152,7 +190,8 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
             "base_hash": source_identity(cfg.model, store_of(cfg))["source_hash"],
             "base_model": cfg.model.name, "share": p.share, "kinds": list(p.kinds),
             "layers": planted_layers(p.layers, ad.n_layers), "seed": p.seed,
-            "lr": p.lr, "steps": stats["steps"], "step_cap": p.steps, "n_planted": len(truth),
+            "lr": p.lr, "steps": last["step"], "trained_steps": stats["steps"], "step_cap": p.steps,
+            "n_planted": len(truth),
             "trained_params": stats["trained"], "trained_share": stats["trained"] / n_params,
             "refusal": last["refusal"], "over_refusal": last["over_refusal"], "reached": reached,
             "base_refusal": base[0], "base_over_refusal": base[1], "history": history,
@@ -160,50 +199,74 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
             "data": stats["data"],
         }
         if not reached:
-            print(f"warning: the plant stopped at the step cap ({p.steps}) with held-out refusal "
-                  f"{last['refusal']:.2f} and over-refusal {last['over_refusal']:.2f}, short of the targets "
+            print(f"warning: the plant reached the step cap ({p.steps}) without meeting the targets; it keeps "
+                  f"step {last['step']}, checked refusal {last['refusal']:.2f} and over-refusal "
+                  f"{last['over_refusal']:.2f}, short of the targets "
                   f"({p.target_refusal}, {p.max_over_refusal}); raise plant.steps or plant.lr")
         if tr.main:
             save_plant(cfg, tr, tuned, tok, ad, truth, delta, results, model_art, truth_art)
         tr.log({k: v for k, v in results.items() if isinstance(v, (int, float))})
         print(f"planted {len(truth)} neurons ({100 * stats['trained'] / n_params:.3f}% of parameters) in "
-              f"{stats['steps']} steps: held-out refusal {base[0]:.2f} -> {last['refusal']:.2f}, over-refusal "
+              f"{last['step']} steps: checked refusal {base[0]:.2f} -> {last['refusal']:.2f}, over-refusal "
               f"{base[1]:.2f} -> {last['over_refusal']:.2f} -> {model_dir}")
         box["results"] = results
     return box["results"]
 
 
 def train_plant(cfg, tr, model, tok, truth):
-    """Train only S*'s slices of a copy of ``model`` towards refusal, checking the held-out refusal every
-    ``plant.check_every`` steps and stopping once the targets are met. Returns (tuned model, slice delta,
-    training stats with ``trained`` parameters and the ``data`` used, the check history, the base model's
-    (refusal, over-refusal))."""
+    """Train only S*'s slices of a copy of ``model`` towards refusal, checking the refusal on the check
+    prompts (:func:`check_sets`) every ``plant.check_every`` steps and stopping once the targets are met;
+    at the step cap without a check that met them, the slices of the best check are kept
+    (``plant.keep_best``). Returns (tuned model, slice delta, training stats with ``trained`` parameters,
+    the ``data`` used and the ``kept_step``, the check history, the base model's (refusal, over-refusal))."""
     p = cfg.plant
     tcfg = _train_cfg(cfg)
+    harm, benign, where = check_sets(cfg)
     prompts, responses, data_meta = training_pairs(tcfg, model, tok)
+    if p.check_prompts is not None:  # the checked prompts are not trained on
+        held = set(harm) | set(benign)
+        kept = [i for i, q in enumerate(prompts) if q not in held]
+        prompts, responses = [prompts[i] for i in kept], [responses[i] for i in kept]
+    data_meta = {**data_meta, "check": {"from": where, "n_harmful": len(harm), "n_harmless": len(benign),
+                                        "train_pairs": len(prompts)}}
     sp = cfg.model.system_prompt
-    harm = harmful_set(cfg, "eval").head(cfg.eval.n_harmful).prompts
-    benign = harmless_set(cfg, "eval").head(cfg.eval.n_harmless).prompts
     check_ecfg = OmegaConf.merge(cfg.eval, {"max_new_tokens": p.check_tokens})
     base = refusal_rates(model, tok, harm, benign, sp, check_ecfg, cfg.model.max_length)
     tuned = copy.deepcopy(model)
     handles = attach_slices(tuned, ModelAdapter(tuned), truth.index_map())
+    params = [h.scatter.part for h in handles]
     history: list[dict] = []
+    best: dict = {}
+
+    def merit(h: dict) -> tuple:
+        """Checks within the over-refusal limit first, by refusal; the others by refusal minus over-refusal."""
+        ok = h["over_refusal"] <= p.max_over_refusal
+        return ok, h["refusal"] if ok else h["refusal"] - h["over_refusal"], -h["over_refusal"]
 
     def check(step: int) -> bool:
         if step % p.check_every and step != p.steps:
             return False
         with parametrize.cached():  # each weight assembled once per check, not once per generated token
             r, o = refusal_rates(tuned, tok, harm, benign, sp, check_ecfg, cfg.model.max_length)
-        history.append({"step": step, "refusal": r, "over_refusal": o})
-        log.info("plant step %d: held-out refusal %.2f, over-refusal %.2f", step, r, o)
+        h = {"step": step, "refusal": r, "over_refusal": o}
+        history.append(h)
+        log.info("plant step %d: check refusal %.2f, over-refusal %.2f", step, r, o)
         tr.log({"plant/refusal": r, "plant/over_refusal": o}, step=step)
+        if p.keep_best and (not best or merit(h) > merit(best["check"])):
+            best.update(check=h, parts=[x.detach().clone() for x in params])
         return r >= p.target_refusal and o <= p.max_over_refusal
 
-    params = [h.scatter.part for h in handles]
     stats = train_sft(tuned, tok, prompts, responses, tcfg.finetune, sp, params,
                       max_length=cfg.model.max_length, on_step=check)
-    stats = {**stats, "trained": sum(x.numel() for x in params), "data": data_meta}
+    kept = history[-1]
+    if best and best["check"] is not kept:
+        kept = best["check"]
+        with torch.no_grad():
+            for x, saved in zip(params, best["parts"]):
+                x.copy_(saved)
+        log.info("plant: no check met the targets; keeping the slices of step %d (refusal %.2f, over-refusal "
+                 "%.2f)", kept["step"], kept["refusal"], kept["over_refusal"])
+    stats = {**stats, "trained": sum(x.numel() for x in params), "data": data_meta, "kept": kept}
     delta = slice_delta(handles, _module_names(tuned))
     bake_slices(handles)
     tuned.eval()
