@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from omegaconf import OmegaConf
 from torch.nn.utils import parametrize
 
