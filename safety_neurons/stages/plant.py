@@ -70,18 +70,35 @@ def settings(p) -> dict:
     return {k: v for k, v in d.items() if k not in NOT_SETTINGS}
 
 
-def check_reusable(done: dict, cfg, where) -> None:
-    """A stored or shipped plant of this name must come from the same base model and settings."""
-    p = cfg.plant
+def settings_mismatch(done: dict, cfg) -> str | None:
+    """How the plant with provenance ``done`` differs from the base model and settings asked for, or None."""
     if done.get("base_model") != cfg.model.name:
-        raise UserError(f"{where} was planted in {done.get('base_model')}, not in model={cfg.model.name}; give "
-                        f"another plant.save_as (or plant.overwrite=true to replace it)")
-    want, had = settings(p), settings(done.get("plant", {}))
+        return f"planted in {done.get('base_model')}, not in model={cfg.model.name}"
+    want, had = settings(cfg.plant), settings(done.get("plant", {}))
     diff = sorted(k for k in set(want) | set(had) if want.get(k) != had.get(k))
     if diff:
-        shown = ", ".join(f"{k}={had.get(k)!r} (asked {want.get(k)!r})" for k in diff[:4])
-        raise UserError(f"{where} was planted with other settings: {shown}; give another plant.save_as, or "
-                        f"plant.overwrite=true to plant it again with these")
+        return "planted with other settings: " + ", ".join(f"{k}={had.get(k)!r} (asked {want.get(k)!r})"
+                                                           for k in diff[:4])
+    return None
+
+
+def check_reusable(done: dict, cfg, where) -> None:
+    """A stored plant of this name must come from the same base model and settings."""
+    why = settings_mismatch(done, cfg)
+    if why:
+        raise UserError(f"{where} was {why}; give another plant.save_as, or plant.overwrite=true to plant it "
+                        f"again with these")
+
+
+def shipped_mismatch(prov: dict, cfg) -> str | None:
+    """Why the shipped plant with provenance ``prov`` is not the one this run asks for, or None."""
+    why = settings_mismatch(prov, cfg)
+    if why:
+        return why
+    base_hash = source_identity(cfg.model, store_of(cfg))["source_hash"]
+    if prov.get("base_hash") and base_hash and prov["base_hash"] != base_hash:
+        return f"made on another {cfg.model.name} file: hash {prov['base_hash']}, this one {base_hash}"
+    return None
 
 
 def refusal_rates(model, tok, harmful: list[str], harmless: list[str], sp, ecfg,
@@ -176,7 +193,10 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
         return {**done, "reused": True}
     shipped = SHIPPED / name
     if p.from_shipped and not p.overwrite and (shipped / PROVENANCE).exists():
-        return _from_shipped(cfg, name, shipped, model_art, truth_art)
+        why = shipped_mismatch(json.loads((shipped / PROVENANCE).read_text()), cfg)
+        if why is None:
+            return _from_shipped(cfg, name, shipped, model_art, truth_art)
+        print(f"the shipped plant {name} does not fit this run ({why}); planting it here")
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
         truth = draw_planted_set(ad, p.share, list(p.kinds), p.layers, p.seed)
@@ -291,17 +311,12 @@ def save_plant(cfg, tr, tuned, tok, ad, truth, delta, results: dict, model_art: 
 
 def _from_shipped(cfg, name: str, shipped: Path, model_art: ArtifactDir, truth_art: ArtifactDir) -> dict:
     """Rebuild a shipped plant: the base model with the shipped slice delta applied (bit for bit the model
-    ``stage=plant`` made), and its S*; both checked against this run's base model and settings."""
+    ``stage=plant`` made), and its S* (the caller has checked the base model and settings: shipped_mismatch)."""
     from safetensors.torch import load_file
 
     from ..training import apply_delta
 
     prov = json.loads((shipped / PROVENANCE).read_text())
-    check_reusable(prov, cfg, f"the shipped plant {name}")
-    base_hash = source_identity(cfg.model, store_of(cfg))["source_hash"]
-    if prov.get("base_hash") and base_hash and prov["base_hash"] != base_hash:
-        raise UserError(f"the shipped plant {name} was made on another {cfg.model.name} file (hash "
-                        f"{prov['base_hash']}, this one {base_hash}); set plant.from_shipped=false to plant it here")
     model, tok, ad = load(cfg)
     delta = load_file(str(shipped / "delta.safetensors"))
     apply_delta(model, delta)
