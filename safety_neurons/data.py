@@ -9,7 +9,7 @@ import json
 import os
 import random
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -52,8 +52,7 @@ class PromptSet:
             return self
         r = self.responses[:n] if self.responses is not None else None
         lab = self.labels[:n] if self.labels is not None else None
-        return PromptSet(self.name, self.split, self.prompts[:n], r, dict(self.meta), lab, self.n_source,
-                         self.held_out, self.cap, self.split_key)
+        return replace(self, prompts=self.prompts[:n], responses=r, meta=dict(self.meta), labels=lab)
 
     def describe(self) -> dict:
         out = {"name": self.name, "split": self.split, "n": len(self), "hash": self.hash, **self.meta}
@@ -279,7 +278,8 @@ def load_prompts(dcfg, split: str = "train", cache_dir: str | Path | None = None
     cap = dcfg.n_train if split == "train" else dcfg.n_eval
     cap_key = f"{group}.{'n_train' if split == 'train' else 'n_eval'}={cap}"
     split_key = f"{group}.eval_fraction={dcfg.eval_fraction}" if held_out else None
-    ps = PromptSet(dcfg.name, split, prompts, responses, meta, labels, n_source, held_out, cap_key, split_key)
+    ps = PromptSet(dcfg.name, split, prompts, responses, meta, labels, n_source=n_source, held_out=held_out,
+                   split_key=split_key, cap=cap_key)
     return ps.head(cap)
 
 

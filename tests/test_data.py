@@ -371,3 +371,9 @@ def test_eval_fraction_zero_holds_out_nothing(tmp_path):
     assert len(part) == 3 and part.n_source == 7 and part.held_out == 2
     assert part.shortfall() == (f"c (train): 3 of the 7 prompts in {f}: 2 held out for the eval split "
                                 f"(dataset.eval_fraction=0.3; 0 holds out none); 2 left out by dataset.n_train=3")
+    # and a head of it keeps saying which settings left prompts out, as does an uncapped set
+    assert part.head(2).shortfall() == part.shortfall().replace("3 of the 7", "2 of the 7").replace(
+        "2 left out by", "3 left out by")
+    whole = load_prompts(dcfg(name="c", kind="custom", path=str(f), eval_fraction=0.3), "train")
+    assert whole.shortfall() == (f"c (train): 5 of the 7 prompts in {f}: 2 held out for the eval split "
+                                 f"(dataset.eval_fraction=0.3; 0 holds out none)")
