@@ -164,7 +164,7 @@ class PlantConfig:
     check_every: int = 10  # steps between held-out refusal checks (early stop)
     check_tokens: int = 24  # answer length of the checks (refusal is decided in the first tokens)
     check_prompts: int | None = 32  # training prompts of each set held out for the check; null: the eval split
-    keep_best: bool = True  # at the cap without a check meeting the targets, keep the best check's slices
+    keep_best: bool = True  # at the cap without a check meeting the targets: the most selective check's slices
     target_refusal: float = 0.9
     max_over_refusal: float = 0.1
     n_harmful: int | None = None  # training harmful prompts (null: all)

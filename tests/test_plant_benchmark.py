@@ -142,13 +142,15 @@ def test_a_plant_that_misses_the_targets_keeps_its_best_check(planted, monkeypat
                                                    "plant.check_every=1", f"plant.save_as={name}", *more)))
         return res, load_file(f"{res['model_dir']}/delta.safetensors")
 
-    # step 3 refuses most but over-refuses; step 2 is the best within the over-refusal limit
-    long, d_long = plant(4, [(0.5, 0.0), (0.8, 0.05), (0.95, 0.5), (0.6, 0.0)], "p-long")
-    short, d_short = plant(2, [(0.5, 0.0), (0.8, 0.05)], "p-short")
+    # step 3 refuses most but over-refuses; step 2 is the most selective (refusal minus over-refusal),
+    # though over the over-refusal limit
+    checks = [(0.2, 0.05), (0.8, 0.15), (0.95, 0.5), (0.6, 0.0)]
+    long, d_long = plant(4, checks, "p-long")
+    short, d_short = plant(2, checks[:2], "p-short")
     assert long["steps"] == 2 and long["trained_steps"] == 4 and long["refusal"] == 0.8 and not long["reached"]
     assert d_long.keys() == d_short.keys() and all(torch.equal(d_long[k], d_short[k]) for k in d_long)
     # without keep_best the last step's slices stay
-    last, d_last = plant(4, [(0.5, 0.0), (0.8, 0.05), (0.95, 0.5), (0.6, 0.0)], "p-last", "plant.keep_best=false")
+    last, d_last = plant(4, checks, "p-last", "plant.keep_best=false")
     assert last["steps"] == 4 and last["refusal"] == 0.6 and not all(torch.equal(d_last[k], d_long[k]) for k in d_long)
 
 

@@ -235,8 +235,8 @@ def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_a
 def train_plant(cfg, tr, model, tok, truth):
     """Train only S*'s slices of a copy of ``model`` towards refusal, checking the refusal on the check
     prompts (:func:`check_sets`) every ``plant.check_every`` steps and stopping once the targets are met;
-    at the step cap without a check that met them, the slices of the best check are kept
-    (``plant.keep_best``). Returns (tuned model, slice delta, training stats with ``trained`` parameters,
+    at the step cap without a check that met them, the slices of the most selective check (refusal minus
+    over-refusal) are kept (``plant.keep_best``). Returns (tuned model, slice delta, training stats with ``trained`` parameters,
     the ``data`` used and the ``kept_step``, the check history, the base model's (refusal, over-refusal))."""
     p = cfg.plant
     tcfg = _train_cfg(cfg)
@@ -258,9 +258,8 @@ def train_plant(cfg, tr, model, tok, truth):
     best: dict = {}
 
     def merit(h: dict) -> tuple:
-        """Checks within the over-refusal limit first, by refusal; the others by refusal minus over-refusal."""
-        ok = h["over_refusal"] <= p.max_over_refusal
-        return ok, h["refusal"] if ok else h["refusal"] - h["over_refusal"], -h["over_refusal"]
+        """Selectivity first (refusal minus over-refusal), then refusal."""
+        return h["refusal"] - h["over_refusal"], h["refusal"]
 
     def check(step: int) -> bool:
         if step % p.check_every and step != p.steps:
