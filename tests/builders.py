@@ -105,3 +105,39 @@ def brute_select(prompt_scores: dict, k_of: dict, consistency: float) -> set:
             hits[row.topk(k_of[kind]).indices] += 1
         out |= {(int(lay), kind, int(i)) for i in torch.nonzero(hits / s.shape[0] >= consistency - 1e-9).flatten()}
     return out
+
+
+def assert_planted_invariants(base, tuned, truth, delta: dict, atol: float = 1e-6) -> None:
+    """What stage=plant promises of a planted model ``tuned`` made from ``base`` (both loaded models):
+    the recorded S* ``truth`` is exactly the set of neurons whose slices changed, every weight outside S*'s
+    slices is bit-identical, with S* zeroed both compute the same logits, and ``delta`` turns the base
+    into the planted model bit for bit (``base`` is left planted)."""
+    from safety_neurons.hooks import deactivated
+    from safety_neurons.importance.sites import slice_linears
+    from safety_neurons.planted import changed_neurons
+    from safety_neurons.training import apply_delta
+
+    bad, tad = ModelAdapter(base), ModelAdapter(tuned)
+    assert changed_neurons(bad, tad) == set(truth.ranking)
+    idx = truth.index_map()
+    sd_b, sd_t = dict(base.named_parameters()), dict(tuned.named_parameters())
+    for name, p in sd_b.items():  # zero S*'s slices in both and compare everything
+        q = sd_t[name].detach().clone()
+        p = p.detach().clone()
+        for (layer, kind), i in idx.items():
+            for lin, dim in slice_linears(bad, layer, kind):
+                for pname in ("weight", "bias"):
+                    if getattr(lin, pname, None) is not None and getattr(lin, pname) is sd_b.get(name):
+                        d = dim if pname == "weight" else 0
+                        p.index_fill_(d, i, 0)
+                        q.index_fill_(d, i, 0)
+        assert torch.equal(p, q), name
+    ids = torch.randint(3, 300, (2, 9))
+    with torch.no_grad(), deactivated(bad, idx):
+        want = base(input_ids=ids).logits
+    with torch.no_grad(), deactivated(tad, idx):
+        got = tuned(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=atol)
+    apply_delta(base, delta)
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), tuned.state_dict().values()))
+

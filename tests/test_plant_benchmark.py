@@ -16,14 +16,11 @@ from transformers import AutoModelForCausalLM
 
 from safety_neurons.cfg import compose
 from safety_neurons.errors import UserError
-from safety_neurons.hooks import deactivated
-from safety_neurons.importance.sites import slice_linears
 from safety_neurons.models import ModelAdapter
 from safety_neurons.neurons import NeuronSet
-from safety_neurons.planted import changed_neurons, draw_planted_set, rank_auc, recovery
+from safety_neurons.planted import draw_planted_set, rank_auc, recovery
 from safety_neurons.stages import get_stage
-from safety_neurons.training import apply_delta
-from tests.builders import HARMLESS, stage_files
+from tests.builders import HARMLESS, assert_planted_invariants, stage_files
 from tests.builders import stage_overrides as overrides
 
 PLANT = ["stage=plant", "plant.share=0.1", "plant.kinds=[ffn,q,o]", "plant.lr=5e-2", "plant.steps=3",
@@ -50,32 +47,7 @@ def test_plant_changes_only_the_planted_slices(planted):
     truth = NeuronSet.load(res["truth"])
     assert len(truth) == res["n_planted"] == 2 * (5 + 3 + 3)  # 10% of ffn 48, q 32, o 32 in each of 2 layers
     assert truth.meta["share"] == 0.1 and truth.meta["kinds"] == ["ffn", "q", "o"] and truth.meta["seed"] == 0
-    # the recorded S* is exactly the set of neurons whose slices changed
-    assert changed_neurons(bad, tad) == set(truth.ranking)
-    # every tensor outside the slices is bit-identical: zero S*'s slices in both and compare everything
-    idx = truth.index_map()
-    sd_b, sd_t = dict(base.named_parameters()), dict(tuned.named_parameters())
-    for name, p in sd_b.items():
-        q = sd_t[name].detach().clone()
-        p = p.detach().clone()
-        for (layer, kind), i in idx.items():
-            for lin, dim in slice_linears(bad, layer, kind):
-                for pname in ("weight", "bias"):
-                    if getattr(lin, pname, None) is not None and getattr(lin, pname) is sd_b.get(name):
-                        d = dim if pname == "weight" else 0
-                        p.index_fill_(d, i, 0)
-                        q.index_fill_(d, i, 0)
-        assert torch.equal(p, q), name
-    # with S* zeroed the planted model is the base model with S* zeroed
-    ids = torch.randint(3, 300, (2, 9))
-    with torch.no_grad(), deactivated(bad, idx):
-        want = base(input_ids=ids).logits
-    with torch.no_grad(), deactivated(tad, idx):
-        got = tuned(input_ids=ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    # and the delta turns the base into the planted model, bit for bit
-    apply_delta(base, load_file(f"{res['model_dir']}/delta.safetensors"))
-    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), tuned.state_dict().values()))
+    assert_planted_invariants(base, tuned, truth, load_file(f"{res['model_dir']}/delta.safetensors"))
 
 
 def test_plant_provenance_and_reuse(planted, capsys):
@@ -211,6 +183,12 @@ def test_benchmark_on_the_planted_model(planted):
 
     assert verdict == "- verdict: " + ", ".join(f"{r.method} {r.verdict}" for r in verdicts(df).itertuples())
     assert "![roc](roc.png)" in report and "| plnd | scorer |" in report
+    # the first line tells the plant's own check (where its stop was chosen) from the held-out prompts
+    first, intact = df.iloc[0], df[df.method == "none"].iloc[0]
+    assert report.splitlines()[2] == (
+        f"- planted-tiny: S* of {first.n_planted} neurons ({first.kinds}); harmful refusal at the plant's check "
+        f"{first.base_refusal:.2f} before planting, {first.plant_refusal:.2f} after; held out, "
+        f"{intact.harmful_refusal:.2f} (over-refusal {intact.over_refusal:.2f})")
     # the intact planted model has zero KL to itself
     assert df[df.method == "none"].iloc[0].kl == pytest.approx(0.0, abs=1e-6)
 

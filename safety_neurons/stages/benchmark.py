@@ -432,8 +432,11 @@ def summary_lines(df: pd.DataFrame) -> list[str]:
     row = lambda m: df[df.method == m].iloc[0] if (df.method == m).any() else None  # noqa: E731
     intact, ctl, rnd = row("none"), row("planted_set"), row("random")
     first = df.iloc[0]
-    lines = [f"{first.organism}: S* of {int(first.n_planted)} neurons ({first.kinds}); held-out harmful refusal "
-             f"{first.base_refusal:.2f} before planting, {first.plant_refusal:.2f} after"]
+    # the plant's own check (the prompts its stop was chosen on), then the held-out prompts evaluated here
+    lines = [f"{first.organism}: S* of {int(first.n_planted)} neurons ({first.kinds}); harmful refusal at the plant's "
+             f"check {first.base_refusal:.2f} before planting, {first.plant_refusal:.2f} after"
+             + (f"; held out, {intact.harmful_refusal:.2f} (over-refusal {intact.over_refusal:.2f})"
+                if intact is not None and "harmful_refusal" in df else "")]
     if ctl is not None and intact is not None:
         lines.append(f"zeroing S* itself: harmful refusal {intact.harmful_refusal:.2f} -> {ctl.harmful_refusal:.2f}, "
                      f"NLL ratio {ctl.nll_ratio:.2f} (the positive control)")
