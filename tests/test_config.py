@@ -152,6 +152,28 @@ def test_experiment_demo(base):
     assert settings(shipped["plant"]) == settings(p)
 
 
+def test_every_plant_of_the_planted_benchmark_ships(base):
+    """experiment=planted_benchmark finds each of its plants shipped with the settings it asks for, so a
+    fresh machine rebuilds them instead of training them (the plant stage's own rule, settings_mismatch)."""
+    import json
+
+    from safety_neurons.cfg import group_config
+    from safety_neurons.config import PlantConfig
+    from safety_neurons.stages.benchmark import _parse_plant
+    from safety_neurons.stages.plant import SHIPPED, default_name, settings_mismatch
+
+    cfg = compose(base + ["experiment=planted_benchmark"])
+    assert len(cfg.benchmark.plants) == 6
+    for spec in cfg.benchmark.plants:
+        preset, seed = _parse_plant(spec)
+        p = OmegaConf.merge(group_config("plant", preset, PlantConfig), {"seed": seed})
+        prov = json.loads((SHIPPED / default_name(p) / "plant.json").read_text())
+        cfg.plant = p
+        assert settings_mismatch(prov, cfg) is None, spec
+        assert "model_dir" not in prov and prov["n_planted"] == len(json.loads(
+            (SHIPPED / default_name(p) / "neurons.json").read_text())["ranking"])
+
+
 def test_experiment_organism(base):
     cfg = compose(base + ["experiment=organism"])
     assert cfg.stage.name == "evaluate"
