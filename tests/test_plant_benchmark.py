@@ -121,6 +121,10 @@ def test_a_plant_that_misses_the_targets_keeps_its_best_check(planted, monkeypat
     short, d_short = plant(2, checks[:2], "p-short")
     assert long["steps"] == 2 and long["trained_steps"] == 4 and long["refusal"] == 0.8 and not long["reached"]
     assert d_long.keys() == d_short.keys() and all(torch.equal(d_long[k], d_short[k]) for k in d_long)
+    # of equally selective checks the later (longer-trained) one is kept
+    tie, d_tie = plant(3, [(0.5, 0.0), (0.5, 0.0), (0.2, 0.0)], "p-tie")
+    _, d_two = plant(2, [(0.5, 0.0), (0.5, 0.0)], "p-two")
+    assert tie["steps"] == 2 and all(torch.equal(d_tie[k], d_two[k]) for k in d_tie)
     # without keep_best the last step's slices stay
     last, d_last = plant(4, checks, "p-last", "plant.keep_best=false")
     assert last["steps"] == 4 and last["refusal"] == 0.6 and not all(torch.equal(d_last[k], d_long[k]) for k in d_long)

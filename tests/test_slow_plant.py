@@ -27,8 +27,8 @@ def _load(path):
 def test_a_plant_on_smollm2_changes_s_star_only(tmp_path, monkeypatch, how):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     common = [f"store_dir={tmp_path / 'store'}", f"run_dir={tmp_path / 'run'}", "logger=none", "stage=plant"]
-    if how == "trained":  # a few steps into ffn, q, k, v and o neurons of three layers, two checks
-        over = ["plant.kinds=[ffn,q,k,v,o]", "plant.layers=[3,5]", "plant.steps=2", "plant.check_every=1",
+    if how == "trained":  # three steps (the first warms up from lr 0) into ffn, q, k, v and o neurons of three layers
+        over = ["plant.kinds=[ffn,q,k,v,o]", "plant.layers=[3,5]", "plant.steps=3", "plant.check_every=3",
                 "plant.n_harmful=16", "plant.n_harmless=16", "plant.check_prompts=4", "plant.batch_size=4",
                 "eval.n_harmful=4", "eval.n_harmless=4", "plant.check_tokens=4", "plant.save_as=planted-short"]
     else:

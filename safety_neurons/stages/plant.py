@@ -258,7 +258,7 @@ def train_plant(cfg, tr, model, tok, truth):
     best: dict = {}
 
     def merit(h: dict) -> tuple:
-        """Selectivity first (refusal minus over-refusal), then refusal."""
+        """Selectivity first (refusal minus over-refusal), then refusal; ties go to the later check."""
         return h["refusal"] - h["over_refusal"], h["refusal"]
 
     def check(step: int) -> bool:
@@ -270,7 +270,7 @@ def train_plant(cfg, tr, model, tok, truth):
         history.append(h)
         log.info("plant step %d: check refusal %.2f, over-refusal %.2f", step, r, o)
         tr.log({"plant/refusal": r, "plant/over_refusal": o}, step=step)
-        if p.keep_best and (not best or merit(h) > merit(best["check"])):
+        if p.keep_best and (not best or merit(h) >= merit(best["check"])):  # a tie: the longer-trained
             best.update(check=h, parts=[x.detach().clone() for x in params])
         return r >= p.target_refusal and o <= p.max_over_refusal
 
