@@ -125,6 +125,10 @@ def test_a_plant_that_misses_the_targets_keeps_its_best_check(planted, monkeypat
     tie, d_tie = plant(3, [(0.5, 0.0), (0.5, 0.0), (0.2, 0.0)], "p-tie")
     _, d_two = plant(2, [(0.5, 0.0), (0.5, 0.0)], "p-two")
     assert tie["steps"] == 2 and all(torch.equal(d_tie[k], d_two[k]) for k in d_tie)
+    # a check that meets the targets ends the plant with its slices, though an earlier one was more selective
+    met, d_met = plant(4, [(0.85, 0.0), (0.9, 0.08)], "p-met")
+    assert met["steps"] == met["trained_steps"] == 2 and met["reached"] and met["refusal"] == 0.9
+    assert all(torch.equal(d_met[k], d_two[k]) for k in d_met)
     # without keep_best the last step's slices stay
     last, d_last = plant(4, checks, "p-last", "plant.keep_best=false")
     assert last["steps"] == 4 and last["refusal"] == 0.6 and not all(torch.equal(d_last[k], d_long[k]) for k in d_long)

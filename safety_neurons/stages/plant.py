@@ -3,10 +3,10 @@
 From a model that does not refuse (``model=``, default SmolLM2 as shipped), S* is drawn at random
 (``plant.share`` of each planted (layer, kind), seeded) and only S*'s slices are trained, with the
 neuron-slice tuning of SN-Tune, on refusal templates for harmful training prompts and the model's own
-answers for harmless ones, until held-out refusal >= ``plant.target_refusal`` with over-refusal <=
+answers for harmless ones, until refusal >= ``plant.target_refusal`` with over-refusal <=
 ``plant.max_over_refusal`` (checked every ``plant.check_every`` steps on ``plant.check_prompts`` harmful and
 harmless training prompts kept out of training, so the benchmark's held-out prompts play no part in the
-choice) or the step cap, where the best check's slices are kept. Writes the model
+choice) or the step cap, where the most selective check's slices are kept. Writes the model
 to ``models/<save_as>/`` in the store (with ``delta.safetensors`` and ``plant.json``) and S* as a ranked
 set at ``neurons/<save_as>/planted/truth/neurons.json``. A finished plant is reused, never overwritten
 unless ``plant.overwrite=true``.
@@ -139,7 +139,7 @@ def check_sets(cfg) -> tuple[list[str], list[str], str]:
     labels = benign.labels or [None] * len(benign)
     fm = [q for q, lab in zip(benign.prompts, labels) if lab in cfg.eval.form_matched]
     nat = [q for q, lab in zip(benign.prompts, labels) if lab not in cfg.eval.form_matched]
-    k = min(len(fm), n // 2)
+    k = max(n - len(nat), min(len(fm), n // 2))  # half form-matched where both kinds suffice
     checked_benign = rng.sample(fm, k) + rng.sample(nat, n - k)
     return checked_harm, checked_benign, "training prompts held out"
 
@@ -236,8 +236,9 @@ def train_plant(cfg, tr, model, tok, truth):
     """Train only S*'s slices of a copy of ``model`` towards refusal, checking the refusal on the check
     prompts (:func:`check_sets`) every ``plant.check_every`` steps and stopping once the targets are met;
     at the step cap without a check that met them, the slices of the most selective check (refusal minus
-    over-refusal) are kept (``plant.keep_best``). Returns (tuned model, slice delta, training stats with ``trained`` parameters,
-    the ``data`` used and the ``kept_step``, the check history, the base model's (refusal, over-refusal))."""
+    over-refusal) are kept (``plant.keep_best``). Returns (tuned model, slice delta, training stats with
+    ``trained`` parameters, the ``data`` used and the ``kept`` check, the check history, the base model's
+    (refusal, over-refusal))."""
     p = cfg.plant
     tcfg = _train_cfg(cfg)
     harm, benign, where = check_sets(cfg)
@@ -257,6 +258,9 @@ def train_plant(cfg, tr, model, tok, truth):
     history: list[dict] = []
     best: dict = {}
 
+    def met(h: dict) -> bool:
+        return h["refusal"] >= p.target_refusal and h["over_refusal"] <= p.max_over_refusal
+
     def merit(h: dict) -> tuple:
         """Selectivity first (refusal minus over-refusal), then refusal; ties go to the later check."""
         return h["refusal"] - h["over_refusal"], h["refusal"]
@@ -272,12 +276,12 @@ def train_plant(cfg, tr, model, tok, truth):
         tr.log({"plant/refusal": r, "plant/over_refusal": o}, step=step)
         if p.keep_best and (not best or merit(h) >= merit(best["check"])):  # a tie: the longer-trained
             best.update(check=h, parts=[x.detach().clone() for x in params])
-        return r >= p.target_refusal and o <= p.max_over_refusal
+        return met(h)
 
     stats = train_sft(tuned, tok, prompts, responses, tcfg.finetune, sp, params,
                       max_length=cfg.model.max_length, on_step=check)
     kept = history[-1]
-    if best and best["check"] is not kept:
+    if best and not met(kept) and best["check"] is not kept:
         kept = best["check"]
         with torch.no_grad():
             for x, saved in zip(params, best["parts"]):
