@@ -161,7 +161,7 @@ class PlantConfig:
     steps: int = 80  # cap on optimizer steps
     schedule: Schedule = Schedule.constant  # after the warm-up; the cap is a cap, not a horizon
     batch_size: int = 8
-    check_every: int = 10  # steps between held-out refusal checks (early stop)
+    check_every: int = 10  # steps between refusal checks on the check prompts (early stop)
     check_tokens: int = 24  # answer length of the checks (refusal is decided in the first tokens)
     check_prompts: int | None = 32  # training prompts of each set held out for the check; null: the eval split
     keep_best: bool = True  # at the cap without a check meeting the targets: the most selective check's slices

@@ -170,6 +170,8 @@ def test_every_plant_of_the_planted_benchmark_ships(base):
         prov = json.loads((SHIPPED / default_name(p) / "plant.json").read_text())
         cfg.plant = p
         assert settings_mismatch(prov, cfg) is None, spec
+        text = (SHIPPED / default_name(p) / "plant.json").read_text()
+        assert '"/' not in text, "an absolute path of the planting machine is shipped"
         assert "model_dir" not in prov and prov["n_planted"] == len(json.loads(
             (SHIPPED / default_name(p) / "neurons.json").read_text())["ranking"])
 

@@ -92,7 +92,8 @@ def test_the_stop_check_uses_training_prompts_the_plant_does_not_train_on(plante
     assert not set(harm + benign) & set(harmful_set(cfg, "eval").prompts + harmless_set(cfg, "eval").prompts)
     # trained on exactly the other training prompts, each as often as without a check
     assert sorted(set(seen["train"])) == sorted(set(train_harm + train_benign) - set(harm + benign))
-    assert res["data"]["check"]["train_pairs"] == len(seen["train"]) == 4
+    assert res["data"]["check"]["train_pairs"] == len(seen["train"]) == 4 == res["data"]["check"]["trained_prompts"]
+    assert res["data"]["check"]["left_out_of_training"] == 4
     get_stage("plant")(compose(overrides(fx, fx["root"] / "run-check2", *PLANT, "plant.save_as=p-check2")))
     assert seen["check"] == (harmful_set(cfg, "eval").head(cfg.eval.n_harmful).prompts,
                              harmless_set(cfg, "eval").head(cfg.eval.n_harmless).prompts)
@@ -156,6 +157,16 @@ def test_a_shipped_plant_is_rebuilt_bit_for_bit(planted, tmp_path, monkeypatch, 
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert (tmp_path / "store" / "neurons" / "planted-tiny" / "planted" / "truth" / "neurons.json").read_bytes() \
         == open(res["truth"], "rb").read()
+    # a store's copy of an earlier shipped plant (other settings) is rebuilt from the one shipped now
+    stored = tmp_path / "store" / "models" / "planted-tiny" / "plant.json"
+    prov = json.loads(stored.read_text())
+    stored.write_text(json.dumps({**prov, "plant": {**prov["plant"], "keep_best": None}}))
+    again = get_stage("plant")(compose(fresh))
+    assert "was rebuilt from an earlier shipped delta (planted with other settings: keep_best=None" in \
+        capsys.readouterr().out and again["shipped"]
+    assert json.loads(stored.read_text())["plant"]["keep_best"] is True
+    b, _ = _load(tmp_path / "store" / "models" / "planted-tiny")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     other = get_stage("plant")(compose([o.replace(str(tmp_path / "store"), str(tmp_path / "store2")) for o in fresh]
                                        + ["plant.seed=5"]))
     shown = capsys.readouterr().out

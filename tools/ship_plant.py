@@ -20,6 +20,18 @@ from safety_neurons.io import write_json  # noqa: E402
 from safety_neurons.stages.plant import PROVENANCE, SHIPPED  # noqa: E402
 
 
+def portable(obj):
+    """``obj`` with every absolute path string cut to its file name (a source file's name says which file;
+    where it lay on the machine that planted it does not)."""
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith("/") and "\n" not in obj:
+        return Path(obj).name
+    return obj
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", type=Path, required=True, help="the store the plants were made in")
@@ -36,7 +48,7 @@ def main() -> None:
             sys.exit(f"error: {name} in {args.store} was itself rebuilt from a shipped delta; ship a trained plant")
         dest = SHIPPED / name
         dest.mkdir(parents=True, exist_ok=True)
-        write_json(dest / PROVENANCE, {k: v for k, v in prov.items() if k not in ("model_dir", "truth")})
+        write_json(dest / PROVENANCE, portable({k: v for k, v in prov.items() if k not in ("model_dir", "truth")}))
         shutil.copyfile(model_dir / "delta.safetensors", dest / "delta.safetensors")
         shutil.copyfile(truth, dest / "neurons.json")
         size = sum(f.stat().st_size for f in dest.iterdir()) / 1e6

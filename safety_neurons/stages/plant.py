@@ -103,7 +103,7 @@ def shipped_mismatch(prov: dict, cfg) -> str | None:
 
 def refusal_rates(model, tok, harmful: list[str], harmless: list[str], sp, ecfg,
                   max_length: int = 512) -> tuple[float, float]:
-    """(held-out harmful refusal, over-refusal) of greedy answers, by the keyword list."""
+    """(harmful refusal, over-refusal) of greedy answers to the given prompts, by the keyword list."""
     markers = refusal_markers(ecfg.refusal_list)
     rate = []
     for prompts in (harmful, harmless):
@@ -180,23 +180,34 @@ def run(cfg) -> dict:
         return _plant(cfg, name, model_dir, truth_dir, model_art, truth_art)
 
 
+def warn_short(name: str, done: dict) -> None:
+    if not done.get("reached", True):  # a benchmark on it answers a weaker question than asked
+        print(f"warning: {name} stopped short of the plant targets (checked refusal {done['refusal']:.2f}, "
+              f"over-refusal {done['over_refusal']:.2f}); its ground truth is weaker than asked for")
+
+
 def _plant(cfg, name: str, model_dir, truth_dir, model_art: ArtifactDir, truth_art: ArtifactDir) -> dict:
     p = cfg.plant
+    shipped = SHIPPED / name
+    use_shipped = p.from_shipped and not p.overwrite and (shipped / PROVENANCE).exists()
+    ship_why = shipped_mismatch(json.loads((shipped / PROVENANCE).read_text()), cfg) if use_shipped else None
     done = read_plant(model_dir)
     if done is not None and (truth_dir / "neurons.json").exists() and not p.overwrite:
+        stale = settings_mismatch(done, cfg)
+        if stale and done.get("shipped") and use_shipped and ship_why is None:
+            # a copy of an earlier shipped plant is a cache of it: replaced by the one shipped now
+            print(f"the stored {name} was rebuilt from an earlier shipped delta ({stale}); rebuilding it from "
+                  f"the one shipped now")
+            return _from_shipped(cfg, name, shipped, model_art, truth_art)
         check_reusable(done, cfg, f"the planted model {model_dir}")
         print(f"reusing the planted model {model_dir} (S* of {done['n_planted']} neurons, refusal "
               f"{done['refusal']:.2f}); plant.overwrite=true plants it again")
-        if not done.get("reached", True):  # a benchmark on it would answer a different question
-            print(f"warning: {name} stopped short of the plant targets (refusal {done['refusal']:.2f}, "
-                  f"over-refusal {done['over_refusal']:.2f}); its ground truth is weaker than asked for")
+        warn_short(name, done)
         return {**done, "reused": True}
-    shipped = SHIPPED / name
-    if p.from_shipped and not p.overwrite and (shipped / PROVENANCE).exists():
-        why = shipped_mismatch(json.loads((shipped / PROVENANCE).read_text()), cfg)
-        if why is None:
+    if use_shipped:
+        if ship_why is None:
             return _from_shipped(cfg, name, shipped, model_art, truth_art)
-        print(f"the shipped plant {name} does not fit this run ({why}); planting it here")
+        print(f"the shipped plant {name} does not fit this run ({ship_why}); planting it here")
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
         truth = draw_planted_set(ad, p.share, list(p.kinds), p.layers, p.seed)
@@ -243,12 +254,14 @@ def train_plant(cfg, tr, model, tok, truth):
     tcfg = _train_cfg(cfg)
     harm, benign, where = check_sets(cfg)
     prompts, responses, data_meta = training_pairs(tcfg, model, tok)
-    if p.check_prompts is not None:  # the checked prompts are not trained on
-        held = set(harm) | set(benign)
-        kept = [i for i, q in enumerate(prompts) if q not in held]
-        prompts, responses = [prompts[i] for i in kept], [responses[i] for i in kept]
+    # the checked prompts are not trained on; data_meta's set records describe the whole sets, "check" what
+    # was left out of them
+    held = set(harm) | set(benign) if p.check_prompts is not None else set()
+    kept = [i for i, q in enumerate(prompts) if q not in held]
+    prompts, responses = [prompts[i] for i in kept], [responses[i] for i in kept]
     data_meta = {**data_meta, "check": {"from": where, "n_harmful": len(harm), "n_harmless": len(benign),
-                                        "train_pairs": len(prompts)}}
+                                        "left_out_of_training": len(held), "train_pairs": len(prompts),
+                                        "trained_prompts": len(set(prompts))}}
     sp = cfg.model.system_prompt
     check_ecfg = OmegaConf.merge(cfg.eval, {"max_new_tokens": p.check_tokens})
     base = refusal_rates(model, tok, harm, benign, sp, check_ecfg, cfg.model.max_length)
@@ -331,7 +344,8 @@ def _from_shipped(cfg, name: str, shipped: Path, model_art: ArtifactDir, truth_a
         save_model_dir(model, tok, model_art, {PROVENANCE: prov}, delta, {"base": cfg.model.name})
         shutil.copyfile(shipped / "neurons.json", truth_art.tmp / "neurons.json")
         truth_art.commit()
-    print(f"built the planted model {name} from its shipped delta (S* of {prov['n_planted']} neurons, held-out "
+    print(f"built the planted model {name} from its shipped delta (S* of {prov['n_planted']} neurons, checked "
           f"refusal {prov['refusal']:.2f}, over-refusal {prov['over_refusal']:.2f}) -> {model_dir}; "
           f"plant.from_shipped=false plants it here instead")
+    warn_short(name, prov)
     return {**prov, "reused": True}
