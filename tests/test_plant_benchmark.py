@@ -101,6 +101,25 @@ def test_the_stop_check_uses_training_prompts_the_plant_does_not_train_on(plante
         get_stage("plant")(compose(overrides(fx, fx["root"] / "r", *PLANT, "plant.check_prompts=3", "plant.save_as=x")))
 
 
+@pytest.mark.parametrize("n_form", [6, 20])
+def test_check_prompts_are_half_form_matched_and_fill_up_from_either_kind(planted, tmp_path, n_form):
+    """The harmless check prompts are half in the harmful set's form where both kinds suffice, and take
+    the rest from the other kind where one runs short (here: 20 of 20 form-matched)."""
+    from safety_neurons.data import harmless_set
+    from safety_neurons.stages.plant import check_sets
+
+    fx, _ = planted
+    f = tmp_path / "labelled.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"harmless prompt {i}", "category": "harmbench_style" if i < n_form
+                                     else "cooking"}) + "\n" for i in range(20)))
+    cfg = compose(overrides(fx, tmp_path / "run", *PLANT, "plant.check_prompts=3", "plant.n_harmful=null",
+                            "plant.n_harmless=null", f"harmless.path={f}", "harmless.eval_fraction=0"))
+    harm, benign, where = check_sets(cfg)
+    labels = dict(zip(harmless_set(cfg, "train").prompts, harmless_set(cfg, "train").labels))
+    n_fm = sum(labels[q] == "harmbench_style" for q in benign)
+    assert len(harm) == len(benign) == len(set(benign)) == 3 and n_fm == (1 if n_form < 20 else 3)
+
+
 def test_a_plant_that_misses_the_targets_keeps_its_best_check(planted, monkeypatch):
     """At the step cap with no check meeting the targets, the slices of the best check are kept: bit for bit
     the plant whose cap is that check's step."""
