@@ -336,7 +336,8 @@ class Evaluator:
         self.gen_bs = BatchSize(ecfg.batch_size, "eval.batch_size", 16, "generation")
         self.nll_bs = BatchSize(ecfg.batch_size, "eval.batch_size", 16, "log-probabilities")
         ref_file = self.saved / "reference.pt" if self.saved is not None else None
-        ref = _read_saved(ref_file, lambda f: torch.load(f, weights_only=True), ["answers"] + ["logps", "nll"] * bool(ecfg.utility))
+        keys = ["answers", "logps", "nll"] if ecfg.utility else ["answers"]
+        ref = _read_saved(ref_file, lambda f: torch.load(f, weights_only=True), keys)
         if ref is not None:
             self.ref_answers = ref["answers"]
             if ecfg.utility:

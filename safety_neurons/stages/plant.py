@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import shutil
 import time
 from pathlib import Path
@@ -121,8 +122,6 @@ def check_sets(cfg) -> tuple[list[str], list[str], str]:
     stop is chosen on prompts that neither the tuning nor the benchmark's evaluation sees. ``null``: the
     eval split's held-out prompts, the ones the benchmark evaluates on (its intact refusal is then the best
     of several looks)."""
-    import random
-
     p = cfg.plant
     if p.check_prompts is None:
         return (harmful_set(cfg, "eval").head(cfg.eval.n_harmful).prompts,
