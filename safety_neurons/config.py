@@ -36,8 +36,10 @@ Mode = _choice("Mode", "exact original")  # detect.mode
 Tokens = _choice("Tokens", "content all last")  # detect.tokens
 QkKernel = _choice("QkKernel", "auto native torch")  # detect.qk_kernel
 # detect.scorer: the names of importance.SCORERS (a test keeps the two equal)
-ScorerName = _choice("ScorerName", "plnd activation_diff activation_diff_rel attribution snip wanda")
+ScorerName = _choice("ScorerName", "plnd activation_diff activation_diff_rel contribution_diff "
+                                   "contribution_diff_rel attribution snip wanda")
 Baseline = _choice("Baseline", "safety random")  # deactivate.baseline
+RandomShape = _choice("RandomShape", "scorer count")  # benchmark.random_shape
 Ablation = _choice("Ablation", "zero mean")  # deactivate.ablation
 Target = _choice("Target", "safety random all lora")  # finetune.target
 SetKind = _choice("SetKind", "sn rsn")  # finetune.set
@@ -130,7 +132,7 @@ class DetectConfig:
     reuse: bool = False  # an existing set under the same tag is reused instead of an error (pipelines)
     save_prompt_scores: bool = True  # per-prompt scores (float16), so select can use another k
     scorer: ScorerName = ScorerName.plnd
-    reference_model: str | None = None  # activation_diff*: a model preset name or a folder/.gguf path
+    reference_model: str | None = None  # activation_diff*, contribution_diff*: a model preset name or a folder/.gguf path
     target_tokens: int = 32  # attribution/snip without dataset responses: greedy answer length
 
 
@@ -185,6 +187,7 @@ class BenchmarkConfig:
                                                         "attribution", "snip", "wanda"])
     random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     counts: list[int] = field(default_factory=lambda: [100, 300, 1000])  # effect-only mode: top-n per scorer
+    random_shape: RandomShape = RandomShape.scorer  # effect-only: random sets of each top-n's shape, or n over all kinds
     n_prompts: int | None = 64  # harmful training prompts scored, and as many contrast prompts (null: all)
     deactivate: bool = True  # also measure the effect of deactivating each top set
     sweep: list[float] = field(default_factory=list)  # planted: also each top f*|S*| (0 < f < 1), S*'s and random

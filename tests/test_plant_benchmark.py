@@ -346,6 +346,43 @@ def test_effect_only_deactivates_each_scorers_top_n_against_random(planted):
     assert (df[df.role != "intact"].harmful_refusal.notna()).all() and isinstance(res["sparse_removal_found"], bool)
 
 
+def test_effect_only_random_by_count_is_one_baseline_for_all_scorers(planted):
+    """benchmark.random_shape=count: per n, random sets of n neurons over every scored kind and layer,
+    evaluated once and shared by the scorers (no random row per scorer)."""
+    fx, _ = planted
+    run = fx["root"] / "run-effect-count"
+    get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.scorers=[wanda,plnd]",
+                                             "benchmark.n_prompts=3", "benchmark.counts=[1,3]",
+                                             "benchmark.random_seeds=[0,1]", "benchmark.random_shape=count")))
+    df = pd.read_csv(run / "benchmark.csv")
+    assert list(zip(df.method, df.n)) == [("none", 0), ("random (1 neurons)", 1), ("random (3 neurons)", 3),
+                                          ("wanda", 1), ("wanda", 3), ("plnd", 1), ("plnd", 3)]
+    assert list(df[df.role == "baseline"].seeds) == [2, 2]
+
+
+def test_random_count_draws_n_distinct_neurons_uniformly_over_the_kinds():
+    from safety_neurons.models import ModelAdapter
+    from safety_neurons.stages.common import random_count
+    from tests.tiny import tiny_model
+
+    ad = ModelAdapter(tiny_model("llama"))
+    kinds = ("ffn", "o")
+    total = ad.n_layers * (ad.width("ffn") + ad.width("o"))
+    every = random_count(ad, kinds, total, seed=0)
+    assert sorted(every.ranking) == sorted((layer, k, i) for layer in range(ad.n_layers) for k in kinds
+                                           for i in range(ad.width(k)))
+    a, b, c = (random_count(ad, kinds, 7, seed=s) for s in (0, 0, 1))
+    assert a.ranking == b.ranking != c.ranking and len(set(a.ranking)) == 7
+    hits = torch.zeros(total)  # each neuron drawn about equally often over many seeds
+    flat = {n: j for j, n in enumerate(every.ranking)}
+    for s in range(400):
+        for n in random_count(ad, kinds, 5, seed=s).ranking:
+            hits[flat[n]] += 1
+    assert hits.sum() == 2000 and hits.min() > 0
+    with pytest.raises(UserError, match="lower benchmark.counts"):
+        random_count(ad, kinds, total + 1, seed=0)
+
+
 def test_rank_all_orders_every_neuron_as_select_does():
     import torch
 

@@ -142,8 +142,9 @@ def test_activation_diff_of_a_model_against_itself_is_zero(family, tok):
     b = encode(tok, PROMPTS, None)
     sc = scored_mask(b, "content")
     for rel in (False, True):
-        got = activation_diff(m, ad, b, sc, KINDS, (m, ad), relative=rel)
-        assert all(bool((v == 0).all()) for v in got.values())
+        for written in (False, True):
+            got = activation_diff(m, ad, b, sc, KINDS, (m, ad), relative=rel, written=written)
+            assert all(bool((v == 0).all()) for v in got.values()), (rel, written)
 
 
 def test_activation_diff_equals_mean_difference(tok):
@@ -175,8 +176,81 @@ def test_activation_diff_equals_mean_difference(tok):
             torch.testing.assert_close(rel[key][i], d / (hr.abs().mean(0) + 1e-6), rtol=1e-4, atol=1e-5)
 
 
+def test_contribution_diff_equals_the_written_vectors_difference(family, tok):
+    """contribution_diff against its definition written out: per prompt, the norm of the difference of
+    the mean written vectors h_tn * W[:, n] (ffn: down_proj's column, o: o_proj's column); q, k, v have
+    no output column and score as activation_diff does."""
+    m, r = tiny_model(family, seed=0), tiny_model(family, seed=1)
+    ad, rad = ModelAdapter(m), ModelAdapter(r)
+    b = encode(tok, PROMPTS, None)
+    sc = scored_mask(b, "content")
+    got = activation_diff(m, ad, b, sc, KINDS, (r, rad), written=True)
+    rel = activation_diff(m, ad, b, sc, KINDS, (r, rad), relative=True, written=True)
+    plain = activation_diff(m, ad, b, sc, KINDS, (r, rad))
+    plain_rel = activation_diff(m, ad, b, sc, KINDS, (r, rad), relative=True)
+    caps = {"m": {}, "r": {}}
+    for name, a in (("m", ad), ("r", rad)):
+        specs = []
+        for layer in range(a.n_layers):
+            for k in ("ffn", "o"):
+                mod, _ = site(a, layer, k)
+                specs.append((mod, "pre", lambda _m, args, key=(layer, k), c=caps[name]: c.__setitem__(key, args[0])))
+        with torch.no_grad(), hooks(specs):
+            a.model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+    for layer in range(ad.n_layers):
+        for k in KINDS:
+            key = (layer, k)
+            if k in ("q", "k", "v"):
+                assert torch.equal(got[key], plain[key]) and torch.equal(rel[key], plain_rel[key]), key
+                continue
+            (wm,), (wr,) = ([lin.weight.detach().double() for lin, d in a.site(layer, k).slices if d == 1]
+                            for a in (ad, rad))
+            for i in range(len(PROMPTS)):
+                hm = caps["m"][key][i][sc[i]].double()
+                hr = caps["r"][key][i][sc[i]].double()
+                cm = (hm[:, None, :] * wm[None]).mean(0)  # (out, width): the mean written vector per neuron
+                cr = (hr[:, None, :] * wr[None]).mean(0)
+                want = (cm - cr).norm(dim=0)
+                torch.testing.assert_close(got[key][i].double(), want, rtol=1e-4, atol=1e-6)
+                norm_r = (hr[:, None, :] * wr[None]).norm(dim=1).mean(0)  # mean_t ||c_tn(R)||
+                torch.testing.assert_close(rel[key][i].double(), want / (norm_r + 1e-6 * wr.norm(dim=0)),
+                                           rtol=1e-4, atol=1e-5)
+
+
+def test_contribution_diff_sees_an_output_column_the_site_cannot(tok):
+    """A changed o_proj column in the last layer leaves every activation up to its own site unchanged
+    (only the last MLP, downstream, sees it): activation_diff is exactly zero there, contribution_diff
+    is |mean h| * ||dW|| at that neuron alone."""
+    m = tiny_model("llama")
+    r = tiny_model("llama")
+    ad, rad = ModelAdapter(m), ModelAdapter(r)
+    last = ad.n_layers - 1
+    o_proj = ad.site(last, "o").slices[0][0]
+    with torch.no_grad():
+        o_proj.weight[:, 3] += 0.5
+    b = encode(tok, PROMPTS, None)
+    sc = scored_mask(b, "content")
+    site_d = activation_diff(m, ad, b, sc, KINDS, (r, rad))
+    got = activation_diff(m, ad, b, sc, KINDS, (r, rad), written=True)
+    downstream = (last, "ffn")
+    assert all(bool((v == 0).all()) for key, v in site_d.items() if key != downstream)
+    for key, v in got.items():
+        if key not in ((last, "o"), downstream):
+            assert bool((v == 0).all()), key
+    o = got[(last, "o")]
+    assert bool((o[:, torch.arange(o.shape[1]) != 3] == 0).all()) and bool((o[:, 3] > 0).all())
+    caps = {}
+    with torch.no_grad(), hooks([(o_proj, "pre", lambda _m, args: caps.__setitem__("h", args[0]))]):
+        m(input_ids=b.input_ids, attention_mask=b.attention_mask)
+    for i in range(len(PROMPTS)):
+        hbar = caps["h"][i][sc[i]][:, 3].double().mean()
+        want = hbar.abs() * 0.5 * o_proj.weight.shape[0] ** 0.5
+        torch.testing.assert_close(o[i, 3].double(), want, rtol=1e-4, atol=1e-7)
+
+
 def test_registry_and_errors(tok):
-    assert set(SCORERS) == {"plnd", "activation_diff", "activation_diff_rel", "attribution", "snip", "wanda"}
+    assert set(SCORERS) == {"plnd", "activation_diff", "activation_diff_rel", "contribution_diff",
+                            "contribution_diff_rel", "attribution", "snip", "wanda"}
     with pytest.raises(UserError, match="known scorers are plnd"):
         get_scorer("magnitude")
     m = tiny_model("llama")

@@ -144,7 +144,9 @@ def test_every_shipped_preset_and_experiment_is_valid():
 # every value out of a fixed set is an enum of the schema: composition rejects others and names the allowed
 ENUMS = {"detect.mode": "exact, original", "detect.tokens": "content, all, last",
          "detect.qk_kernel": "auto, native, torch",
-         "detect.scorer": "plnd, activation_diff, activation_diff_rel, attribution, snip, wanda",
+         "detect.scorer": "plnd, activation_diff, activation_diff_rel, contribution_diff, contribution_diff_rel, "
+                          "attribution, snip, wanda",
+         "benchmark.random_shape": "scorer, count",
          "deactivate.baseline": "safety, random", "deactivate.ablation": "zero, mean",
          "finetune.target": "safety, random, all, lora", "finetune.set": "sn, rsn",
          "finetune.schedule": "cosine, linear, constant", "plant.schedule": "cosine, linear, constant",

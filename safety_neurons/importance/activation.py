@@ -3,6 +3,15 @@
 ``activation_diff``: ``s(n) = | mean_t h_tn(M) - mean_t h_tn(R) |`` over each prompt's scored tokens,
 with R a model of the same architecture (the base model before alignment) run on the same batch.
 ``activation_diff_rel`` divides by ``mean_t |h_tn(R)| + eps``. Two forward passes, no gradients.
+
+``contribution_diff`` compares what the neuron writes instead of its value at the site: for kinds whose
+slice includes output columns (ffn: column k of ``down_proj``; o: column r of ``o_proj``) the
+contribution at token t is ``c_tn = h_tn * W[:, n]``, and ``s(n) = || mean_t c_tn(M) - mean_t c_tn(R) ||_2``
+(``_rel``: over ``(mean_t |h_tn(R)| + eps) * ||W_R[:, n]||``, the reference's mean contribution norm). Why: an o neuron's site (channel r of ``o_proj``'s input)
+lies upstream of its own weights, so a change of those weights (a fine-tune of that column, or a
+planted one) never shows at the site; the contribution sees it. q, k and v have no output column: their
+contribution is their site value, so for them the two scorers agree, as they do wherever M's and R's
+output columns are equal. Still two forward passes; the column norms and dot products are per neuron.
 """
 
 from __future__ import annotations
@@ -51,10 +60,34 @@ def check_reference(adapter: ModelAdapter, ref_adapter: ModelAdapter) -> None:
                         f"give the base model this one was made from")
 
 
+def written_columns(adapter: ModelAdapter, layer: int, kind: str) -> list[torch.Tensor]:
+    """The output columns in the neuron's slice (``(out, width)`` weights; empty for q, k, v)."""
+    return [lin.weight.detach() for lin, dim in adapter.site(layer, kind).slices if dim == 1]
+
+
+def column_products(adapter: ModelAdapter, ref_adapter: ModelAdapter, layer: int, kind: str) -> dict | None:
+    """Per neuron, over its output columns (summed if several) in float64: ``mm = ||w_M||^2``,
+    ``rr = ||w_R||^2``, ``dd = ||w_M - w_R||^2`` and ``md = w_M . (w_M - w_R)``; None for a kind without
+    output columns."""
+    cols = written_columns(adapter, layer, kind)
+    if not cols:
+        return None
+    out = dict.fromkeys(("mm", "rr", "dd", "md"), 0)
+    for w, v in zip(cols, written_columns(ref_adapter, layer, kind)):
+        w, v = w.double(), v.to(device=w.device, dtype=torch.float64)
+        diff = w - v
+        out["mm"] = out["mm"] + (w * w).sum(0)
+        out["rr"] = out["rr"] + (v * v).sum(0)
+        out["dd"] = out["dd"] + (diff * diff).sum(0)
+        out["md"] = out["md"] + (w * diff).sum(0)
+    return out
+
+
 def activation_diff(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tensor, kinds: tuple[str, ...],
-                    reference, relative: bool = False) -> dict[tuple[int, str], torch.Tensor]:
+                    reference, relative: bool = False, written: bool = False) -> dict[tuple[int, str], torch.Tensor]:
     """``{(layer, kind): (B, width)}``: the activation difference of ``model`` against ``reference``
-    ((model, adapter) of the same architecture), absolute or relative."""
+    ((model, adapter) of the same architecture), absolute or relative; with ``written``, the difference
+    of the neurons' contributions (``contribution_diff``, see the module docstring)."""
     if reference is None:
         raise UserError("the activation_diff scorers need detect.reference_model=NAME_OR_PATH (the base model "
                         "before alignment, same architecture)")
@@ -64,6 +97,18 @@ def activation_diff(model, adapter: ModelAdapter, batch: Batch, scored: torch.Te
     r, r_abs = site_means(ref_model, ref_adapter, batch, scored, kinds, with_abs=relative)
     out = {}
     for key in m:
-        d = (m[key] - r[key].to(m[key].device)).abs()
-        out[key] = d / (r_abs[key].to(d.device) + EPS) if relative else d
+        hm, hr = m[key], r[key].to(m[key].device)
+        prods = column_products(adapter, ref_adapter, *key) if written else None
+        if prods is None:
+            d = (hm - hr).abs()
+            out[key] = d / (r_abs[key].to(d.device) + EPS) if relative else d
+            continue
+        p = {k: v.to(hm.device) for k, v in prods.items()}
+        hm, hr, ha = hm.double(), hr.double(), r_abs[key].to(hm.device).double() if relative else None
+        # hm w_M - hr w_R = (hm - hr) w_M + hr (w_M - w_R): no cancellation where the two are close, and
+        # exactly |hm - hr| ||w_M|| where the columns are equal
+        dh = hm - hr
+        sq = dh * dh * p["mm"] + hr * hr * p["dd"] + 2 * dh * hr * p["md"]
+        d = sq.clamp(min=0).sqrt()
+        out[key] = d / ((ha + EPS) * p["rr"].sqrt().clamp(min=EPS)) if relative else d
     return stack_scores(out, adapter, kinds)

@@ -37,7 +37,7 @@ from ..neurons import NeuronSet, rank_all, split_scores
 from ..planted import recovery, slice_diff
 from ..scoring import score_prompts, target_answers
 from ..tracking import is_main_process
-from .common import cache_dir, harmful_set, harmless_set, load, log, random_like, store_of, tracked
+from .common import cache_dir, harmful_set, harmless_set, load, log, random_count, random_like, store_of, tracked
 from .detect import contrasted, k_per_kind, load_reference_model, stats_from
 from .plant import default_name, planted_paths, read_plant
 
@@ -69,11 +69,13 @@ def _effect(m: dict) -> dict:
     return {k: m.get(k) for k in EFFECT}
 
 
-def _random_rows(ev, model, ad, shape: NeuronSet, exclude: NeuronSet, seeds, label: str) -> dict:
-    """Mean, min and max of the effect of random sets of ``shape``'s (layer, kind) counts over seeds."""
+def _random_rows(ev, model, ad, shape: NeuronSet | None, exclude: NeuronSet | None, seeds, label: str,
+                 draw=None) -> dict:
+    """Mean, min and max of the effect of random sets of ``shape``'s (layer, kind) counts over seeds (or
+    of the sets ``draw(seed)`` gives)."""
     per = []
     for seed in seeds:
-        rnd = random_like(shape, ad, seed, exclude=exclude)
+        rnd = draw(seed) if draw is not None else random_like(shape, ad, seed, exclude=exclude)
         m, _ = ev.evaluate(model, context=partial(deactivated, ad, rnd.index_map()), tag=f"{label} random {seed}")
         per.append(m)
     out = {}
@@ -494,9 +496,16 @@ def run_effect_only(cfg) -> dict:
                        cfg.model.system_prompt, cfg.model.max_length, cache_dir=cache_dir(cfg))
         k_of = k_per_kind(cfg.topk, ad, kinds)
         scored = _score_all(cfg, model, tok, ad, prompts, kinds, ref)
-        ev.expect(1 + len(scored) * len(b.counts) * (1 + len(b.random_seeds)), f"deactivations on {cfg.model.name}")
+        per_scorer = b.random_shape == "scorer"
+        n_random = len(b.counts) * len(b.random_seeds) * (len(scored) if per_scorer else 1)
+        ev.expect(1 + len(scored) * len(b.counts) + n_random, f"deactivations on {cfg.model.name}")
         m, _ = ev.evaluate(model, tag="intact")
         rows = [{"method": "none", "role": "intact", "n": 0, **_effect(m)}]
+        if not per_scorer:  # one random baseline per count, shared by every scorer
+            for n in b.counts:
+                rows.append({"method": f"random ({n} neurons)", "role": "baseline", "n": n,
+                             **_random_rows(ev, model, ad, None, None, b.random_seeds, f"n={n}",
+                                            draw=partial(random_count, ad, kinds, n))})
         for name, (sc, secs) in scored.items():
             mean, freq = split_scores(stats_from(sc, k_of).tensors())
             ranked = NeuronSet(rank_all(mean, freq), {"tag": name})  # every neuron, ranked as detection ranks
@@ -506,8 +515,9 @@ def run_effect_only(cfg) -> dict:
                 share = sum(ad.neuron_params(k) for _, k, _ in top.ranking) / ad.n_params()
                 rows.append({"method": name, "role": "scorer", "n": n, "param_share": share, **_effect(m),
                              "score_seconds": round(secs, 1)})
-                rows.append({"method": f"random ({name} shape)", "role": "baseline", "n": n,
-                             **_random_rows(ev, model, ad, top, top, b.random_seeds, f"{name} n={n}")})
+                if per_scorer:
+                    rows.append({"method": f"random ({name} shape)", "role": "baseline", "n": n,
+                                 **_random_rows(ev, model, ad, top, top, b.random_seeds, f"{name} n={n}")})
         df = pd.DataFrame(rows)
         _write(tr, df, cfg, None)
         hits = df[(df.role == "scorer") & (df.harmful_refusal <= 0.2) & (df.degenerate_share <= 0.2)

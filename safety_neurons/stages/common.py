@@ -213,3 +213,21 @@ def random_like(ns: NeuronSet, adapter, seed: int, exclude: NeuronSet | None = N
         pick = pool[torch.randperm(len(pool), generator=g)[: len(idx)]]
         out += [(layer, kind, int(i)) for i in pick.sort().values]
     return NeuronSet(out, {"random_like": ns.meta.get("tag"), "seed": seed})
+
+
+def random_count(adapter, kinds, n: int, seed: int) -> NeuronSet:
+    """``n`` neurons drawn uniformly (seeded) from every neuron of ``kinds`` in every layer: the
+    paper's random baseline of the same count, whatever layers and kinds a scorer's set falls in."""
+    pool = [(layer, kind) for layer in range(adapter.n_layers) for kind in kinds]
+    widths = torch.tensor([adapter.width(k) for _, k in pool])
+    total = int(widths.sum())
+    if n > total:
+        raise UserError(f"cannot draw {n} random neurons from the {total} of kinds {list(kinds)}; lower benchmark.counts")
+    starts = torch.cumsum(widths, 0) - widths
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for flat in torch.randperm(total, generator=g)[:n].sort().values.tolist():
+        at = int(torch.searchsorted(starts, flat, right=True)) - 1
+        out.append((*pool[at], flat - int(starts[at])))
+    return NeuronSet(out, {"random_count": n, "seed": seed})
+
