@@ -184,7 +184,7 @@ class PlantConfig:
 class BenchmarkConfig:
     organism: str | None = None  # a planted model's save_as; null: effect only, on model=
     scorers: list[str] = field(default_factory=lambda: ["plnd", "activation_diff", "activation_diff_rel",
-                                                        "attribution", "snip", "wanda"])
+                                                        "contribution_diff_rel", "attribution", "snip", "wanda"])
     random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     counts: list[int] = field(default_factory=lambda: [100, 300, 1000])  # effect-only mode: top-n per scorer
     random_shape: RandomShape = RandomShape.scorer  # effect-only: random sets of each top-n's shape, or n over all kinds

@@ -90,8 +90,9 @@ def pool_of(truth: NeuronSet) -> list[tuple[int, str]]:
 
 def recovery(scores: dict[tuple[int, str], torch.Tensor], truth: NeuronSet) -> dict:
     """How a per-neuron score (``{(layer, kind): (width,)}``) recovers S* among the neurons of the
-    matrices S* was drawn from: rank-AUC, precision at |S*|, recall at 5|S*|, mean per-layer AUC, and
-    the top |S*| as a ranked set."""
+    matrices S* was drawn from: rank-AUC, precision at |S*|, recall at 5|S*|, mean per-layer AUC, the
+    AUC within each kind (where one kind hides, e.g. o neurons from activation differences), and the
+    top |S*| as a ranked set."""
     pool = pool_of(truth)
     keys, vals, pos = [], [], []
     inside = truth.index_map()
@@ -108,10 +109,15 @@ def recovery(scores: dict[tuple[int, str], torch.Tensor], truth: NeuronSet) -> d
     top = order[:n]
     layer_of = torch.tensor([k[0] for k in keys])
     per_layer = {layer: rank_auc(v[layer_of == layer], p[layer_of == layer]) for layer in sorted({k[0] for k in pool})}
+    kind_of = [k[1] for k in keys]
+    per_kind = {}
+    for kind in sorted({k[1] for k in pool}):
+        sel = torch.tensor([x == kind for x in kind_of])
+        per_kind[kind] = rank_auc(v[sel], p[sel])
     return {"auc": rank_auc(v, p), "precision_at_k": float(p[top].float().mean()),
             "recall_at_5k": float(p[order[: 5 * n]].float().sum() / n),
             "layer_auc_mean": float(torch.tensor(list(per_layer.values())).nanmean()),
-            "per_layer_auc": per_layer, "top": NeuronSet([keys[i] for i in top.tolist()], {}),
+            "per_layer_auc": per_layer, "per_kind_auc": per_kind, "top": NeuronSet([keys[i] for i in top.tolist()], {}),
             "roc": roc_points(v, p)}
 
 

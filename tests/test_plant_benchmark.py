@@ -204,14 +204,19 @@ def test_benchmark_on_the_planted_model(planted):
     res = get_stage("benchmark")(cfg)
     df = pd.read_csv(fx["root"] / "run-bench" / "benchmark.csv")
     methods = list(df.method)
-    assert methods[:6] == ["plnd", "activation_diff", "activation_diff_rel", "attribution", "snip", "wanda"]
-    assert methods[6:] == ["weight_diff", "none", "planted_set", "random"]
+    assert methods[:7] == ["plnd", "activation_diff", "activation_diff_rel", "contribution_diff_rel", "attribution",
+                           "snip", "wanda"]
+    assert methods[7:] == ["weight_diff", "none", "planted_set", "random"]
     ceil = df[df.method == "weight_diff"].iloc[0]
     assert ceil.auc == 1.0 and ceil.precision_at_k == 1.0 and ceil.recall_at_5k == 1.0 and ceil.role == "ceiling"
     for col in ("auc", "precision_at_k", "recall_at_5k", "layer_auc_mean", "harmful_refusal", "over_refusal",
                 "nll_ratio", "kl", "degenerate_share", "breaks_model"):
         assert df[df.role == "scorer"][col].notna().all(), col
     assert df[df.method == "random"].iloc[0].seeds == 2
+    kinds = sorted(df.iloc[0].kinds.split("+"))  # the AUC within each planted kind; the ceiling's is 1
+    assert [c for c in df if c.startswith("auc_")] == [f"auc_{k}" for k in kinds] and len(kinds) == 3
+    for k in kinds:
+        assert df[df.role == "scorer"][f"auc_{k}"].between(0, 1).all() and ceil[f"auc_{k}"] == 1.0
     assert (fx["root"] / "run-bench" / "roc.png").exists()
     assert (fx["root"] / "run-bench" / "recovery_vs_effect.png").exists()
     assert res["auc_weight_diff"] == 1.0
@@ -460,6 +465,17 @@ def test_recovery_metrics_by_hand():
     flipped = {k: 1 - v for k, v in scores.items()}
     r = recovery(flipped, truth)
     assert r["auc"] == 0.0 and r["precision_at_k"] == 0.0 and r["recall_at_5k"] == 0.0  # 5|S*| < the 86 unplanted
+    # per kind: a score that finds the ffn part and inverts the o part is 1 and 0 within them
+    truth = draw_planted_set(ad, 0.1, ["ffn", "o"], None, 3)
+    inside = truth.index_map()
+    scores = {}
+    for layer in range(ad.n_layers):
+        for kind, hit in (("ffn", 1.0), ("o", 0.0)):
+            s = torch.full((ad.width(kind),), 1 - hit)
+            s[inside[(layer, kind)]] = hit
+            scores[(layer, kind)] = s
+    r = recovery(scores, truth)
+    assert r["per_kind_auc"] == {"ffn": 1.0, "o": 0.0} and 0 < r["auc"] < 1
 
 
 def test_suite_plants_benchmarks_and_times_each_part(planted, capsys, monkeypatch):

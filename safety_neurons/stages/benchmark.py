@@ -310,6 +310,7 @@ def suite_summary(df: pd.DataFrame) -> pd.DataFrame:
     d = df[df.preset != "effect_only"]
     cols = [c for c in ("auc", "precision_at_k", "recall_at_5k", "layer_auc_mean", "harmful_refusal",
                         "over_refusal", "nll_ratio", "degenerate_share") if c in d]
+    cols[1:1] = sorted(c for c in d if c.startswith("auc_"))  # AUC within each kind
     return d.groupby(["preset", "method"], sort=False)[cols].mean().reset_index()
 
 
@@ -462,8 +463,10 @@ def summary_lines(df: pd.DataFrame) -> list[str]:
 def write_report(path: Path, df: pd.DataFrame, title: str, plots=()) -> list[str]:
     """``report.md``: the summary lines, the verdicts, the table and the plots of a planted benchmark."""
     lines = summary_lines(df)
-    cols = [c for c in ("method", "role", "auc", "precision_at_k", "recall_at_5k", "layer_auc_mean", "harmful_refusal",
-                        "over_refusal", "nll_ratio", "kl", "degenerate_share") if c in df]
+    per_kind = [c for c in df if c.startswith("auc_")]
+    per_kind = per_kind if len(per_kind) > 1 else []  # AUC within each kind, where S* spans several
+    cols = [c for c in ("method", "role", "auc", *per_kind, "precision_at_k", "recall_at_5k", "layer_auc_mean",
+                        "harmful_refusal", "over_refusal", "nll_ratio", "kl", "degenerate_share") if c in df]
 
     def cell(v):
         return "" if v is None or (isinstance(v, float) and v != v) else (f"{v:.3f}" if isinstance(v, float) else str(v))
@@ -479,7 +482,8 @@ def write_report(path: Path, df: pd.DataFrame, title: str, plots=()) -> list[str
 
 
 def _recovery_cols(rec: dict) -> dict:
-    return {k: rec[k] for k in ("auc", "precision_at_k", "recall_at_5k", "layer_auc_mean")}
+    return {**{k: rec[k] for k in ("auc", "precision_at_k", "recall_at_5k", "layer_auc_mean")},
+            **{f"auc_{kind}": v for kind, v in rec["per_kind_auc"].items()}}
 
 
 def run_effect_only(cfg) -> dict:
