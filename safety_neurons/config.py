@@ -40,6 +40,7 @@ ScorerName = _choice("ScorerName", "plnd activation_diff activation_diff_rel con
                                    "contribution_diff_rel attribution snip wanda")
 Baseline = _choice("Baseline", "safety random")  # deactivate.baseline
 RandomShape = _choice("RandomShape", "scorer count")  # benchmark.random_shape
+Normalize = _choice("Normalize", "none median")  # detect.normalize
 Ablation = _choice("Ablation", "zero mean")  # deactivate.ablation
 Target = _choice("Target", "safety random all lora")  # finetune.target
 SetKind = _choice("SetKind", "sn rsn")  # finetune.set
@@ -134,6 +135,7 @@ class DetectConfig:
     scorer: ScorerName = ScorerName.plnd
     reference_model: str | None = None  # activation_diff*, contribution_diff*: a model preset name or a folder/.gguf path
     target_tokens: int = 32  # attribution/snip without dataset responses: greedy answer length
+    normalize: Normalize = Normalize.none  # median: each prompt's scores over their (layer, kind)'s median
 
 
 @dataclass
@@ -184,7 +186,7 @@ class PlantConfig:
 class BenchmarkConfig:
     organism: str | None = None  # a planted model's save_as; null: effect only, on model=
     scorers: list[str] = field(default_factory=lambda: ["plnd", "activation_diff", "activation_diff_rel",
-                                                        "contribution_diff_rel", "attribution", "snip", "wanda"])
+                                                        "contribution_diff_rel/median", "attribution", "snip", "wanda"])
     random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     counts: list[int] = field(default_factory=lambda: [100, 300, 1000])  # effect-only mode: top-n per scorer
     random_shape: RandomShape = RandomShape.scorer  # effect-only: random sets of each top-n's shape, or n over all kinds

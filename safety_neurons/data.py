@@ -47,6 +47,12 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def form_matched(self, names) -> list[bool]:
+        """Per prompt, whether its label is one of ``names`` (``eval.form_matched``: harmless prompts
+        written in the harmful set's form); all False for a set without labels."""
+        names = set(names)
+        return [lab in names for lab in self.labels] if self.labels is not None else [False] * len(self)
+
     def head(self, n: int | None) -> PromptSet:
         if n is None or n >= len(self.prompts):
             return self

@@ -535,9 +535,10 @@ class Evaluator:
         m.update(cap)
         extra_rows = self._over_refusal_by_set(extra, m, tag)
         labels = self.harmless.labels
-        if labels is not None and set(labels) & set(c.form_matched):
-            fm = [r for r, lab in zip(br, labels) if lab in c.form_matched]
-            nat = [r for r, lab in zip(br, labels) if lab not in c.form_matched]
+        is_fm = self.harmless.form_matched(c.form_matched)
+        if any(is_fm):
+            fm = [r for r, f in zip(br, is_fm) if f]
+            nat = [r for r, f in zip(br, is_fm) if not f]
             m["over_refusal_form_matched"] = sum(fm) / len(fm)
             m["over_refusal_natural"] = sum(nat) / len(nat) if nat else 0.0
             m["n_harmless_form_matched"] = len(fm)

@@ -111,4 +111,12 @@ def score_prompts(model, tok, adapter, prompts: list[str], d, system_prompt, max
             merged.update(part)
         results = merged
     keys = sorted(results[0].keys())
-    return {key: torch.stack([results[i][key] for i in range(len(prompts))]) for key in keys}
+    out = {key: torch.stack([results[i][key] for i in range(len(prompts))]) for key in keys}
+    return per_matrix_median(out) if getattr(d, "normalize", "none") == "median" else out
+
+
+def per_matrix_median(scores: dict) -> dict:
+    """Each prompt's scores of a (layer, kind) divided by their median there (``detect.normalize=median``):
+    rankings across layers and kinds then compare a neuron with its own matrix's typical score."""
+    tiny = torch.finfo(torch.float32).tiny
+    return {k: v / v.median(dim=-1, keepdim=True).values.clamp(min=tiny) for k, v in scores.items()}

@@ -377,3 +377,10 @@ def test_eval_fraction_zero_holds_out_nothing(tmp_path):
     whole = load_prompts(dcfg(name="c", kind="custom", path=str(f), eval_fraction=0.3), "train")
     assert whole.shortfall() == (f"c (train): 5 of the 7 prompts in {f}: 2 held out for the eval split "
                                  f"(dataset.eval_fraction=0.3; 0 holds out none)")
+
+
+def test_form_matched_marks_the_labelled_prompts():
+    ps = PromptSet("h", "eval", ["a", "b", "c"], labels=["harmbench_style", "cooking", "other_style"])
+    assert ps.form_matched(["harmbench_style", "other_style"]) == [True, False, True]
+    assert ps.form_matched([]) == [False, False, False]
+    assert PromptSet("h", "eval", ["a", "b"]).form_matched(["harmbench_style"]) == [False, False]

@@ -204,8 +204,8 @@ def test_benchmark_on_the_planted_model(planted):
     res = get_stage("benchmark")(cfg)
     df = pd.read_csv(fx["root"] / "run-bench" / "benchmark.csv")
     methods = list(df.method)
-    assert methods[:7] == ["plnd", "activation_diff", "activation_diff_rel", "contribution_diff_rel", "attribution",
-                           "snip", "wanda"]
+    assert methods[:7] == ["plnd", "activation_diff", "activation_diff_rel", "contribution_diff_rel/median",
+                           "attribution", "snip", "wanda"]
     assert methods[7:] == ["weight_diff", "none", "planted_set", "random"]
     ceil = df[df.method == "weight_diff"].iloc[0]
     assert ceil.auc == 1.0 and ceil.precision_at_k == 1.0 and ceil.recall_at_5k == 1.0 and ceil.role == "ceiling"
@@ -257,9 +257,11 @@ def test_benchmark_sweep_switches_off_the_top_n_of_each_method(planted, monkeypa
     monkeypatch.setattr(bm, "deactivated", recording)
     monkeypatch.setattr(bm, "recovery", rec)
     expected, calls = [], []
-    real_expect, real_eval = bm.Evaluator.expect, bm.Evaluator.evaluate
-    monkeypatch.setattr(bm.Evaluator, "expect", lambda self, n, d="": expected.append(n) or real_expect(self, n, d))
-    monkeypatch.setattr(bm.Evaluator, "evaluate", lambda self, *a, **k: calls.append(1) or real_eval(self, *a, **k))
+    from safety_neurons.evaluation import Evaluator
+
+    real_expect, real_eval = Evaluator.expect, Evaluator.evaluate
+    monkeypatch.setattr(Evaluator, "expect", lambda self, n, d="": expected.append(n) or real_expect(self, n, d))
+    monkeypatch.setattr(Evaluator, "evaluate", lambda self, *a, **k: calls.append(1) or real_eval(self, *a, **k))
     run = fx["root"] / "run-sweep"
     get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
                                              "benchmark.n_prompts=3", "benchmark.scorers=[wanda]",
@@ -304,6 +306,34 @@ def test_benchmark_sweep_switches_off_the_top_n_of_each_method(planted, monkeypa
     with pytest.raises(UserError, match="benchmark.sweep"):
         get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
                                                  "benchmark.sweep=[1.0]")))
+
+
+def test_a_median_entry_ranks_the_scores_normalized_per_matrix(planted, monkeypatch):
+    """benchmark.scorers entry NAME/median: the scorer's per-prompt scores, each (layer, kind) row over its
+    median, ranked by their mean (checked against the plain entry's scores from the same run)."""
+    from safety_neurons.scoring import per_matrix_median
+    from safety_neurons.stages import benchmark as bm
+
+    fx, _ = planted
+    ranked = []
+    real_recovery = bm.recovery
+    monkeypatch.setattr(bm, "recovery", lambda sc, truth: ranked.append(sc) or real_recovery(sc, truth))
+    calls = []
+    real_score = bm.score_prompts
+    monkeypatch.setattr(bm, "score_prompts", lambda *a, **k: calls.append(real_score(*a, **k)) or calls[-1])
+    run = fx["root"] / "run-median"
+    get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
+                                             "benchmark.n_prompts=3", "benchmark.scorers=[wanda,wanda/median]",
+                                             "benchmark.deactivate=false")))
+    assert list(pd.read_csv(run / "benchmark.csv").method) == ["wanda", "wanda/median", "weight_diff"]
+    plain, normed = calls
+    want = per_matrix_median(plain)
+    for key in plain:
+        assert torch.equal(normed[key], want[key]) and torch.equal(ranked[1][key], want[key].mean(0))
+        assert torch.equal(normed[key].median(-1).values, torch.ones(len(normed[key])))  # each row's median is 1
+    with pytest.raises(UserError, match="only 'median' is known"):
+        get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
+                                                 "benchmark.scorers=[wanda/mean]")))
 
 
 def test_a_contrast_adds_each_scorer_minus_its_contrast_mean(planted, monkeypatch):

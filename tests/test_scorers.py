@@ -11,7 +11,7 @@ from safety_neurons.data import encode, scored_mask
 from safety_neurons.errors import UserError
 from safety_neurons.hooks import deactivated, hooks
 from safety_neurons.importance import KINDS, SCORERS, get_scorer, options
-from safety_neurons.importance.activation import activation_diff
+from safety_neurons.importance.activation import activation_diff, contribution_diff
 from safety_neurons.importance.gradient import attribution, snip
 from safety_neurons.importance.sites import site, slice_linears
 from safety_neurons.importance.wanda import wanda
@@ -142,9 +142,9 @@ def test_activation_diff_of_a_model_against_itself_is_zero(family, tok):
     b = encode(tok, PROMPTS, None)
     sc = scored_mask(b, "content")
     for rel in (False, True):
-        for written in (False, True):
-            got = activation_diff(m, ad, b, sc, KINDS, (m, ad), relative=rel, written=written)
-            assert all(bool((v == 0).all()) for v in got.values()), (rel, written)
+        for fn in (activation_diff, contribution_diff):
+            got = fn(m, ad, b, sc, KINDS, (m, ad), relative=rel)
+            assert all(bool((v == 0).all()) for v in got.values()), (rel, fn.__name__)
 
 
 def test_activation_diff_equals_mean_difference(tok):
@@ -177,50 +177,51 @@ def test_activation_diff_equals_mean_difference(tok):
 
 
 def test_contribution_diff_equals_the_written_vectors_difference(family, tok):
-    """contribution_diff against its definition written out: per prompt, the norm of the difference of
-    the mean written vectors h_tn * W[:, n] (ffn: down_proj's column, o: o_proj's column); q, k, v have
-    no output column and score as activation_diff does."""
+    """contribution_diff against its definition written out: per prompt, the mean over scored tokens of
+    ||c_tn(M) - c_tn(R)||, c_tn = h_tn * W[:, n] for ffn (down_proj's column) and o (o_proj's column),
+    c_tn = h_tn for q, k, v; the relative form over (mean_t |h_tn(R)| + eps) * ||W_R[:, n]||."""
     m, r = tiny_model(family, seed=0), tiny_model(family, seed=1)
     ad, rad = ModelAdapter(m), ModelAdapter(r)
     b = encode(tok, PROMPTS, None)
     sc = scored_mask(b, "content")
-    got = activation_diff(m, ad, b, sc, KINDS, (r, rad), written=True)
-    rel = activation_diff(m, ad, b, sc, KINDS, (r, rad), relative=True, written=True)
-    plain = activation_diff(m, ad, b, sc, KINDS, (r, rad))
-    plain_rel = activation_diff(m, ad, b, sc, KINDS, (r, rad), relative=True)
+    got = contribution_diff(m, ad, b, sc, KINDS, (r, rad))
+    rel = contribution_diff(m, ad, b, sc, KINDS, (r, rad), relative=True)
     caps = {"m": {}, "r": {}}
     for name, a in (("m", ad), ("r", rad)):
         specs = []
         for layer in range(a.n_layers):
-            for k in ("ffn", "o"):
-                mod, _ = site(a, layer, k)
-                specs.append((mod, "pre", lambda _m, args, key=(layer, k), c=caps[name]: c.__setitem__(key, args[0])))
+            for k in KINDS:
+                mod, where = site(a, layer, k)
+                put = lambda key, v, c=caps[name]: c.__setitem__(key, v)  # noqa: E731
+                if where == "pre":
+                    specs.append((mod, "pre", lambda _m, args, key=(layer, k), put=put: put(key, args[0])))
+                else:
+                    specs.append((mod, "fwd", lambda _m, _a, out, key=(layer, k), put=put: put(key, out)))
         with torch.no_grad(), hooks(specs):
             a.model(input_ids=b.input_ids, attention_mask=b.attention_mask)
     for layer in range(ad.n_layers):
         for k in KINDS:
             key = (layer, k)
-            if k in ("q", "k", "v"):
-                assert torch.equal(got[key], plain[key]) and torch.equal(rel[key], plain_rel[key]), key
-                continue
-            (wm,), (wr,) = ([lin.weight.detach().double() for lin, d in a.site(layer, k).slices if d == 1]
-                            for a in (ad, rad))
+            cols = [[lin.weight.detach().double() for lin, d in a.site(layer, k).slices if d == 1] for a in (ad, rad)]
             for i in range(len(PROMPTS)):
-                hm = caps["m"][key][i][sc[i]].double()
+                hm = caps["m"][key][i][sc[i]].double()  # (n_scored, width)
                 hr = caps["r"][key][i][sc[i]].double()
-                cm = (hm[:, None, :] * wm[None]).mean(0)  # (out, width): the mean written vector per neuron
-                cr = (hr[:, None, :] * wr[None]).mean(0)
-                want = (cm - cr).norm(dim=0)
-                torch.testing.assert_close(got[key][i].double(), want, rtol=1e-4, atol=1e-6)
-                norm_r = (hr[:, None, :] * wr[None]).norm(dim=1).mean(0)  # mean_t ||c_tn(R)||
-                torch.testing.assert_close(rel[key][i].double(), want / (norm_r + 1e-6 * wr.norm(dim=0)),
-                                           rtol=1e-4, atol=1e-5)
+                if cols[0]:
+                    (wm,), (wr,) = cols
+                    cm, cr = hm[:, None, :] * wm[None], hr[:, None, :] * wr[None]  # (n_scored, out, width)
+                    want = (cm - cr).norm(dim=1).mean(0)
+                    norm = wr.norm(dim=0)
+                else:
+                    want, norm = (hm - hr).abs().mean(0), 1.0
+                torch.testing.assert_close(got[key][i].double(), want, rtol=1e-4, atol=1e-6, msg=str(key))
+                torch.testing.assert_close(rel[key][i].double(), want / ((hr.abs().mean(0) + 1e-6) * norm),
+                                           rtol=1e-4, atol=1e-5, msg=str(key))
 
 
 def test_contribution_diff_sees_an_output_column_the_site_cannot(tok):
     """A changed o_proj column in the last layer leaves every activation up to its own site unchanged
     (only the last MLP, downstream, sees it): activation_diff is exactly zero there, contribution_diff
-    is |mean h| * ||dW|| at that neuron alone."""
+    is mean_t |h_t| * ||dW|| at that neuron alone."""
     m = tiny_model("llama")
     r = tiny_model("llama")
     ad, rad = ModelAdapter(m), ModelAdapter(r)
@@ -231,7 +232,7 @@ def test_contribution_diff_sees_an_output_column_the_site_cannot(tok):
     b = encode(tok, PROMPTS, None)
     sc = scored_mask(b, "content")
     site_d = activation_diff(m, ad, b, sc, KINDS, (r, rad))
-    got = activation_diff(m, ad, b, sc, KINDS, (r, rad), written=True)
+    got = contribution_diff(m, ad, b, sc, KINDS, (r, rad))
     downstream = (last, "ffn")
     assert all(bool((v == 0).all()) for key, v in site_d.items() if key != downstream)
     for key, v in got.items():
@@ -243,8 +244,8 @@ def test_contribution_diff_sees_an_output_column_the_site_cannot(tok):
     with torch.no_grad(), hooks([(o_proj, "pre", lambda _m, args: caps.__setitem__("h", args[0]))]):
         m(input_ids=b.input_ids, attention_mask=b.attention_mask)
     for i in range(len(PROMPTS)):
-        hbar = caps["h"][i][sc[i]][:, 3].double().mean()
-        want = hbar.abs() * 0.5 * o_proj.weight.shape[0] ** 0.5
+        h_abs = caps["h"][i][sc[i]][:, 3].double().abs().mean()
+        want = h_abs * 0.5 * o_proj.weight.shape[0] ** 0.5
         torch.testing.assert_close(o[i, 3].double(), want, rtol=1e-4, atol=1e-7)
 
 

@@ -384,3 +384,25 @@ def test_finetune_answers_only_the_harmless_prompts_its_steps_draw(fixtures, tmp
         weights.append(m.state_dict())
     for k, v in weights[0].items():
         assert torch.equal(v, weights[1][k]), k
+
+
+def test_a_median_normalized_set_keeps_the_per_layer_selection(fixtures, tmp_path):
+    """detect.normalize=median: saved under <tag>-median with the setting in its provenance, its mean
+    scores are the per-prompt scores over each matrix's median; the per-(layer, kind) top-k selection,
+    which a per-matrix scale cannot change, is the plain set's."""
+    import torch
+
+    from safety_neurons.scoring import per_matrix_median
+
+    k = ["topk.attn=0.25", "topk.ffn=0.25", "topk.consistency=0.5"]
+    plain = stage(fixtures, tmp_path / "p", "detect", *k, "detect.save_as=med-plain")
+    med = stage(fixtures, tmp_path / "m", "detect", *k, "detect.normalize=median")
+    assert med["tag"] == "exact-median"
+    meta = NeuronSet.load(med["neurons_json"]).meta
+    assert meta["normalize"] == "median" and NeuronSet.load(plain["neurons_json"]).meta["normalize"] == "none"
+    assert set(NeuronSet.load(med["neurons_json"]).ranking) == set(NeuronSet.load(plain["neurons_json"]).ranking)
+    ps = {n: load_file(str(Path(r["neurons_json"]).parent / "prompt_scores.safetensors")) for n, r in
+          (("p", plain), ("m", med))}
+    want = per_matrix_median({k: v.float() for k, v in ps["p"].items()})
+    for name, v in ps["m"].items():
+        torch.testing.assert_close(v.float(), want[name], rtol=2e-3, atol=1e-3)  # stored as float16

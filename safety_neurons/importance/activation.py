@@ -4,14 +4,15 @@
 with R a model of the same architecture (the base model before alignment) run on the same batch.
 ``activation_diff_rel`` divides by ``mean_t |h_tn(R)| + eps``. Two forward passes, no gradients.
 
-``contribution_diff`` compares what the neuron writes instead of its value at the site: for kinds whose
-slice includes output columns (ffn: column k of ``down_proj``; o: column r of ``o_proj``) the
-contribution at token t is ``c_tn = h_tn * W[:, n]``, and ``s(n) = || mean_t c_tn(M) - mean_t c_tn(R) ||_2``
-(``_rel``: over ``(mean_t |h_tn(R)| + eps) * ||W_R[:, n]||``, the reference's mean contribution norm). Why: an o neuron's site (channel r of ``o_proj``'s input)
-lies upstream of its own weights, so a change of those weights (a fine-tune of that column, or a
-planted one) never shows at the site; the contribution sees it. q, k and v have no output column: their
-contribution is their site value, so for them the two scorers agree, as they do wherever M's and R's
-output columns are equal. Still two forward passes; the column norms and dot products are per neuron.
+``contribution_diff`` compares what the neuron writes, token by token: for kinds whose slice includes
+output columns (ffn: column k of ``down_proj``; o: column r of ``o_proj``) the contribution at token t
+is ``c_tn = h_tn * W[:, n]``; q, k and v write their value, ``c_tn = h_tn``. ``s(n) = mean_t
+|| c_tn(M) - c_tn(R) ||_2`` (``_rel``: over ``(mean_t |h_tn(R)| + eps) * ||W_R[:, n]||``, the
+reference's mean contribution norm; 1 for q, k, v). Why: an o neuron's site (channel r of ``o_proj``'s
+input) lies upstream of its own weights, so a change of those weights (a fine-tune of that column, or a
+planted one) never shows at the site; the contribution sees it. Why per token: a changed weight row
+moves the activation up on some tokens and down on others, which a difference of means averages away.
+Still two forward passes; the column norms and dot products are per neuron.
 """
 
 from __future__ import annotations
@@ -84,31 +85,64 @@ def column_products(adapter: ModelAdapter, ref_adapter: ModelAdapter, layer: int
 
 
 def activation_diff(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tensor, kinds: tuple[str, ...],
-                    reference, relative: bool = False, written: bool = False) -> dict[tuple[int, str], torch.Tensor]:
+                    reference, relative: bool = False) -> dict[tuple[int, str], torch.Tensor]:
     """``{(layer, kind): (B, width)}``: the activation difference of ``model`` against ``reference``
-    ((model, adapter) of the same architecture), absolute or relative; with ``written``, the difference
-    of the neurons' contributions (``contribution_diff``, see the module docstring)."""
-    if reference is None:
-        raise UserError("the activation_diff scorers need detect.reference_model=NAME_OR_PATH (the base model "
-                        "before alignment, same architecture)")
-    ref_model, ref_adapter = reference
-    check_reference(adapter, ref_adapter)
+    ((model, adapter) of the same architecture), absolute or relative."""
+    ref_model, ref_adapter = _checked(adapter, reference)
     m, _ = site_means(model, adapter, batch, scored, kinds, with_abs=False)
     r, r_abs = site_means(ref_model, ref_adapter, batch, scored, kinds, with_abs=relative)
     out = {}
     for key in m:
-        hm, hr = m[key], r[key].to(m[key].device)
-        prods = column_products(adapter, ref_adapter, *key) if written else None
-        if prods is None:
-            d = (hm - hr).abs()
-            out[key] = d / (r_abs[key].to(d.device) + EPS) if relative else d
-            continue
-        p = {k: v.to(hm.device) for k, v in prods.items()}
-        hm, hr, ha = hm.double(), hr.double(), r_abs[key].to(hm.device).double() if relative else None
-        # hm w_M - hr w_R = (hm - hr) w_M + hr (w_M - w_R): no cancellation where the two are close, and
-        # exactly |hm - hr| ||w_M|| where the columns are equal
-        dh = hm - hr
-        sq = dh * dh * p["mm"] + hr * hr * p["dd"] + 2 * dh * hr * p["md"]
-        d = sq.clamp(min=0).sqrt()
-        out[key] = d / ((ha + EPS) * p["rr"].sqrt().clamp(min=EPS)) if relative else d
+        d = (m[key] - r[key].to(m[key].device)).abs()
+        out[key] = d / (r_abs[key].to(d.device) + EPS) if relative else d
+    return stack_scores(out, adapter, kinds)
+
+
+def _checked(adapter: ModelAdapter, reference):
+    if reference is None:
+        raise UserError("the activation_diff and contribution_diff scorers need detect.reference_model=NAME_OR_PATH "
+                        "(the base model before alignment, same architecture)")
+    check_reference(adapter, reference[1])
+    return reference
+
+
+@torch.no_grad()
+def contribution_diff(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tensor, kinds: tuple[str, ...],
+                      reference, relative: bool = False) -> dict[tuple[int, str], torch.Tensor]:
+    """``{(layer, kind): (B, width)}``: per prompt, the mean over scored tokens of the change of what each
+    neuron writes, ``||c_tn(M) - c_tn(R)||`` (see the module docstring), absolute or relative. The
+    reference runs first and its site values are kept for the model's pass (one (B, T, width) tensor
+    per site)."""
+    ref_model, ref_adapter = _checked(adapter, reference)
+    dev = model_device(model)
+    dt = torch.float64  # the per-token expansion below subtracts close values
+    on = scored.to(dev).bool()
+    w = token_weights(on, dt)
+    b = batch.to(dev)
+    ref_h: dict = {}
+
+    def keep(layer: int, kind: str, h: torch.Tensor) -> None:
+        ref_h[(layer, kind)] = torch.where(on[..., None], h.to(dev, dt), 0.0)  # padding may hold NaN
+
+    with hooks(site_specs(ref_adapter, kinds, keep)):
+        ref_model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, logits_to_keep=1)
+    out: dict = {}
+
+    def diff(layer: int, kind: str, h: torch.Tensor) -> None:
+        hr = ref_h.pop((layer, kind))
+        dh = torch.where(on[..., None], h.to(dt), 0.0) - hr
+        p = column_products(adapter, ref_adapter, layer, kind)
+        if p is None:  # q, k, v: what they write is their value
+            d, norm = dh.abs(), 1.0
+        else:
+            p = {k: v.to(dev) for k, v in p.items()}
+            # c_M - c_R = dh w_M + hr (w_M - w_R): no cancellation where the two are close, and exactly
+            # |dh| ||w_M|| where the columns are equal
+            d = (dh * dh * p["mm"] + hr * hr * p["dd"] + 2 * dh * hr * p["md"]).clamp(min=0).sqrt()
+            norm = p["rr"].sqrt().clamp(min=EPS)
+        d = torch.einsum("bt,btn->bn", w, d)
+        out[(layer, kind)] = d / ((torch.einsum("bt,btn->bn", w, hr.abs()) + EPS) * norm) if relative else d
+
+    with hooks(site_specs(adapter, kinds, diff)):
+        model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, logits_to_keep=1)
     return stack_scores(out, adapter, kinds)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from ..errors import UserError
-from .activation import activation_diff
+from .activation import activation_diff, contribution_diff
 from .gradient import attribution, snip
 from .plnd import prompt_scores
 from .wanda import wanda
@@ -41,11 +41,11 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in [
            needs_reference=True, about="|mean activation - the reference model's|"),
     Scorer("activation_diff_rel", lambda m, a, b, s, k, o: activation_diff(m, a, b, s, k, o.reference, relative=True),
            needs_reference=True, about="activation difference over the reference's mean |activation|"),
-    Scorer("contribution_diff",
-           lambda m, a, b, s, k, o: activation_diff(m, a, b, s, k, o.reference, written=True), needs_reference=True,
-           about="||mean written vector (activation x output column) - the reference's||"),
+    Scorer("contribution_diff", lambda m, a, b, s, k, o: contribution_diff(m, a, b, s, k, o.reference),
+           needs_reference=True, about="mean over tokens of ||written vector (activation x output column) - the "
+           "reference's||"),
     Scorer("contribution_diff_rel",
-           lambda m, a, b, s, k, o: activation_diff(m, a, b, s, k, o.reference, relative=True, written=True),
+           lambda m, a, b, s, k, o: contribution_diff(m, a, b, s, k, o.reference, relative=True),
            needs_reference=True, about="contribution difference over the reference's mean contribution norm"),
     Scorer("attribution", lambda m, a, b, s, k, o: attribution(m, a, b, k), needs_target=True,
            about="first-order effect of zeroing the neuron on the target answer's log-likelihood"),

@@ -28,7 +28,6 @@ from omegaconf import OmegaConf
 
 from ..data import load_prompts
 from ..errors import UserError
-from ..evaluation import Evaluator
 from ..hooks import deactivated
 from ..importance import get_scorer
 from ..io import ArtifactDir, file_hash, sha256_of, write_csv, write_json, write_text
@@ -37,7 +36,17 @@ from ..neurons import NeuronSet, rank_all, split_scores
 from ..planted import recovery, slice_diff
 from ..scoring import score_prompts, target_answers
 from ..tracking import is_main_process
-from .common import cache_dir, harmful_set, harmless_set, load, log, random_count, random_like, store_of, tracked
+from .common import (
+    cache_dir,
+    evaluator,
+    harmful_set,
+    load,
+    log,
+    random_count,
+    random_like,
+    store_of,
+    tracked,
+)
 from .detect import contrasted, k_per_kind, load_reference_model, stats_from
 from .plant import default_name, planted_paths, read_plant
 
@@ -51,7 +60,7 @@ def check_benchmark_cfg(b) -> None:
     if not b.scorers:
         raise UserError("benchmark.scorers is empty; name at least one of the detect.scorer options")
     for s in b.scorers:
-        get_scorer(s)
+        scorer_of(s)
     if not b.random_seeds:
         raise UserError("benchmark.random_seeds is empty; the random baseline needs seeds (3 recommended)")
     if any(n < 1 for n in b.counts):
@@ -63,6 +72,16 @@ def check_benchmark_cfg(b) -> None:
         raise UserError("benchmark.sweep needs benchmark.deactivate=true (the sweep deactivates sets)")
     if b.n_prompts is not None and b.n_prompts < 1:
         raise UserError(f"benchmark.n_prompts={b.n_prompts} must be at least 1 (null: every training prompt)")
+
+
+def scorer_of(entry: str):
+    """The scorer of a ``benchmark.scorers`` entry: a scorer's name, or ``NAME/median`` for its scores
+    normalized per (layer, kind) (``detect.normalize=median``)."""
+    name, _, norm = entry.partition("/")
+    if norm not in ("", "median"):
+        raise UserError(f"benchmark.scorers entry {entry!r}: after the '/' only 'median' is known "
+                        f"(e.g. {name}/median, its scores normalized per layer and kind)")
+    return get_scorer(name)
 
 
 def _effect(m: dict) -> dict:
@@ -88,9 +107,12 @@ def _random_rows(ev, model, ad, shape: NeuronSet | None, exclude: NeuronSet | No
     return out
 
 
-def _scorer_settings(cfg, name: str, kinds):
+def _scorer_settings(cfg, entry: str, kinds):
     d = copy.deepcopy(cfg.detect)
+    name, _, norm = entry.partition("/")
     OmegaConf.update(d, "scorer", name)
+    if norm:
+        OmegaConf.update(d, "normalize", norm)
     OmegaConf.update(d, "kinds", list(kinds))
     return d
 
@@ -100,7 +122,7 @@ def _score_all(cfg, model, tok, ad, prompts, kinds, reference) -> dict:
     b = cfg.benchmark
     sp = cfg.model.system_prompt
     targets = None
-    if any(get_scorer(s).needs_target for s in b.scorers):
+    if any(scorer_of(s).needs_target for s in b.scorers):
         targets = target_answers(model, tok, prompts.prompts, sp, cfg.detect.target_tokens, cfg.eval.batch_size,
                                  prompts.responses, cfg.model.max_length)
     con = ctargets = None
@@ -111,7 +133,7 @@ def _score_all(cfg, model, tok, ad, prompts, kinds, reference) -> dict:
                                       con.responses, cfg.model.max_length)
     out = {}
     for name in b.scorers:
-        s = get_scorer(name)
+        s = scorer_of(name)
         t0 = time.time()
         settings = _scorer_settings(cfg, name, kinds)
         sc = score_prompts(model, tok, ad, prompts.prompts, settings, sp, cfg.model.max_length, None, "benchmark",
@@ -350,9 +372,7 @@ def run_planted(cfg) -> dict:
         planted, _, pad = load_model(pcfg, store_of(cfg), cfg.device)
         truth.check_compatible(pad.signature())
         prompts = harmful_set(cfg, "train").head(b.n_prompts)
-        sp = cfg.model.system_prompt
-        ev = (Evaluator(cfg.eval, planted, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length, cache_dir=cache_dir(cfg))
-              if b.deactivate else None)
+        ev = evaluator(cfg, planted, tok) if b.deactivate else None
         rows, rocs, tops = [], {}, {}
         common = {"organism": b.organism, "n_planted": len(truth), "share": prov["share"], "kinds": "+".join(kinds),
                   "n_prompts": len(prompts), "plant_refusal": prov["refusal"], "base_refusal": prov["base_refusal"]}
@@ -489,15 +509,14 @@ def _recovery_cols(rec: dict) -> dict:
 def run_effect_only(cfg) -> dict:
     b = cfg.benchmark
     kinds = list(cfg.detect.kinds)
-    if any(get_scorer(s).needs_reference for s in b.scorers) and not cfg.detect.reference_model:
+    if any(scorer_of(s).needs_reference for s in b.scorers) and not cfg.detect.reference_model:
         raise UserError("the activation_diff scorers need detect.reference_model=NAME_OR_PATH (the model before "
                         "alignment, e.g. smollm2 for smollm2_refusing); or leave them out of benchmark.scorers")
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
         ref = load_reference_model(cfg, ad) if cfg.detect.reference_model else None
         prompts = harmful_set(cfg, "train").head(b.n_prompts)
-        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"),
-                       cfg.model.system_prompt, cfg.model.max_length, cache_dir=cache_dir(cfg))
+        ev = evaluator(cfg, model, tok)
         k_of = k_per_kind(cfg.topk, ad, kinds)
         scored = _score_all(cfg, model, tok, ad, prompts, kinds, ref)
         per_scorer = b.random_shape == "scorer"

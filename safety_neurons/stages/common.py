@@ -133,10 +133,12 @@ def find_set(cfg, tag: str | None) -> Path:
 
 def default_tag(cfg) -> str:
     """The store tag of a detected set: the PLND mode (exact, original) or the scorer's name, then
-    ``-con<dataset>`` when scores were contrasted with dataset@contrast's means, ``-ref<dataset>`` when
+    ``-median`` with ``detect.normalize=median``, ``-con<dataset>`` when scores were contrasted with dataset@contrast's means, ``-ref<dataset>`` when
     dataset@reference's selection was subtracted."""
     d = cfg.detect
     base = d.mode if d.scorer == "plnd" else d.scorer
+    if d.get("normalize", "none") != "none":
+        base += f"-{d.normalize}"
     if cfg.get("contrast") is not None:
         base += f"-con{cfg.contrast.name}"
     return base + (f"-ref{cfg.reference.name}" if cfg.reference is not None else "")
@@ -230,4 +232,14 @@ def random_count(adapter, kinds, n: int, seed: int) -> NeuronSet:
         at = int(torch.searchsorted(starts, flat, right=True)) - 1
         out.append((*pool[at], flat - int(starts[at])))
     return NeuronSet(out, {"random_count": n, "seed": seed})
+
+
+def evaluator(cfg, model, tok, harmful=None, harmless=None, **kw):
+    """The run's :class:`~safety_neurons.evaluation.Evaluator` of ``model`` (the intact reference): the
+    held-out harmful and harmless prompts (or the sets given), the model's system prompt and length."""
+    from ..evaluation import Evaluator
+
+    return Evaluator(cfg.eval, model, tok, harmful if harmful is not None else harmful_set(cfg, "eval"),
+                     harmless if harmless is not None else harmless_set(cfg, "eval"), cfg.model.system_prompt,
+                     cfg.model.max_length, cache_dir=cache_dir(cfg), **kw)
 

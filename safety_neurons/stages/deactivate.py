@@ -13,14 +13,12 @@ from omegaconf import OmegaConf
 
 from ..ablation import apply_split, check_split, neuron_means, split_label
 from ..errors import UserError
-from ..evaluation import Evaluator
 from ..hooks import deactivated
 from ..io import write_csv
 from .common import (
     cache_dir,
     default_tag,
-    harmful_set,
-    harmless_set,
+    evaluator,
     load,
     load_set,
     log,
@@ -84,9 +82,8 @@ def run(cfg) -> dict:
         full = load_set(cfg, dc, ad, default_tag(cfg))
         region_set = apply_split(full, cfg.split, ad.n_layers)
         counts = checked_counts(cfg, region_set)
-        sp = cfg.model.system_prompt
         means = ablation_means(cfg, model, tok, ad)
-        ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length, cache_dir=cache_dir(cfg))
+        ev = evaluator(cfg, model, tok)
         rows, gens = [], []
         for n in counts:
             row, g = sweep_point(cfg, ev, model, ad, full, region_set, n, means)

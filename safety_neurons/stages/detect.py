@@ -325,7 +325,7 @@ def set_meta(cfg, model, ad, found: Detection, tag: str) -> dict:
         "n_prompts": len(found.harm), "scorer": d.scorer, "mode": d.mode if d.scorer == "plnd" else None,
         "reference_model": d.reference_model if scorer.needs_reference else None,
         "target_tokens": d.target_tokens if scorer.needs_target else None,
-        "tokens": d.tokens, "last_m": d.last_m,
+        "tokens": d.tokens, "last_m": d.last_m, "normalize": d.normalize,
         "qk_kernel": qk_kernel_used(d.qk_kernel, next(model.parameters()).device)
         if d.mode == "exact" and d.scorer == "plnd" else None,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),

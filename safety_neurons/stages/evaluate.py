@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..evaluation import Evaluator
 from ..io import write_csv
 from ..organism import base_model_of
-from .common import cache_dir, harmful_set, harmless_set, load, log, store_of, tracked
+from .common import evaluator, harmful_set, harmless_set, load, log, store_of, tracked
 
 
 def run(cfg) -> dict:
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
-        sp = cfg.model.system_prompt
         harmful, harmless = harmful_set(cfg, "eval"), harmless_set(cfg, "eval")
         rows, gens = [], []
         made_from = base_model_of(store_of(cfg), cfg.model.organism) if cfg.model.organism else None
@@ -30,7 +28,7 @@ def run(cfg) -> dict:
             base_cfg = OmegaConf.create(made_from)
             base_model, _, _ = load_model(base_cfg, store_of(cfg), cfg.device)
         ref = base_model if base_model is not None else model
-        ev = Evaluator(cfg.eval, ref, tok, harmful, harmless, sp, cfg.model.max_length, cache_dir=cache_dir(cfg))
+        ev = evaluator(cfg, ref, tok, harmful, harmless)
         if base_model is not None:
             m, g = ev.evaluate(base_model, tag="base")
             rows.append({"model": base_cfg.name, **m})

@@ -19,11 +19,9 @@ from ..tracking import is_main_process
 from ..training import attach_slices, bake_slices, freeze_slices, slice_delta, train_sft
 from .common import (
     build_missing,
-    cache_dir,
     cap_set,
     default_tag,
-    harmful_set,
-    harmless_set,
+    evaluator,
     load,
     load_set,
     log,
@@ -140,8 +138,7 @@ def intact_evaluator(cfg, model, tok) -> Evaluator:
     the same for every tuning of it with these prompts and settings (an SN-Tune and its random control),
     are made once and kept in the store under :func:`intact_key`."""
     saved = store_of(cfg).evaluation_dir(sha256_of(intact_key(cfg, model))) if cfg.finetune.reuse else None
-    return Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), cfg.model.system_prompt,
-                     cfg.model.max_length, cache_dir=cache_dir(cfg), saved=saved)
+    return evaluator(cfg, model, tok, saved=saved)
 
 
 def _finetune(cfg, name: str, out_dir: Path, art: ArtifactDir) -> dict:

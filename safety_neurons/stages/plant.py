@@ -135,9 +135,9 @@ def check_sets(cfg) -> tuple[list[str], list[str], str]:
                             f"(of {s.name}), leaving fewer to train on; lower plant.check_prompts or give more prompts")
     rng = random.Random(12345)  # fixed, not plant.seed: every S* seed is checked on the same prompts
     checked_harm = rng.sample(harm.prompts, n)
-    labels = benign.labels or [None] * len(benign)
-    fm = [q for q, lab in zip(benign.prompts, labels) if lab in cfg.eval.form_matched]
-    nat = [q for q, lab in zip(benign.prompts, labels) if lab not in cfg.eval.form_matched]
+    is_fm = benign.form_matched(cfg.eval.form_matched)
+    fm = [q for q, f in zip(benign.prompts, is_fm) if f]
+    nat = [q for q, f in zip(benign.prompts, is_fm) if not f]
     k = max(n - len(nat), min(len(fm), n // 2))  # half form-matched where both kinds suffice
     checked_benign = rng.sample(fm, k) + rng.sample(nat, n - k)
     return checked_harm, checked_benign, "training prompts held out"

@@ -31,16 +31,13 @@ from omegaconf import OmegaConf
 from ..ablation import REGIONS, check_split, region_of, split_label
 from ..config import KINDS
 from ..errors import UserError
-from ..evaluation import Evaluator
 from ..hooks import deactivated
 from ..io import ArtifactDir, write_csv
 from ..neurons import NeuronSet
 from ..tracking import code_version, is_main_process, num_processes
 from .common import (
-    cache_dir,
     default_tag,
-    harmful_set,
-    harmless_set,
+    evaluator,
     load,
     load_set,
     log,
@@ -228,8 +225,7 @@ def search_deactivation(cfg, study, tr, budget: int) -> None:
         c = copy.deepcopy(cfg)
         OmegaConf.update(c, "deactivate.ablation", "mean")
         means = ablation_means(c, model, tok, ad)
-    ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"),
-                   cfg.model.system_prompt, cfg.model.max_length, cache_dir=cache_dir(cfg))
+    ev = evaluator(cfg, model, tok)
     ev.expect(budget, "trials")
 
     def objective(trial):
@@ -262,7 +258,7 @@ def search_tuning(cfg, study, tr, budget: int) -> None:
     model, tok, ad = load(cfg)
     sp = cfg.model.system_prompt
     prompts, responses, _meta = training_pairs(cfg, model, tok)
-    ev = Evaluator(cfg.eval, model, tok, harmful_set(cfg, "eval"), harmless_set(cfg, "eval"), sp, cfg.model.max_length, cache_dir=cache_dir(cfg))
+    ev = evaluator(cfg, model, tok)
     ev.expect(budget + 1, "trials")
     before, _ = ev.evaluate(model, tag="before")
 
