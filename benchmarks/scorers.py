@@ -3,7 +3,8 @@ side in one run (alternating rounds, the fastest of --repeats each), all five ki
 
 Targets: attribution and SNIP at most 3x a plain forward over the prompt+answer batch (their loss needs
 the answer tokens); activation_diff at most 2.2x a plain forward over the prompt batch (two forwards:
-the model and its reference, here the model itself). Wanda and PLND are printed beside them.
+the model and its reference, here the model itself). The contribution difference (two forwards and a
+per-token comparison in float64), Wanda and PLND are printed beside them.
 usage: python benchmarks/scorers.py [--prompts 32] [--batch 8] [--repeats 3] [--answer-tokens 32]"""
 
 from __future__ import annotations

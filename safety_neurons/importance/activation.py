@@ -112,7 +112,7 @@ def contribution_diff(model, adapter: ModelAdapter, batch: Batch, scored: torch.
     """``{(layer, kind): (B, width)}``: per prompt, the mean over scored tokens of the change of what each
     neuron writes, ``||c_tn(M) - c_tn(R)||`` (see the module docstring), absolute or relative. The
     reference runs first and its site values are kept for the model's pass (one (B, T, width) tensor
-    per site)."""
+    per site, in the model's precision)."""
     ref_model, ref_adapter = _checked(adapter, reference)
     dev = model_device(model)
     dt = torch.float64  # the per-token expansion below subtracts close values
@@ -121,15 +121,15 @@ def contribution_diff(model, adapter: ModelAdapter, batch: Batch, scored: torch.
     b = batch.to(dev)
     ref_h: dict = {}
 
-    def keep(layer: int, kind: str, h: torch.Tensor) -> None:
-        ref_h[(layer, kind)] = torch.where(on[..., None], h.to(dev, dt), 0.0)  # padding may hold NaN
+    def keep(layer: int, kind: str, h: torch.Tensor) -> None:  # kept in the model's precision, used in float64
+        ref_h[(layer, kind)] = torch.where(on[..., None], h.to(dev, compute_dtype(model)), 0.0)  # padding: NaN
 
     with hooks(site_specs(ref_adapter, kinds, keep)):
         ref_model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, logits_to_keep=1)
     out: dict = {}
 
     def diff(layer: int, kind: str, h: torch.Tensor) -> None:
-        hr = ref_h.pop((layer, kind))
+        hr = ref_h.pop((layer, kind)).to(dt)
         dh = torch.where(on[..., None], h.to(dt), 0.0) - hr
         p = column_products(adapter, ref_adapter, layer, kind)
         if p is None:  # q, k, v: what they write is their value

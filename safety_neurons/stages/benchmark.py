@@ -510,8 +510,9 @@ def run_effect_only(cfg) -> dict:
     b = cfg.benchmark
     kinds = list(cfg.detect.kinds)
     if any(scorer_of(s).needs_reference for s in b.scorers) and not cfg.detect.reference_model:
-        raise UserError("the activation_diff scorers need detect.reference_model=NAME_OR_PATH (the model before "
-                        "alignment, e.g. smollm2 for smollm2_refusing); or leave them out of benchmark.scorers")
+        raise UserError("the activation_diff and contribution_diff scorers need detect.reference_model=NAME_OR_PATH "
+                        "(the model before alignment, e.g. smollm2 for smollm2_refusing); or leave them out of "
+                        "benchmark.scorers")
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
         ref = load_reference_model(cfg, ad) if cfg.detect.reference_model else None
