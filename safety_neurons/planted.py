@@ -117,7 +117,8 @@ def recovery(scores: dict[tuple[int, str], torch.Tensor], truth: NeuronSet) -> d
     return {"auc": rank_auc(v, p), "precision_at_k": float(p[top].float().mean()),
             "recall_at_5k": float(p[order[: 5 * n]].float().sum() / n),
             "layer_auc_mean": float(torch.tensor(list(per_layer.values())).nanmean()),
-            "per_layer_auc": per_layer, "per_kind_auc": per_kind, "top": NeuronSet([keys[i] for i in top.tolist()], {}),
+            "per_layer_auc": per_layer, "per_kind_auc": per_kind,
+            "top": NeuronSet([keys[i] for i in top.tolist()], {}),
             "roc": roc_points(v, p)}
 
 

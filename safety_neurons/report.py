@@ -158,11 +158,17 @@ def plot_benchmark(df: pd.DataFrame, rocs: dict | None, out: Path, title: str) -
             paths.append(_plot_recovery_vs_effect(plt, df, out, title))
     elif "n" in df and "harmful_refusal" in df:
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        shared = df[(df.role == "baseline") & df.method.str.endswith(" neurons)")]  # random_shape=count
         for name, d in df[df.role == "scorer"].groupby("method"):
             ax.plot(d.n, d.harmful_refusal, marker="o", label=name)
             rnd = df[(df.role == "baseline") & (df.method == f"random ({name} shape)")]
             if len(rnd) and "harmful_refusal_min" in rnd:
                 ax.fill_between(rnd.n, rnd.harmful_refusal_min, rnd.harmful_refusal_max, alpha=0.12)
+        if len(shared):
+            ax.plot(shared.n, shared.harmful_refusal, color="0.3", ls="--", marker=".", label="random n neurons")
+            if "harmful_refusal_min" in shared:
+                ax.fill_between(shared.n, shared.harmful_refusal_min, shared.harmful_refusal_max, color="0.5",
+                                alpha=0.15)
         intact = df[df.role == "intact"]
         if len(intact):
             ax.axhline(float(intact.harmful_refusal.iloc[0]), color="0.6", ls=":", lw=0.8, label="intact")
@@ -170,7 +176,8 @@ def plot_benchmark(df: pd.DataFrame, rocs: dict | None, out: Path, title: str) -
         ax.set_xlabel("neurons deactivated (top n of each scorer)")
         ax.set_ylabel("harmful refusal")
         ax.set_ylim(-0.03, 1.03)
-        ax.set_title(f"{title}: deactivation by scorer (bands: random sets of the same shape)", fontsize=9)
+        bands = "random n neurons" if len(shared) else "random sets of the same shape"
+        ax.set_title(f"{title}: deactivation by scorer (bands: {bands})", fontsize=9)
         ax.legend(fontsize=7)
         paths.append(_save(fig, out / "effect_vs_count.png"))
         plt.close(fig)

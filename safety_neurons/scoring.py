@@ -117,6 +117,12 @@ def score_prompts(model, tok, adapter, prompts: list[str], d, system_prompt, max
 
 def per_matrix_median(scores: dict) -> dict:
     """Each prompt's scores of a (layer, kind) divided by their median there (``detect.normalize=median``):
-    rankings across layers and kinds then compare a neuron with its own matrix's typical score."""
-    tiny = torch.finfo(torch.float32).tiny
-    return {k: v / v.median(dim=-1, keepdim=True).values.clamp(min=tiny) for k, v in scores.items()}
+    rankings across layers and kinds then compare a neuron with its own matrix's typical score. Where
+    the median is 0 (most of the matrix scores 0, as in the first layer a plant changed), by the row's
+    mean instead, so the few that scored stay finite; a row of zeros stays zeros."""
+    out = {}
+    for k, v in scores.items():
+        med = v.median(dim=-1, keepdim=True).values
+        mean = v.mean(dim=-1, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
+        out[k] = v / torch.where(med > 0, med, mean)
+    return out

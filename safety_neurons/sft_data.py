@@ -129,7 +129,7 @@ def training_pairs(cfg, model, tok, drawn_only: bool = False) -> tuple[list[str]
         meta["harmless_train"] = {**benign.describe(), "answers_from": f.get("answers_from") or "self"}
         if f.form_matched_repeat > 1 and benign.labels is not None:
             # harmless prompts in the harmful set's form, repeated so the form itself stops predicting refusal
-            fm = [(p, a) for p, a, f in zip(benign.prompts, ans, benign.form_matched(cfg.eval.form_matched)) if f]
+            fm = [(p, a) for p, a, is_fm in zip(benign.prompts, ans, benign.form_matched(cfg.eval.form_matched)) if is_fm]
             for _ in range(f.form_matched_repeat - 1):
                 prompts += [p for p, _ in fm]
                 responses += [a for _, a in fm]
@@ -147,7 +147,7 @@ def drawn_harmless(cfg, n_harmful_pairs: int, benign) -> list[int]:
     f = cfg.finetune
     pool = list(range(len(benign)))  # pool position after the harmful pairs -> harmless prompt index
     if f.form_matched_repeat > 1 and benign.labels is not None:
-        fm = [i for i, f in enumerate(benign.form_matched(cfg.eval.form_matched)) if f]
+        fm = [i for i, is_fm in enumerate(benign.form_matched(cfg.eval.form_matched)) if is_fm]
         pool += fm * (f.form_matched_repeat - 1)
     drawn = {i for micro in step_batches(n_harmful_pairs + len(pool), f) for g in micro for i in g}
     return sorted({pool[i - n_harmful_pairs] for i in drawn if i >= n_harmful_pairs})

@@ -334,6 +334,24 @@ def test_a_median_entry_ranks_the_scores_normalized_per_matrix(planted, monkeypa
     with pytest.raises(UserError, match="only 'median' is known"):
         get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
                                                  "benchmark.scorers=[wanda/mean]")))
+    with pytest.raises(UserError, match="takes no detect.normalize=median; name the normalized scorers"):
+        get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
+                                                 "detect.normalize=median")))
+
+
+def test_median_normalization_floors_a_zero_median():
+    """Where most of a matrix scores 0 (the first layer a plant changed), its scores are over the row's
+    mean and stay finite; a row of zeros stays zeros; otherwise each row's median becomes 1."""
+    from safety_neurons.scoring import per_matrix_median
+
+    v = torch.zeros(2, 100)
+    v[0, :3] = torch.tensor([5.0, 2.0, 1.0])
+    out = per_matrix_median({(0, "ffn"): v, (1, "ffn"): torch.arange(1.0, 6.0)[None]})
+    row = out[(0, "ffn")][0]
+    torch.testing.assert_close(row[:3], torch.tensor([5.0, 2.0, 1.0]) / 0.08)  # over the row's mean
+    assert bool((row[3:] == 0).all()) and bool((out[(0, "ffn")][1] == 0).all())
+    assert torch.isfinite(out[(0, "ffn")].half()).all()
+    assert torch.equal(out[(1, "ffn")], torch.arange(1.0, 6.0)[None] / 3.0)
 
 
 def test_a_contrast_adds_each_scorer_minus_its_contrast_mean(planted, monkeypatch):
@@ -408,12 +426,12 @@ def test_random_count_draws_n_distinct_neurons_uniformly_over_the_kinds():
                                            for i in range(ad.width(k)))
     a, b, c = (random_count(ad, kinds, 7, seed=s) for s in (0, 0, 1))
     assert a.ranking == b.ranking != c.ranking and len(set(a.ranking)) == 7
-    hits = torch.zeros(total)  # each neuron drawn about equally often over many seeds
-    flat = {n: j for j, n in enumerate(every.ranking)}
+    per_kind = dict.fromkeys(kinds, 0)  # each kind drawn in proportion to its share of the neurons
     for s in range(400):
-        for n in random_count(ad, kinds, 5, seed=s).ranking:
-            hits[flat[n]] += 1
-    assert hits.sum() == 2000 and hits.min() > 0
+        for _, k, _ in random_count(ad, kinds, 5, seed=s).ranking:
+            per_kind[k] += 1
+    want = ad.width("ffn") / (ad.width("ffn") + ad.width("o"))
+    assert abs(per_kind["ffn"] / 2000 - want) < 0.03, (per_kind, want)
     with pytest.raises(UserError, match="lower benchmark.counts"):
         random_count(ad, kinds, total + 1, seed=0)
 

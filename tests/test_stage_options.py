@@ -406,3 +406,15 @@ def test_a_median_normalized_set_keeps_the_per_layer_selection(fixtures, tmp_pat
     want = per_matrix_median({k: v.float() for k, v in ps["p"].items()})
     for name, v in ps["m"].items():
         torch.testing.assert_close(v.float(), want[name], rtol=2e-3, atol=1e-3)  # stored as float16
+
+
+def test_prompt_scores_too_large_for_float16_are_saved_in_float32(tmp_path):
+    import torch
+
+    from safety_neurons.stages.detect import _save_prompt_scores
+
+    scores = {(0, "ffn"): torch.tensor([[1.0, 2.0]]), (1, "ffn"): torch.tensor([[1.0, 1e6]])}
+    _save_prompt_scores(tmp_path / "p.safetensors", scores)
+    back = load_file(str(tmp_path / "p.safetensors"))
+    assert back["0.ffn"].dtype == torch.float16 and back["1.ffn"].dtype == torch.float32
+    assert torch.equal(back["1.ffn"], scores[(1, "ffn")])

@@ -112,7 +112,7 @@ def contribution_diff(model, adapter: ModelAdapter, batch: Batch, scored: torch.
     """``{(layer, kind): (B, width)}``: per prompt, the mean over scored tokens of the change of what each
     neuron writes, ``||c_tn(M) - c_tn(R)||`` (see the module docstring), absolute or relative. The
     reference runs first and its site values are kept for the model's pass (one (B, T, width) tensor
-    per site, in the model's precision)."""
+    per site, in the reference's own dtype)."""
     ref_model, ref_adapter = _checked(adapter, reference)
     dev = model_device(model)
     dt = torch.float64  # the per-token expansion below subtracts close values
@@ -121,8 +121,8 @@ def contribution_diff(model, adapter: ModelAdapter, batch: Batch, scored: torch.
     b = batch.to(dev)
     ref_h: dict = {}
 
-    def keep(layer: int, kind: str, h: torch.Tensor) -> None:  # kept in the model's precision, used in float64
-        ref_h[(layer, kind)] = torch.where(on[..., None], h.to(dev, compute_dtype(model)), 0.0)  # padding: NaN
+    def keep(layer: int, kind: str, h: torch.Tensor) -> None:  # kept as the model made it, used in float64
+        ref_h[(layer, kind)] = torch.where(on[..., None], h.to(dev), 0.0)  # padding may hold NaN
 
     with hooks(site_specs(ref_adapter, kinds, keep)):
         ref_model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, logits_to_keep=1)

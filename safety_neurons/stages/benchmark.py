@@ -3,7 +3,7 @@
 With ``benchmark.organism=<planted save_as>``: each scorer of ``benchmark.scorers`` scores the planted
 model on harmful training prompts; its per-neuron mean score ranks the neurons of the matrices S* was
 drawn from, and one row of ``benchmark.csv`` gives the recovery of S* (rank-AUC, precision at |S*|,
-recall at 5|S*|, mean per-layer AUC) and the effect of deactivating its top |S*| (harmful refusal,
+recall at 5|S*|, mean per-layer AUC, the AUC within each kind) and the effect of deactivating its top |S*| (harmful refusal,
 over-refusal, NLL ratio, KL, degenerate share, breaks_model). Beside them: S* itself (positive
 control), random sets of S*'s shape (one per seed: mean, min, max), the intact planted model, and the
 weight difference to the base model (the ceiling: it finds S* exactly; never a scorer).
@@ -11,7 +11,9 @@ weight difference to the base model (the ceiling: it finds S* exactly; never a s
 Without ground truth (``benchmark.organism=null``, e.g. ``model=smollm2_refusing``): effect only. Each
 scorer's neurons are ranked as detection ranks them (top-k frequency over prompts, then mean score,
 every neuron eligible) and its top n at each ``benchmark.counts`` is deactivated, beside random sets of
-the same shape.
+the same shape (``benchmark.random_shape=scorer``) or of n neurons over every kind and layer, one
+baseline for all scorers (``count``). An entry ``NAME/median`` of ``benchmark.scorers`` ranks that
+scorer's scores normalized per (layer, kind) (``detect.normalize=median``).
 """
 
 from __future__ import annotations
@@ -151,6 +153,9 @@ def _score_all(cfg, model, tok, ad, prompts, kinds, reference) -> dict:
 def run(cfg) -> dict:
     b = cfg.benchmark
     check_benchmark_cfg(b)
+    if cfg.detect.normalize != "none":  # rows are named by their entries, so the entries say it
+        raise UserError(f"stage=benchmark takes no detect.normalize={cfg.detect.normalize}; name the normalized "
+                        f"scorers in benchmark.scorers instead (e.g. 'benchmark.scorers=[wanda,wanda/median]')")
     if b.reuse:
         return run_or_reuse(cfg)
     return _run(cfg)

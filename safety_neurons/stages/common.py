@@ -133,8 +133,8 @@ def find_set(cfg, tag: str | None) -> Path:
 
 def default_tag(cfg) -> str:
     """The store tag of a detected set: the PLND mode (exact, original) or the scorer's name, then
-    ``-median`` with ``detect.normalize=median``, ``-con<dataset>`` when scores were contrasted with dataset@contrast's means, ``-ref<dataset>`` when
-    dataset@reference's selection was subtracted."""
+    ``-median`` with ``detect.normalize=median``, ``-con<dataset>`` when scores were contrasted with
+    dataset@contrast's means, ``-ref<dataset>`` when dataset@reference's selection was subtracted."""
     d = cfg.detect
     base = d.mode if d.scorer == "plnd" else d.scorer
     if d.get("normalize", "none") != "none":
@@ -224,7 +224,8 @@ def random_count(adapter, kinds, n: int, seed: int) -> NeuronSet:
     widths = torch.tensor([adapter.width(k) for _, k in pool])
     total = int(widths.sum())
     if n > total:
-        raise UserError(f"cannot draw {n} random neurons from the {total} of kinds {list(kinds)}; lower benchmark.counts")
+        raise UserError(f"cannot draw {n} random neurons from the {total} of kinds {list(kinds)}; "
+                        "lower benchmark.counts")
     starts = torch.cumsum(widths, 0) - widths
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -242,4 +243,3 @@ def evaluator(cfg, model, tok, harmful=None, harmless=None, **kw):
     return Evaluator(cfg.eval, model, tok, harmful if harmful is not None else harmful_set(cfg, "eval"),
                      harmless if harmless is not None else harmless_set(cfg, "eval"), cfg.model.system_prompt,
                      cfg.model.max_length, cache_dir=cache_dir(cfg), **kw)
-

@@ -171,7 +171,13 @@ def _save_scores(path: Path, st: TopkStats) -> None:
 
 
 def _save_prompt_scores(path: Path, scores: dict) -> None:
-    flat = {f"{layer}.{kind}": s.half().contiguous() for (layer, kind), s in scores.items()}
+    """Per-prompt scores in float16 (half the size), or float32 for a matrix whose scores float16
+    cannot hold (normalized scores can exceed its 65504); readers take either."""
+    def small(s: torch.Tensor) -> torch.Tensor:
+        h = s.half()
+        return h if bool(torch.isfinite(h).all()) or not bool(torch.isfinite(s).all()) else s.float()
+
+    flat = {f"{layer}.{kind}": small(s).contiguous() for (layer, kind), s in scores.items()}
     atomic_write(path, lambda t: save_file(flat, str(t)))
 
 
