@@ -133,7 +133,8 @@ class DetectConfig:
     reuse: bool = False  # an existing set under the same tag is reused instead of an error (pipelines)
     save_prompt_scores: bool = True  # per-prompt scores (float16), so select can use another k
     scorer: ScorerName = ScorerName.plnd
-    reference_model: str | None = None  # activation_diff*, contribution_diff*: a model preset name or a folder/.gguf path
+    # activation_diff*, contribution_diff*: a model preset name or a folder/.gguf path
+    reference_model: str | None = None
     target_tokens: int = 32  # attribution/snip without dataset responses: greedy answer length
     normalize: Normalize = Normalize.none  # median: each prompt's scores over their (layer, kind)'s median
 
@@ -189,7 +190,8 @@ class BenchmarkConfig:
                                                         "contribution_diff_rel/median", "attribution", "snip", "wanda"])
     random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     counts: list[int] = field(default_factory=lambda: [100, 300, 1000])  # effect-only mode: top-n per scorer
-    random_shape: RandomShape = RandomShape.scorer  # effect-only: random sets of each top-n's shape, or n over all kinds
+    # effect-only: random sets of each scorer's top-n shape, or (count) n neurons over all kinds
+    random_shape: RandomShape = RandomShape.scorer
     n_prompts: int | None = 64  # harmful training prompts scored, and as many contrast prompts (null: all)
     deactivate: bool = True  # also measure the effect of deactivating each top set
     sweep: list[float] = field(default_factory=list)  # planted: also each top f*|S*| (0 < f < 1), S*'s and random

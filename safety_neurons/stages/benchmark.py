@@ -76,14 +76,19 @@ def check_benchmark_cfg(b) -> None:
         raise UserError(f"benchmark.n_prompts={b.n_prompts} must be at least 1 (null: every training prompt)")
 
 
-def scorer_of(entry: str):
-    """The scorer of a ``benchmark.scorers`` entry: a scorer's name, or ``NAME/median`` for its scores
-    normalized per (layer, kind) (``detect.normalize=median``)."""
+def parse_entry(entry: str) -> tuple[str, str]:
+    """(scorer name, normalization) of a ``benchmark.scorers`` entry: a scorer's name, or ``NAME/median``
+    for its scores normalized per (layer, kind) (``detect.normalize=median``)."""
     name, _, norm = entry.partition("/")
     if norm not in ("", "median"):
         raise UserError(f"benchmark.scorers entry {entry!r}: after the '/' only 'median' is known "
                         f"(e.g. {name}/median, its scores normalized per layer and kind)")
-    return get_scorer(name)
+    return name, norm or "none"
+
+
+def scorer_of(entry: str):
+    """The scorer of a ``benchmark.scorers`` entry."""
+    return get_scorer(parse_entry(entry)[0])
 
 
 def _effect(m: dict) -> dict:
@@ -111,10 +116,9 @@ def _random_rows(ev, model, ad, shape: NeuronSet | None, exclude: NeuronSet | No
 
 def _scorer_settings(cfg, entry: str, kinds):
     d = copy.deepcopy(cfg.detect)
-    name, _, norm = entry.partition("/")
+    name, norm = parse_entry(entry)
     OmegaConf.update(d, "scorer", name)
-    if norm:
-        OmegaConf.update(d, "normalize", norm)
+    OmegaConf.update(d, "normalize", norm)
     OmegaConf.update(d, "kinds", list(kinds))
     return d
 

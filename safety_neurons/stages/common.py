@@ -220,19 +220,14 @@ def random_like(ns: NeuronSet, adapter, seed: int, exclude: NeuronSet | None = N
 def random_count(adapter, kinds, n: int, seed: int) -> NeuronSet:
     """``n`` neurons drawn uniformly (seeded) from every neuron of ``kinds`` in every layer: the
     paper's random baseline of the same count, whatever layers and kinds a scorer's set falls in."""
-    pool = [(layer, kind) for layer in range(adapter.n_layers) for kind in kinds]
-    widths = torch.tensor([adapter.width(k) for _, k in pool])
-    total = int(widths.sum())
-    if n > total:
-        raise UserError(f"cannot draw {n} random neurons from the {total} of kinds {list(kinds)}; "
+    every = [(layer, kind, i) for layer in range(adapter.n_layers) for kind in kinds
+             for i in range(adapter.width(kind))]
+    if n > len(every):
+        raise UserError(f"cannot draw {n} random neurons from the {len(every)} of kinds {list(kinds)}; "
                         "lower benchmark.counts")
-    starts = torch.cumsum(widths, 0) - widths
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for flat in torch.randperm(total, generator=g)[:n].sort().values.tolist():
-        at = int(torch.searchsorted(starts, flat, right=True)) - 1
-        out.append((*pool[at], flat - int(starts[at])))
-    return NeuronSet(out, {"random_count": n, "seed": seed})
+    pick = torch.randperm(len(every), generator=g)[:n].sort().values.tolist()
+    return NeuronSet([every[j] for j in pick], {"random_count": n, "seed": seed})
 
 
 def evaluator(cfg, model, tok, harmful=None, harmless=None, **kw):
