@@ -37,7 +37,7 @@ Tokens = _choice("Tokens", "content all last")  # detect.tokens
 QkKernel = _choice("QkKernel", "auto native torch")  # detect.qk_kernel
 # detect.scorer: the names of importance.SCORERS (a test keeps the two equal)
 ScorerName = _choice("ScorerName", "plnd activation_diff activation_diff_rel contribution_diff "
-                                   "contribution_diff_rel attribution snip wanda")
+                                   "contribution_diff_rel patch_attribution attribution snip wanda")
 Baseline = _choice("Baseline", "safety random")  # deactivate.baseline
 RandomShape = _choice("RandomShape", "scorer count")  # benchmark.random_shape
 Normalize = _choice("Normalize", "none median")  # detect.normalize

@@ -569,16 +569,17 @@ def test_detect_with_other_scorers_names_them_and_equals_the_library(planted):
     from tests.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    for scorer, extra in (("activation_diff", [f"detect.reference_model={fx['model']}"]),
-                          ("attribution", ["detect.target_tokens=3"])):
+    ref = f"detect.reference_model={fx['model']}"
+    for scorer, extra in (("activation_diff", [ref]), ("attribution", ["detect.target_tokens=3"]),
+                          ("patch_attribution", [ref, "detect.target_tokens=3"])):
         run = fx["root"] / f"run-det-{scorer}"
         cfg = compose(overrides(fx, run, "stage=detect", f"detect.scorer={scorer}", f"model.path={res['model_dir']}",
                                 "topk.attn=0.5", "topk.ffn=0.5", "topk.consistency=0.5", *extra))
         out = get_stage("detect")(cfg)
         ns = NeuronSet.load(out["neurons_json"])
         assert ns.meta["scorer"] == scorer and ns.meta["tag"] == scorer and ns.meta["mode"] is None
-        assert (ns.meta["reference_model"] is not None) == (scorer == "activation_diff")
-        assert (ns.meta["target_tokens"] == 3) == (scorer == "attribution")
+        assert (ns.meta["reference_model"] is not None) == (scorer != "attribution")
+        assert (ns.meta["target_tokens"] == 3) == (scorer != "activation_diff")
         saved = load_file(str(Path(out["neurons_json"]).parent / "prompt_scores.safetensors"))
         prompts = harmful_set(cfg, "train").prompts
         if scorer == "activation_diff":
@@ -586,9 +587,13 @@ def test_detect_with_other_scorers_names_them_and_equals_the_library(planted):
             want = activation_diff(tuned, tad, b, scored_mask(b, "content"), ("q", "k", "v", "o", "ffn"), (base, bad))
         else:
             from safety_neurons.importance.gradient import attribution
+            from safety_neurons.importance.patching import patch_attribution
 
             tg = target_answers(tuned, tok, prompts, None, 3, 16)
-            want = attribution(tuned, tad, encode(tok, prompts, None, responses=tg), ("q", "k", "v", "o", "ffn"))
+            bt = encode(tok, prompts, None, responses=tg)
+            kinds = ("q", "k", "v", "o", "ffn")
+            want = attribution(tuned, tad, bt, kinds) if scorer == "attribution" else \
+                patch_attribution(tuned, tad, bt, kinds, (base, bad))
         for (layer, kind), v in want.items():
             torch.testing.assert_close(saved[f"{layer}.{kind}"].float(), v.half().float(), rtol=1e-2, atol=1e-3)
     with pytest.raises(UserError, match="needs detect.reference_model"):

@@ -13,6 +13,7 @@ from safety_neurons.hooks import deactivated, hooks
 from safety_neurons.importance import KINDS, SCORERS, get_scorer, options
 from safety_neurons.importance.activation import activation_diff, contribution_diff
 from safety_neurons.importance.gradient import attribution, snip
+from safety_neurons.importance.patching import patch_attribution
 from safety_neurons.importance.sites import site, slice_linears
 from safety_neurons.importance.wanda import wanda
 from safety_neurons.models import ModelAdapter
@@ -249,9 +250,99 @@ def test_contribution_diff_sees_an_output_column_the_site_cannot(tok):
         torch.testing.assert_close(o[i, 3].double(), want, rtol=1e-4, atol=1e-7)
 
 
+def _site_values(model, ad, b, i):
+    """{(layer, kind): (T_i, width)} site values of prompt i's row alone, without its padding."""
+    keep = b.attention_mask[i].bool()
+    caps = {}
+    specs = []
+    for layer in range(ad.n_layers):
+        for k in KINDS:
+            mod, where = site(ad, layer, k)
+            if where == "pre":
+                specs.append((mod, "pre", lambda _m, args, key=(layer, k): caps.__setitem__(key, args[0][0])))
+            else:
+                specs.append((mod, "fwd", lambda _m, _a, out, key=(layer, k): caps.__setitem__(key, out[0])))
+    with torch.no_grad(), hooks(specs):
+        model(input_ids=b.input_ids[i][keep][None])
+    return caps
+
+
+def _patched(ad, rad, ref_h, alphas):
+    """Hooks that move each neuron's part of the model towards the reference's by its alpha (0: the
+    model as it is, 1: the reference's part): q, k, v values h + a (h_R - h); ffn and o outputs
+    out + (a h_R) W_R^T - (a h) W_M^T (their output columns' contributions)."""
+    specs = []
+    for (layer, k), a in alphas.items():
+        st, hr = ad.site(layer, k), ref_h[(layer, k)]
+        if st.hook == "fwd":
+            specs.append((st.module, "fwd", lambda _m, _a, out, a=a, hr=hr: out + a * (hr - out)))
+        else:
+            wr = rad.site(layer, k).module.weight
+            specs.append((st.module, "fwd", lambda mod, args, out, a=a, hr=hr, wr=wr:
+                          out + (a * hr) @ wr.T - (a * args[0]) @ mod.weight.T))
+    return specs
+
+
+def test_patch_attribution_equals_autograd_of_an_interpolation(family, tok):
+    """s(n) = |dL/da_n| at a = 0, where a_n moves neuron n's part of the model (its value for q, k, v;
+    its contribution through its output column for ffn and o) towards the reference's at every
+    position; the signed form keeps the sign."""
+    m, r = tiny_model(family, seed=0).double(), tiny_model(family, seed=1).double()
+    ad, rad = ModelAdapter(m), ModelAdapter(r)
+    b = _batch(tok)
+    got = patch_attribution(m, ad, b, KINDS, (r, rad))
+    signed = patch_attribution(m, ad, b, KINDS, (r, rad), signed=True)
+    for i in range(len(PROMPTS)):
+        ref_h = _site_values(r, rad, b, i)
+        alphas = {(layer, k): torch.zeros(ad.width(k), dtype=torch.float64, requires_grad=True)
+                  for layer in range(ad.n_layers) for k in KINDS}
+        with torch.enable_grad(), hooks(_patched(ad, rad, ref_h, alphas)):
+            loss = _loss_of(m, b, i)
+        grads = torch.autograd.grad(loss, list(alphas.values()))
+        for key, gr in zip(alphas, grads):
+            # the loss is summed in float32 (as the gradient scorers do): errors of about 1e-6 of L's size
+            torch.testing.assert_close(signed[key][i].double(), gr, rtol=1e-5, atol=2e-5, msg=str(key))
+            torch.testing.assert_close(got[key][i].double(), gr.abs(), rtol=1e-5, atol=2e-5, msg=str(key))
+
+
+def test_patch_attribution_estimates_actually_patching(tok):
+    """A model a little away from its reference (every weight moved by 1%): the signed estimate of
+    each ffn channel is close to the true change of L when that channel's part is set to the
+    reference's, and the largest true changes rank first."""
+    r = tiny_model("llama", seed=1).double()
+    m = tiny_model("llama", seed=1).double()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1 + 0.01 * torch.randn_like(p))
+    ad, rad = ModelAdapter(m), ModelAdapter(r)
+    b = _batch(tok)
+    est = patch_attribution(m, ad, b, ("ffn",), (r, rad), signed=True)
+    ref_h = _site_values(r, rad, b, 0)
+    with torch.no_grad():
+        base = _loss_of(m, b, 0)
+        for layer in range(ad.n_layers):
+            true = []
+            for j in range(ad.d_ff):
+                a = torch.zeros(ad.d_ff, dtype=torch.float64)
+                a[j] = 1.0
+                with hooks(_patched(ad, rad, ref_h, {(layer, "ffn"): a})):
+                    true.append(float(_loss_of(m, b, 0) - base))
+            true, e = torch.tensor(true, dtype=torch.float64), est[(layer, "ffn")][0].double()
+            assert float((e - true).abs().max()) < 0.1 * float(true.abs().max()), layer
+            assert set(true.abs().topk(3).indices.tolist()) <= set(e.abs().topk(5).indices.tolist()), layer
+
+
+def test_patch_attribution_of_a_model_against_itself_is_zero(tok):
+    m = tiny_model("llama").double()
+    ad = ModelAdapter(m)
+    out = patch_attribution(m, ad, _batch(tok), KINDS, (m, ad))
+    assert all(bool((v == 0).all()) for v in out.values())
+
+
 def test_registry_and_errors(tok):
     assert set(SCORERS) == {"plnd", "activation_diff", "activation_diff_rel", "contribution_diff",
-                            "contribution_diff_rel", "attribution", "snip", "wanda"}
+                            "contribution_diff_rel", "patch_attribution", "attribution", "snip", "wanda"}
     with pytest.raises(UserError, match="known scorers are plnd"):
         get_scorer("magnitude")
     m = tiny_model("llama")

@@ -100,8 +100,8 @@ def activation_diff(model, adapter: ModelAdapter, batch: Batch, scored: torch.Te
 
 def _checked(adapter: ModelAdapter, reference):
     if reference is None:
-        raise UserError("the activation_diff and contribution_diff scorers need detect.reference_model=NAME_OR_PATH "
-                        "(the base model before alignment, same architecture)")
+        raise UserError("the activation_diff, contribution_diff and patch_attribution scorers need "
+                        "detect.reference_model=NAME_OR_PATH (the base model before alignment, same architecture)")
     check_reference(adapter, reference[1])
     return reference
 

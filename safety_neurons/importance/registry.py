@@ -5,7 +5,7 @@ Every scorer takes ``(model, adapter, batch, scored, kinds, opts)`` and returns 
 for a scorer with ``needs_target`` it also holds the target answer (``batch.labels``), and ``scored``
 still marks the prompt's scored tokens. ``opts`` carries the settings a scorer reads: ``mode``,
 ``qk_chunk_mb`` and ``qk_kernel`` (PLND) and ``reference``, the (model, adapter) of the reference model
-(activation difference).
+(activation and contribution differences, patch attribution).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from ..errors import UserError
 from .activation import activation_diff, contribution_diff
 from .gradient import attribution, snip
+from .patching import patch_attribution
 from .plnd import prompt_scores
 from .wanda import wanda
 
@@ -49,6 +50,10 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in [
            needs_reference=True, about="contribution difference over the reference's mean contribution norm"),
     Scorer("attribution", lambda m, a, b, s, k, o: attribution(m, a, b, k), needs_target=True,
            about="first-order effect of zeroing the neuron on the target answer's log-likelihood"),
+    Scorer("patch_attribution", lambda m, a, b, s, k, o: patch_attribution(m, a, b, k, o.reference),
+           needs_target=True, needs_reference=True,
+           about="first-order effect on the target answer's log-likelihood of putting back the reference's part "
+           "of the neuron"),
     Scorer("snip", lambda m, a, b, s, k, o: snip(m, a, b, k), needs_target=True,
            about="sum over the neuron's slice of |W * dL/dW|"),
     Scorer("wanda", lambda m, a, b, s, k, o: wanda(m, a, b, s, k), about="sum over the slice of |W| * ||input||"),
