@@ -196,6 +196,7 @@ class BenchmarkConfig:
     deactivate: bool = True  # also measure the effect of deactivating each top set
     sweep: list[float] = field(default_factory=list)  # planted: also each top f*|S*| (0 < f < 1), S*'s and random
     sweep_control: bool = True  # the sweep also deactivates the first f*|S*| of S* (the positive control's curve)
+    split: bool = False  # planted: also S* by kind (alone, and S* without it) and each top |S*| by membership of S*
     plants: list[str] = field(default_factory=list)  # suite: "preset:seed" plants, each planted and benchmarked
     effect_model: str | None = None  # suite: then the effect-only run on this model preset ...
     effect_reference: str | None = None  # ... with this reference model for the activation_diff scorers

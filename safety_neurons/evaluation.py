@@ -383,6 +383,10 @@ class Evaluator:
                 self.bar.close()
                 self.bar = None
 
+    def skip(self, tag: str) -> None:
+        """Count an expected evaluation that is not needed (e.g. of an empty set) on the progress bar."""
+        self._tick(f"{tag} (skipped)")
+
     def expect(self, total: int, desc: str = "evaluations") -> None:
         """Show a progress bar over the next ``total`` evaluations (each is a batch or two of generation,
         too few for the per-batch bar to show); it closes itself after the last."""

@@ -236,6 +236,76 @@ def test_benchmark_on_the_planted_model(planted):
     assert df[df.method == "none"].iloc[0].kl == pytest.approx(0.0, abs=1e-6)
 
 
+def test_split_sets_by_hand():
+    from safety_neurons.stages.benchmark import split_sets
+
+    truth = NeuronSet([(0, "q", 1), (1, "o", 2), (0, "o", 5), (2, "q", 0)])
+    top = NeuronSet([(1, "o", 2), (0, "o", 7), (2, "q", 0), (1, "q", 3)])
+    got = {(m, p): ns.ranking for m, p, ns in split_sets(truth, {"s": top})}
+    assert got == {
+        ("planted_set", "o only"): [(1, "o", 2), (0, "o", 5)],
+        ("planted_set", "without o"): [(0, "q", 1), (2, "q", 0)],
+        ("planted_set", "q only"): [(0, "q", 1), (2, "q", 0)],
+        ("planted_set", "without q"): [(1, "o", 2), (0, "o", 5)],
+        ("s", "top in S*"): [(1, "o", 2), (2, "q", 0)],
+        ("s", "top outside S*"): [(0, "o", 7), (1, "q", 3)],
+        ("s", "S* missed"): [(0, "q", 1), (0, "o", 5)],
+    }
+    # one kind: no per-kind parts
+    one = NeuronSet([(0, "ffn", 1)])
+    assert [(m, p) for m, p, _ in split_sets(one, {"s": one})] == [("s", "top in S*"), ("s", "top outside S*"),
+                                                                   ("s", "S* missed")]
+
+
+def test_benchmark_split_switches_off_each_part(planted, monkeypatch):
+    """benchmark.split=true: split.csv has one row per part of split_sets, each part is the set switched
+    off (in that order, after the |S*| points), an empty part is counted but not evaluated, and the
+    progress bar expects every evaluation."""
+    from safety_neurons.evaluation import Evaluator
+    from safety_neurons.stages import benchmark as bm
+
+    fx, _ = planted
+    seen, tops = [], {}
+    real_deact, real_recovery = bm.deactivated, bm.recovery
+    monkeypatch.setattr(bm, "deactivated", lambda ad, im: seen.append(
+        {k: sorted(v.tolist()) for k, v in im.items()}) or real_deact(ad, im))
+
+    def rec(sc, truth):
+        out = real_recovery(sc, truth)
+        tops[len(tops)] = out["top"]
+        return out
+
+    monkeypatch.setattr(bm, "recovery", rec)
+    expected, calls = [], []
+    real_expect, real_eval = Evaluator.expect, Evaluator.evaluate
+    monkeypatch.setattr(Evaluator, "expect", lambda self, n, d="": expected.append(n) or real_expect(self, n, d))
+    monkeypatch.setattr(Evaluator, "evaluate", lambda self, *a, **k: calls.append(1) or real_eval(self, *a, **k))
+    run = fx["root"] / "run-split"
+    get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
+                                             "benchmark.n_prompts=3", "benchmark.scorers=[wanda]",
+                                             "benchmark.random_seeds=[0]", "benchmark.split=true")))
+    truth = NeuronSet.load(fx["store"] / "neurons" / "planted-tiny" / "planted" / "truth" / "neurons.json")
+    parts = bm.split_sets(truth, {"wanda": tops[0]})
+    assert len(parts) == 2 * 3 + 3
+    sp = pd.read_csv(run / "split.csv")
+    assert list(zip(sp.method, sp.part)) == [(m, p) for m, p, _ in parts]
+    assert list(sp.n) == [len(ns) for _, _, ns in parts]
+    assert list(sp.n_in_planted) == [len(set(ns.ranking) & set(truth.ranking)) for _, _, ns in parts]
+    evaluated = [ns for _, _, ns in parts if len(ns)]
+    # wanda top, S*, random (the |S*| points), then each non-empty part
+    assert seen[3:] == [{k: sorted(v.tolist()) for k, v in ns.index_map().items()} for ns in evaluated]
+    assert expected == [len(calls) + len(parts) - len(evaluated)] and len(calls) == 4 + len(evaluated)
+    for (_, _, ns), (_, row) in zip(parts, sp.iterrows()):
+        assert pd.isna(row.harmful_refusal) == (len(ns) == 0)
+    with pytest.raises(UserError, match="benchmark.split needs benchmark.deactivate=true"):
+        get_stage("benchmark")(compose(overrides(fx, fx["root"] / "r-split", "stage=benchmark",
+                                                 "benchmark.organism=planted-tiny", "benchmark.split=true",
+                                                 "benchmark.deactivate=false")))
+    with pytest.raises(UserError, match="benchmark.split needs ground truth"):
+        get_stage("benchmark")(compose(overrides(fx, fx["root"] / "r-split2", "stage=benchmark",
+                                                 "benchmark.split=true")))
+
+
 def test_benchmark_sweep_switches_off_the_top_n_of_each_method(planted, monkeypatch):
     """benchmark.sweep=[f]: at n = f*|S*| the benchmark switches off the first n of S*, the top n of each
     scorer's ranking (by its mean score, as recovery ranks) and random sets with the counts per matrix

@@ -72,6 +72,11 @@ def check_benchmark_cfg(b) -> None:
                         "always measured), e.g. benchmark.sweep=[0.25,0.5]")
     if b.sweep and not b.deactivate:
         raise UserError("benchmark.sweep needs benchmark.deactivate=true (the sweep deactivates sets)")
+    if b.split and not b.deactivate:
+        raise UserError("benchmark.split needs benchmark.deactivate=true (the split deactivates sets)")
+    if b.split and not b.organism and not b.plants:
+        raise UserError("benchmark.split needs ground truth: a planted model (benchmark.organism=<save_as>) or "
+                        "benchmark.plants")
     if b.n_prompts is not None and b.n_prompts < 1:
         raise UserError(f"benchmark.n_prompts={b.n_prompts} must be at least 1 (null: every training prompt)")
 
@@ -389,7 +394,8 @@ def run_planted(cfg) -> dict:
         if ev is not None:  # each method's top |S*|, the intact model, S*, random sets; again per sweep point
             at_s = len(scored) + 1 + len(b.random_seeds)  # at |S*|: each scorer's top, S*, random sets
             per_point = len(scored) + int(b.sweep_control) + len(b.random_seeds)
-            ev.expect(at_s + 1 + per_point * len(set(b.sweep)), f"deactivations on {b.organism}")
+            n_split = (2 * len(kinds) if len(kinds) > 1 else 0) + 3 * len(scored) if b.split else 0
+            ev.expect(at_s + 1 + per_point * len(set(b.sweep)) + n_split, f"deactivations on {b.organism}")
         for name, (sc, secs) in scored.items():
             rec = recovery({k: v.mean(0) for k, v in sc.items()}, truth)
             row = {"method": name, "role": "scorer", **_recovery_cols(rec), "score_seconds": round(secs, 1)}
@@ -412,7 +418,8 @@ def run_planted(cfg) -> dict:
                          **_random_rows(ev, planted, pad, truth, truth, b.random_seeds, "S* shape")})
         df = pd.DataFrame(rows)
         sweep = _sweep(ev, planted, pad, truth, tops, b, df) if b.sweep else None
-        _write(tr, df, cfg, rocs, sweep)
+        split = _split(ev, planted, pad, truth, tops) if b.split else None
+        _write(tr, df, cfg, rocs, sweep, split)
         box["results"] = {"organism": b.organism, "rows": rows,
                           **{f"auc_{r['method']}": r.get("auc") for r in rows if r.get("auc") is not None}}
     return box["results"]
@@ -436,6 +443,43 @@ def _sweep(ev, model, ad, truth: NeuronSet, tops: dict[str, NeuronSet], b, df: p
     rows += [{**{k: v for k, v in r.items() if k.startswith(EFFECT) or k == "seeds"},
               "method": r["method"], "n": len(truth), "share_of_planted": 1.0} for r in full.to_dict("records")]
     return pd.DataFrame(rows).sort_values(["method", "n"], kind="stable").reset_index(drop=True)
+
+
+def split_sets(truth: NeuronSet, tops: dict[str, NeuronSet]) -> list[tuple[str, str, NeuronSet]]:
+    """(method, part, set) of ``benchmark.split``: with several kinds in S*, each kind of S* alone and S*
+    without it; then for each scorer its top |S*| in S*, outside S*, and the S* it missed (sets in
+    their ranking's order)."""
+    def keep(ns: NeuronSet, pred) -> NeuronSet:
+        return NeuronSet([a for a in ns.ranking if pred(a)])
+
+    kinds = sorted({k for _, k, _ in truth.ranking})
+    out = []
+    if len(kinds) > 1:
+        for kind in kinds:
+            out.append(("planted_set", f"{kind} only", keep(truth, lambda a, kind=kind: a[1] == kind)))
+            out.append(("planted_set", f"without {kind}", keep(truth, lambda a, kind=kind: a[1] != kind)))
+    inside = set(truth.ranking)
+    for name, top in tops.items():
+        mine = set(top.ranking)
+        out += [(name, "top in S*", keep(top, lambda a: a in inside)),
+                (name, "top outside S*", keep(top, lambda a: a not in inside)),
+                (name, "S* missed", keep(truth, lambda a, mine=mine: a not in mine))]
+    return out
+
+
+def _split(ev, model, ad, truth: NeuronSet, tops: dict[str, NeuronSet]) -> pd.DataFrame:
+    """``benchmark.split``: the effect of each set of :func:`split_sets` (an empty part is not evaluated;
+    its effect columns stay empty)."""
+    rows = []
+    for name, part, ns in split_sets(truth, tops):
+        row = {"method": name, "part": part, "n": len(ns), "n_in_planted": len(set(ns.ranking) & set(truth.ranking))}
+        if len(ns):
+            m, _ = ev.evaluate(model, context=partial(deactivated, ad, ns.index_map()), tag=f"{name} {part}")
+            row.update(_effect(m))
+        else:
+            ev.skip(f"{name} {part}")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def verdicts(df: pd.DataFrame) -> pd.DataFrame:
@@ -561,7 +605,8 @@ def run_effect_only(cfg) -> dict:
     return box["results"]
 
 
-def _write(tr, df: pd.DataFrame, cfg, rocs, sweep: pd.DataFrame | None = None) -> None:
+def _write(tr, df: pd.DataFrame, cfg, rocs, sweep: pd.DataFrame | None = None,
+           split: pd.DataFrame | None = None) -> None:
     from ..report import plot_benchmark, plot_benchmark_sweep
 
     cols = [c for c in ("method", "role", "n", "auc", "precision_at_k", "recall_at_5k", "layer_auc_mean",
@@ -578,6 +623,10 @@ def _write(tr, df: pd.DataFrame, cfg, rocs, sweep: pd.DataFrame | None = None) -
         write_csv(tr.dir / "sweep.csv", sweep)
         tr.log_table("sweep", sweep)
         plots.append(plot_benchmark_sweep(sweep, tr.dir / "sweep.png", title))
+    if split is not None:
+        print(split.to_string(index=False))
+        write_csv(tr.dir / "split.csv", split)
+        tr.log_table("split", split)
     for p in plots:
         tr.log_image(p.stem, p)
     tr.log_table("benchmark", df)
