@@ -199,7 +199,7 @@ class BenchmarkConfig:
     split: bool = False  # planted: also S* by kind (alone, and S* without it) and each top |S*| by membership of S*
     plants: list[str] = field(default_factory=list)  # suite: "preset:seed" plants, each planted and benchmarked
     effect_model: str | None = None  # suite: then the effect-only run on this model preset ...
-    effect_reference: str | None = None  # ... with this reference model for the activation_diff scorers
+    effect_reference: str | None = None  # ... with this reference model for the scorers that need one
     reuse: bool = False  # a benchmark run before with the same settings, models and plants is copied, not re-run
 
 

@@ -242,19 +242,46 @@ def test_split_sets_by_hand():
     truth = NeuronSet([(0, "q", 1), (1, "o", 2), (0, "o", 5), (2, "q", 0)])
     top = NeuronSet([(1, "o", 2), (0, "o", 7), (2, "q", 0), (1, "q", 3)])
     got = {(m, p): ns.ranking for m, p, ns in split_sets(truth, {"s": top})}
-    assert got == {
+    assert got == {  # two kinds: S* without one is the other alone, listed once
         ("planted_set", "o only"): [(1, "o", 2), (0, "o", 5)],
-        ("planted_set", "without o"): [(0, "q", 1), (2, "q", 0)],
         ("planted_set", "q only"): [(0, "q", 1), (2, "q", 0)],
-        ("planted_set", "without q"): [(1, "o", 2), (0, "o", 5)],
         ("s", "top in S*"): [(1, "o", 2), (2, "q", 0)],
         ("s", "top outside S*"): [(0, "o", 7), (1, "q", 3)],
         ("s", "S* missed"): [(0, "q", 1), (0, "o", 5)],
     }
+    three = NeuronSet([(0, "q", 1), (1, "o", 2), (0, "v", 5)])
+    assert [(m, p, ns.ranking) for m, p, ns in split_sets(three, {})] == [
+        ("planted_set", "o only", [(1, "o", 2)]), ("planted_set", "without o", [(0, "q", 1), (0, "v", 5)]),
+        ("planted_set", "q only", [(0, "q", 1)]), ("planted_set", "without q", [(1, "o", 2), (0, "v", 5)]),
+        ("planted_set", "v only", [(0, "v", 5)]), ("planted_set", "without v", [(0, "q", 1), (1, "o", 2)])]
     # one kind: no per-kind parts
     one = NeuronSet([(0, "ffn", 1)])
     assert [(m, p) for m, p, _ in split_sets(one, {"s": one})] == [("s", "top in S*"), ("s", "top outside S*"),
                                                                    ("s", "S* missed")]
+
+
+def test_split_lists_an_empty_part_without_evaluating_it():
+    """A top set equal to S*: nothing outside S* and nothing missed; those parts are listed with n = 0,
+    counted on the progress bar (skip) and not evaluated."""
+    from safety_neurons.stages.benchmark import _split
+
+    class Ev:
+        def __init__(self):
+            self.evaluated, self.skipped = [], []
+
+        def evaluate(self, model, context=None, tag=""):
+            self.evaluated.append(tag)
+            return {"harmful_refusal": 0.5}, []
+
+        def skip(self, tag):
+            self.skipped.append(tag)
+
+    truth = NeuronSet([(0, "ffn", 1), (1, "ffn", 2)])
+    ev = Ev()
+    df = _split(ev, None, None, truth, {"s": truth})
+    assert ev.evaluated == ["s top in S*"] and ev.skipped == ["s top outside S*", "s S* missed"]
+    assert list(df.n) == [2, 0, 0] and list(df.n_ffn) == [2, 0, 0]
+    assert df.harmful_refusal.iloc[0] == 0.5 and df.harmful_refusal.iloc[1:].isna().all()
 
 
 def test_benchmark_split_switches_off_each_part(planted, monkeypatch):
@@ -297,6 +324,9 @@ def test_benchmark_split_switches_off_each_part(planted, monkeypatch):
     assert expected == [len(calls) + len(parts) - len(evaluated)] and len(calls) == 4 + len(evaluated)
     for (_, _, ns), (_, row) in zip(parts, sp.iterrows()):
         assert pd.isna(row.harmful_refusal) == (len(ns) == 0)
+        kinds = sorted({a[1] for _, _, p in parts for a in p.ranking})
+        assert {c for c in sp if c.startswith("n_") and c != "n_in_planted"} == {f"n_{k}" for k in kinds}
+        assert all(row[f"n_{k}"] == sum(a[1] == k for a in ns.ranking) for k in kinds)
     with pytest.raises(UserError, match="benchmark.split needs benchmark.deactivate=true"):
         get_stage("benchmark")(compose(overrides(fx, fx["root"] / "r-split", "stage=benchmark",
                                                  "benchmark.organism=planted-tiny", "benchmark.split=true",
@@ -467,6 +497,9 @@ def test_effect_only_deactivates_each_scorers_top_n_against_random(planted):
                                           ("random (wanda shape)", 3)]
     assert df[df.method == "none"].iloc[0].kl == pytest.approx(0.0, abs=1e-6)
     assert (df[df.role != "intact"].harmful_refusal.notna()).all() and isinstance(res["sparse_removal_found"], bool)
+    with pytest.raises(UserError, match=r"^activation_diff, patch_attribution/median need detect.reference_model="):
+        get_stage("benchmark")(compose(overrides(fx, fx["root"] / "run-effect-noref", "stage=benchmark",
+                                                 "benchmark.scorers=[wanda,activation_diff,patch_attribution/median]")))
 
 
 def test_effect_only_random_by_count_is_one_baseline_for_all_scorers(planted):

@@ -1,6 +1,7 @@
 """The scorers beside PLND (METHOD 8) against independent computations on tiny models of every family:
 attribution and SNIP against autograd, attribution against actually zeroing neurons, Wanda against its
-formula written out, activation difference of a model against itself."""
+formula written out, activation difference of a model against itself, the contribution difference
+against its definition, attribution patching against autograd and against actually patching."""
 
 from __future__ import annotations
 

@@ -145,7 +145,7 @@ def test_every_shipped_preset_and_experiment_is_valid():
 ENUMS = {"detect.mode": "exact, original", "detect.tokens": "content, all, last",
          "detect.qk_kernel": "auto, native, torch",
          "detect.scorer": "plnd, activation_diff, activation_diff_rel, contribution_diff, contribution_diff_rel, "
-                          "attribution, snip, wanda",
+                          "patch_attribution, attribution, snip, wanda",
          "benchmark.random_shape": "scorer, count", "detect.normalize": "none, median",
          "deactivate.baseline": "safety, random", "deactivate.ablation": "zero, mean",
          "finetune.target": "safety, random, all, lora", "finetune.set": "sn, rsn",

@@ -42,8 +42,8 @@ def patch_attribution(model, adapter: ModelAdapter, batch: Batch, kinds: tuple[s
     real = b.attention_mask.bool()[..., None]  # padding rows may hold NaN (fully masked attention)
     ref_h: dict = {}
 
-    def keep(layer: int, kind: str, h: torch.Tensor) -> None:
-        ref_h[(layer, kind)] = torch.where(real, h.detach().to(device=dev, dtype=dt), 0.0)
+    def keep(layer: int, kind: str, h: torch.Tensor) -> None:  # in the model's dtype: held beside the graph
+        ref_h[(layer, kind)] = torch.where(real, h.detach().to(dev), 0.0)
 
     with torch.no_grad(), hooks(site_specs(ref_adapter, kinds, keep)):
         ref_model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, logits_to_keep=1)
@@ -68,7 +68,7 @@ def patch_attribution(model, adapter: ModelAdapter, batch: Batch, kinds: tuple[s
     gout = dict(zip(wkeys, grads[len(keys):]))
     out = {}
     for key, h in zip(keys, hs):
-        hr = ref_h.pop(key)
+        hr = ref_h.pop(key).to(dt)
         d = (hr - torch.where(real, h.detach().to(dt), 0.0)) * torch.where(real, gh[key].to(dt), 0.0)
         if key in gout:
             st = adapter.site(*key)

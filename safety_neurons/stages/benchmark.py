@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from ..data import load_prompts
 from ..errors import UserError
 from ..hooks import deactivated
-from ..importance import get_scorer
+from ..importance import KINDS, get_scorer
 from ..io import ArtifactDir, file_hash, sha256_of, write_csv, write_json, write_text
 from ..models import load_model
 from ..neurons import NeuronSet, rank_all, split_scores
@@ -394,7 +394,7 @@ def run_planted(cfg) -> dict:
         if ev is not None:  # each method's top |S*|, the intact model, S*, random sets; again per sweep point
             at_s = len(scored) + 1 + len(b.random_seeds)  # at |S*|: each scorer's top, S*, random sets
             per_point = len(scored) + int(b.sweep_control) + len(b.random_seeds)
-            n_split = (2 * len(kinds) if len(kinds) > 1 else 0) + 3 * len(scored) if b.split else 0
+            n_split = len(split_sets(truth, dict.fromkeys(scored, truth))) if b.split else 0
             ev.expect(at_s + 1 + per_point * len(set(b.sweep)) + n_split, f"deactivations on {b.organism}")
         for name, (sc, secs) in scored.items():
             rec = recovery({k: v.mean(0) for k, v in sc.items()}, truth)
@@ -446,9 +446,9 @@ def _sweep(ev, model, ad, truth: NeuronSet, tops: dict[str, NeuronSet], b, df: p
 
 
 def split_sets(truth: NeuronSet, tops: dict[str, NeuronSet]) -> list[tuple[str, str, NeuronSet]]:
-    """(method, part, set) of ``benchmark.split``: with several kinds in S*, each kind of S* alone and S*
-    without it; then for each scorer its top |S*| in S*, outside S*, and the S* it missed (sets in
-    their ranking's order)."""
+    """(method, part, set) of ``benchmark.split``: with several kinds in S*, each kind of S* alone (and with
+    more than two, S* without it; with two, that is the other kind alone); then for each scorer its top
+    |S*| in S*, outside S*, and the S* it missed (sets in their ranking's order)."""
     def keep(ns: NeuronSet, pred) -> NeuronSet:
         return NeuronSet([a for a in ns.ranking if pred(a)])
 
@@ -457,7 +457,8 @@ def split_sets(truth: NeuronSet, tops: dict[str, NeuronSet]) -> list[tuple[str, 
     if len(kinds) > 1:
         for kind in kinds:
             out.append(("planted_set", f"{kind} only", keep(truth, lambda a, kind=kind: a[1] == kind)))
-            out.append(("planted_set", f"without {kind}", keep(truth, lambda a, kind=kind: a[1] != kind)))
+            if len(kinds) > 2:
+                out.append(("planted_set", f"without {kind}", keep(truth, lambda a, kind=kind: a[1] != kind)))
     inside = set(truth.ranking)
     for name, top in tops.items():
         mine = set(top.ranking)
@@ -468,11 +469,16 @@ def split_sets(truth: NeuronSet, tops: dict[str, NeuronSet]) -> list[tuple[str, 
 
 
 def _split(ev, model, ad, truth: NeuronSet, tops: dict[str, NeuronSet]) -> pd.DataFrame:
-    """``benchmark.split``: the effect of each set of :func:`split_sets` (an empty part is not evaluated;
-    its effect columns stay empty)."""
+    """``benchmark.split``: the effect of each set of :func:`split_sets`, with its count of neurons in S*
+    and per kind (an empty part is not evaluated; its effect columns stay empty)."""
     rows = []
-    for name, part, ns in split_sets(truth, tops):
-        row = {"method": name, "part": part, "n": len(ns), "n_in_planted": len(set(ns.ranking) & set(truth.ranking))}
+    parts = split_sets(truth, tops)
+    present = {k for _, _, ns in parts for _, k, _ in ns.ranking}
+    kinds = [k for k in KINDS if k in present]
+    inside = set(truth.ranking)
+    for name, part, ns in parts:
+        row = {"method": name, "part": part, "n": len(ns), "n_in_planted": len(set(ns.ranking) & inside),
+               **{f"n_{k}": sum(a[1] == k for a in ns.ranking) for k in kinds}}
         if len(ns):
             m, _ = ev.evaluate(model, context=partial(deactivated, ad, ns.index_map()), tag=f"{name} {part}")
             row.update(_effect(m))
@@ -563,9 +569,9 @@ def run_effect_only(cfg) -> dict:
     b = cfg.benchmark
     kinds = list(cfg.detect.kinds)
     if any(scorer_of(s).needs_reference for s in b.scorers) and not cfg.detect.reference_model:
-        raise UserError("the activation_diff and contribution_diff scorers need detect.reference_model=NAME_OR_PATH "
-                        "(the model before alignment, e.g. smollm2 for smollm2_refusing); or leave them out of "
-                        "benchmark.scorers")
+        need = [s for s in b.scorers if scorer_of(s).needs_reference]
+        raise UserError(f"{', '.join(need)} need detect.reference_model=NAME_OR_PATH (the model before alignment, "
+                        "e.g. smollm2 for smollm2_refusing); or leave them out of benchmark.scorers")
     with tracked(cfg) as (tr, box):
         model, tok, ad = load(cfg)
         ref = load_reference_model(cfg, ad) if cfg.detect.reference_model else None
