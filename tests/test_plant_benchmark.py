@@ -236,6 +236,17 @@ def test_benchmark_on_the_planted_model(planted):
     assert df[df.method == "none"].iloc[0].kl == pytest.approx(0.0, abs=1e-6)
 
 
+def _counting(monkeypatch) -> tuple[list, list]:
+    """(expected, calls): each progress-bar total Evaluator.expect is given, and one entry per evaluation."""
+    from safety_neurons.evaluation import Evaluator
+
+    expected, calls = [], []
+    real_expect, real_eval = Evaluator.expect, Evaluator.evaluate
+    monkeypatch.setattr(Evaluator, "expect", lambda self, n, d="": expected.append(n) or real_expect(self, n, d))
+    monkeypatch.setattr(Evaluator, "evaluate", lambda self, *a, **k: calls.append(1) or real_eval(self, *a, **k))
+    return expected, calls
+
+
 def test_split_sets_by_hand():
     from safety_neurons.stages.benchmark import split_sets
 
@@ -288,7 +299,6 @@ def test_benchmark_split_switches_off_each_part(planted, monkeypatch):
     """benchmark.split=true: split.csv has one row per part of split_sets, each part is the set switched
     off (in that order, after the |S*| points), an empty part is counted but not evaluated, and the
     progress bar expects every evaluation."""
-    from safety_neurons.evaluation import Evaluator
     from safety_neurons.stages import benchmark as bm
 
     fx, _ = planted
@@ -303,10 +313,7 @@ def test_benchmark_split_switches_off_each_part(planted, monkeypatch):
         return out
 
     monkeypatch.setattr(bm, "recovery", rec)
-    expected, calls = [], []
-    real_expect, real_eval = Evaluator.expect, Evaluator.evaluate
-    monkeypatch.setattr(Evaluator, "expect", lambda self, n, d="": expected.append(n) or real_expect(self, n, d))
-    monkeypatch.setattr(Evaluator, "evaluate", lambda self, *a, **k: calls.append(1) or real_eval(self, *a, **k))
+    expected, calls = _counting(monkeypatch)
     run = fx["root"] / "run-split"
     get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
                                              "benchmark.n_prompts=3", "benchmark.scorers=[wanda]",
@@ -356,12 +363,7 @@ def test_benchmark_sweep_switches_off_the_top_n_of_each_method(planted, monkeypa
 
     monkeypatch.setattr(bm, "deactivated", recording)
     monkeypatch.setattr(bm, "recovery", rec)
-    expected, calls = [], []
-    from safety_neurons.evaluation import Evaluator
-
-    real_expect, real_eval = Evaluator.expect, Evaluator.evaluate
-    monkeypatch.setattr(Evaluator, "expect", lambda self, n, d="": expected.append(n) or real_expect(self, n, d))
-    monkeypatch.setattr(Evaluator, "evaluate", lambda self, *a, **k: calls.append(1) or real_eval(self, *a, **k))
+    expected, calls = _counting(monkeypatch)
     run = fx["root"] / "run-sweep"
     get_stage("benchmark")(compose(overrides(fx, run, "stage=benchmark", "benchmark.organism=planted-tiny",
                                              "benchmark.n_prompts=3", "benchmark.scorers=[wanda]",
