@@ -36,6 +36,23 @@ def _loss_of(model, b, i):
     return torch.nn.functional.cross_entropy(logits[0, :-1], lab[1:], ignore_index=-100, reduction="sum")
 
 
+def _sites(model, ad, input_ids, attention_mask=None):
+    """{(layer, kind): (B, T, width)} the site values of a plain forward, read by hooks written out here
+    (a module's input for "pre" sites, its output for "fwd" ones)."""
+    caps = {}
+    specs = []
+    for layer in range(ad.n_layers):
+        for k in KINDS:
+            mod, where = site(ad, layer, k)
+            if where == "pre":
+                specs.append((mod, "pre", lambda _m, args, key=(layer, k): caps.__setitem__(key, args[0])))
+            else:
+                specs.append((mod, "fwd", lambda _m, _a, out, key=(layer, k): caps.__setitem__(key, out)))
+    with torch.no_grad(), hooks(specs):
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    return caps
+
+
 def test_attribution_equals_autograd_of_a_channel_gate(family, tok):
     """s(n) = |dL/dm_n| for a gate m (= 1) multiplying n's site value at every position."""
     m = tiny_model(family).double()
@@ -156,20 +173,7 @@ def test_activation_diff_equals_mean_difference(tok):
     sc = scored_mask(b, "content")
     got = activation_diff(m, ad, b, sc, KINDS, (r, rad))
     rel = activation_diff(m, ad, b, sc, KINDS, (r, rad), relative=True)
-    vals = {}
-    for name, model, a in (("m", m, ad), ("r", r, rad)):
-        caps = {}
-        specs = []
-        for layer in range(a.n_layers):
-            for k in KINDS:
-                mod, where = site(a, layer, k)
-                if where == "pre":
-                    specs.append((mod, "pre", lambda _m, args, key=(layer, k), c=caps: c.__setitem__(key, args[0])))
-                else:
-                    specs.append((mod, "fwd", lambda _m, _a, out, key=(layer, k), c=caps: c.__setitem__(key, out)))
-        with torch.no_grad(), hooks(specs):
-            model(input_ids=b.input_ids, attention_mask=b.attention_mask)
-        vals[name] = caps
+    vals = {name: _sites(model, a, b.input_ids, b.attention_mask) for name, model, a in (("m", m, ad), ("r", r, rad))}
     for key in got:
         for i in range(len(PROMPTS)):
             hm, hr = vals["m"][key][i][sc[i]], vals["r"][key][i][sc[i]]
@@ -188,19 +192,7 @@ def test_contribution_diff_equals_the_written_vectors_difference(family, tok):
     sc = scored_mask(b, "content")
     got = contribution_diff(m, ad, b, sc, KINDS, (r, rad))
     rel = contribution_diff(m, ad, b, sc, KINDS, (r, rad), relative=True)
-    caps = {"m": {}, "r": {}}
-    for name, a in (("m", ad), ("r", rad)):
-        specs = []
-        for layer in range(a.n_layers):
-            for k in KINDS:
-                mod, where = site(a, layer, k)
-                put = lambda key, v, c=caps[name]: c.__setitem__(key, v)  # noqa: E731
-                if where == "pre":
-                    specs.append((mod, "pre", lambda _m, args, key=(layer, k), put=put: put(key, args[0])))
-                else:
-                    specs.append((mod, "fwd", lambda _m, _a, out, key=(layer, k), put=put: put(key, out)))
-        with torch.no_grad(), hooks(specs):
-            a.model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+    caps = {name: _sites(a.model, a, b.input_ids, b.attention_mask) for name, a in (("m", ad), ("r", rad))}
     for layer in range(ad.n_layers):
         for k in KINDS:
             key = (layer, k)
@@ -254,18 +246,7 @@ def test_contribution_diff_sees_an_output_column_the_site_cannot(tok):
 def _site_values(model, ad, b, i):
     """{(layer, kind): (T_i, width)} site values of prompt i's row alone, without its padding."""
     keep = b.attention_mask[i].bool()
-    caps = {}
-    specs = []
-    for layer in range(ad.n_layers):
-        for k in KINDS:
-            mod, where = site(ad, layer, k)
-            if where == "pre":
-                specs.append((mod, "pre", lambda _m, args, key=(layer, k): caps.__setitem__(key, args[0][0])))
-            else:
-                specs.append((mod, "fwd", lambda _m, _a, out, key=(layer, k): caps.__setitem__(key, out[0])))
-    with torch.no_grad(), hooks(specs):
-        model(input_ids=b.input_ids[i][keep][None])
-    return caps
+    return {key: v[0] for key, v in _sites(model, ad, b.input_ids[i][keep][None]).items()}
 
 
 def _patched(ad, rad, ref_h, alphas):
