@@ -315,6 +315,26 @@ def test_patch_attribution_estimates_actually_patching(tok):
             assert set(true.abs().topk(3).indices.tolist()) <= set(e.abs().topk(5).indices.tolist()), layer
 
 
+def test_a_cache_over_batches_gives_the_same_scores(tok):
+    """The weight-only products kept in opts.cache from one batch to the next: each batch's scores are
+    bit-identical to an uncached run, and the cache holds one entry per (layer, kind) after the first."""
+    m, r = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ad, rad = ModelAdapter(m), ModelAdapter(r)
+    opts = options(reference=(r, rad))
+    keys = None
+    for prompts, answers in ((PROMPTS, ANSWERS), (PROMPTS[::-1], ANSWERS[::-1])):
+        b = encode(tok, prompts, None, responses=answers)
+        sc = scored_mask(b, "content")
+        for name in ("contribution_diff", "contribution_diff_rel", "patch_attribution"):
+            got = get_scorer(name).fn(m, ad, b, sc, KINDS, opts)
+            want = get_scorer(name).fn(m, ad, b, sc, KINDS, options(reference=(r, rad)))
+            assert all(torch.equal(got[k], want[k]) for k in want), name
+        keys = keys or set(opts.cache)
+        assert set(opts.cache) == keys  # the second batch made nothing new
+    # column products of every (layer, kind) (None for q, k, v), column differences of ffn and o
+    assert len(keys) == ad.n_layers * (len(KINDS) + 2)
+
+
 def test_patch_attribution_of_a_model_against_itself_is_zero(tok):
     m = tiny_model("llama").double()
     ad = ModelAdapter(m)

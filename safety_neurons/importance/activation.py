@@ -98,6 +98,19 @@ def activation_diff(model, adapter: ModelAdapter, batch: Batch, scored: torch.Te
     return stack_scores(out, adapter, kinds)
 
 
+def cached(cache: dict | None, key, make):
+    """``cache[key]``, made by ``make()`` the first time (every time without a cache)."""
+    if cache is None:
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def _on(p: dict | None, dev) -> dict | None:
+    return None if p is None else {k: v.to(dev) for k, v in p.items()}
+
+
 def _checked(adapter: ModelAdapter, reference):
     if reference is None:
         raise UserError("the activation_diff, contribution_diff and patch_attribution scorers need "
@@ -108,11 +121,13 @@ def _checked(adapter: ModelAdapter, reference):
 
 @torch.no_grad()
 def contribution_diff(model, adapter: ModelAdapter, batch: Batch, scored: torch.Tensor, kinds: tuple[str, ...],
-                      reference, relative: bool = False) -> dict[tuple[int, str], torch.Tensor]:
+                      reference, relative: bool = False, cache: dict | None = None
+                      ) -> dict[tuple[int, str], torch.Tensor]:
     """``{(layer, kind): (B, width)}``: per prompt, the mean over scored tokens of the change of what each
     neuron writes, ``||c_tn(M) - c_tn(R)||`` (see the module docstring), absolute or relative. The
     reference runs first and its site values are kept for the model's pass (one (B, T, width) tensor
-    per site, in the reference's own dtype)."""
+    per site, in the reference's own dtype). ``cache``: where the column products are kept from one batch
+    of a prompt set to the next (see ``registry.options``)."""
     ref_model, ref_adapter = _checked(adapter, reference)
     dev = model_device(model)
     dt = torch.float64  # the per-token expansion below subtracts close values
@@ -131,11 +146,11 @@ def contribution_diff(model, adapter: ModelAdapter, batch: Batch, scored: torch.
     def diff(layer: int, kind: str, h: torch.Tensor) -> None:
         hr = ref_h.pop((layer, kind)).to(dt)
         dh = torch.where(on[..., None], h.to(dt), 0.0) - hr
-        p = column_products(adapter, ref_adapter, layer, kind)
+        p = cached(cache, ("column_products", layer, kind),
+                   lambda: _on(column_products(adapter, ref_adapter, layer, kind), dev))
         if p is None:  # q, k, v: what they write is their value
             d, norm = dh.abs(), 1.0
         else:
-            p = {k: v.to(dev) for k, v in p.items()}
             # c_M - c_R = dh w_M + hr (w_M - w_R): no cancellation where the two are close, and exactly
             # |dh| ||w_M|| where the columns are equal
             d = (dh * dh * p["mm"] + hr * hr * p["dd"] + 2 * dh * hr * p["md"]).clamp(min=0).sqrt()

@@ -26,15 +26,16 @@ import torch
 from ..data import Batch
 from ..hooks import hooks
 from ..models import ModelAdapter, model_device
-from .activation import _checked, written_columns
+from .activation import _checked, cached, written_columns
 from .gradient import right_padded, target_loss
 from .sites import compute_dtype, site_specs, stack_scores
 
 
 def patch_attribution(model, adapter: ModelAdapter, batch: Batch, kinds: tuple[str, ...], reference,
-                      signed: bool = False) -> dict[tuple[int, str], torch.Tensor]:
+                      signed: bool = False, cache: dict | None = None) -> dict[tuple[int, str], torch.Tensor]:
     """``{(layer, kind): (B, width)}``: per prompt, ``|sum_t (c_tn(R) - c_tn(M)) . dL/d out_t|`` (see the
-    module docstring); ``signed`` keeps the sign (positive: the reference's part raises L)."""
+    module docstring); ``signed`` keeps the sign (positive: the reference's part raises L). ``cache``:
+    where the column differences are kept from one batch of a prompt set to the next."""
     ref_model, ref_adapter = _checked(adapter, reference)
     dev = model_device(model)
     dt = compute_dtype(model)
@@ -71,8 +72,8 @@ def patch_attribution(model, adapter: ModelAdapter, batch: Batch, kinds: tuple[s
         hr = ref_h.pop(key).to(dt)
         d = (hr - torch.where(real, h.detach().to(dt), 0.0)) * torch.where(real, gh[key].to(dt), 0.0)
         if key in gout:
-            st = adapter.site(*key)
-            dw = ref_adapter.site(*key).module.weight.detach().to(device=dev, dtype=dt) - st.module.weight.detach().to(dt)
+            dw = cached(cache, ("column_diff", *key), lambda key=key: ref_adapter.site(*key).module.weight.detach().to(
+                device=dev, dtype=dt) - adapter.site(*key).module.weight.detach().to(device=dev, dtype=dt))
             g = torch.where(real, gout[key].to(dt), 0.0)
             d = d + hr * torch.matmul(g, dw)  # (B, T, out) @ (out, width)
         s = d.sum(1)

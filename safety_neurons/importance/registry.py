@@ -4,8 +4,10 @@ Every scorer takes ``(model, adapter, batch, scored, kinds, opts)`` and returns 
 ``{(layer, kind): (B, width) float32 on CPU}``. ``batch`` is the left-padded chat-formatted prompt batch;
 for a scorer with ``needs_target`` it also holds the target answer (``batch.labels``), and ``scored``
 still marks the prompt's scored tokens. ``opts`` carries the settings a scorer reads: ``mode``,
-``qk_chunk_mb`` and ``qk_kernel`` (PLND) and ``reference``, the (model, adapter) of the reference model
-(activation and contribution differences, patch attribution).
+``qk_chunk_mb`` and ``qk_kernel`` (PLND), ``reference``, the (model, adapter) of the reference model
+(activation and contribution differences, patch attribution), and ``cache``, a dict for what a scorer
+derives from the weights alone: the weights do not change while one prompt set is scored, so it is
+computed for the first batch and kept for the rest.
 """
 
 from __future__ import annotations
@@ -42,15 +44,15 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in [
            needs_reference=True, about="|mean activation - the reference model's|"),
     Scorer("activation_diff_rel", lambda m, a, b, s, k, o: activation_diff(m, a, b, s, k, o.reference, relative=True),
            needs_reference=True, about="activation difference over the reference's mean |activation|"),
-    Scorer("contribution_diff", lambda m, a, b, s, k, o: contribution_diff(m, a, b, s, k, o.reference),
+    Scorer("contribution_diff", lambda m, a, b, s, k, o: contribution_diff(m, a, b, s, k, o.reference, cache=o.cache),
            needs_reference=True, about="mean over tokens of ||written vector (activation x output column) - the "
            "reference's||"),
     Scorer("contribution_diff_rel",
-           lambda m, a, b, s, k, o: contribution_diff(m, a, b, s, k, o.reference, relative=True),
+           lambda m, a, b, s, k, o: contribution_diff(m, a, b, s, k, o.reference, relative=True, cache=o.cache),
            needs_reference=True, about="contribution difference over the reference's mean contribution norm"),
     Scorer("attribution", lambda m, a, b, s, k, o: attribution(m, a, b, k), needs_target=True,
            about="first-order effect of zeroing the neuron on the target answer's log-likelihood"),
-    Scorer("patch_attribution", lambda m, a, b, s, k, o: patch_attribution(m, a, b, k, o.reference),
+    Scorer("patch_attribution", lambda m, a, b, s, k, o: patch_attribution(m, a, b, k, o.reference, cache=o.cache),
            needs_target=True, needs_reference=True,
            about="first-order effect on the target answer's log-likelihood of putting back the reference's part "
            "of the neuron"),
@@ -67,5 +69,5 @@ def get_scorer(name: str) -> Scorer:
 
 
 def options(mode: str = "exact", qk_chunk_mb: float = 256, qk_kernel: str = "auto", reference=None):
-    """The ``opts`` a scorer reads (see the module docstring)."""
-    return SimpleNamespace(mode=mode, qk_chunk_mb=qk_chunk_mb, qk_kernel=qk_kernel, reference=reference)
+    """The ``opts`` a scorer reads (see the module docstring); one per prompt set scored."""
+    return SimpleNamespace(mode=mode, qk_chunk_mb=qk_chunk_mb, qk_kernel=qk_kernel, reference=reference, cache={})
